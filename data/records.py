@@ -1,0 +1,120 @@
+"""Record codecs (SPEC section 5): labeled samples, pseudo-labels, training samples.
+
+A pseudo-label costs one tar member per sample (one 512-byte header): all its fields are
+packed into a single little-endian binary value. Fields that are the same for a whole
+sidecar shard (the teacher's id, the source shard) are stored once, in the shard's
+`__shard__.json` member, and given back with every record by `read_pseudo_shard`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+PSEUDO_EXT = "pl"
+SHARD_HEADER_KEY = "__shard__"
+FORMAT_VERSION = 1
+_WIDE_INDICES = 1  # flag: class indices stored as uint32 (more than 65,535 classes)
+_HAS_EMBEDDING = 2  # flag: a float16 embedding follows the top-k
+_HEAD = struct.Struct("<BBB8s2e")  # version, flags, k, content hash, confidence, entropy
+
+
+def content_hash(image: bytes) -> bytes:
+    """Eight bytes of BLAKE2b: enough to find exact copies among billions of images."""
+    return hashlib.blake2b(image, digest_size=8).digest()
+
+
+@dataclass
+class PseudoLabel:
+    """A teacher's soft label for one sample."""
+
+    key: str
+    indices: np.ndarray  # top-k class indices, most probable first
+    probs: np.ndarray  # their probabilities, float16
+    confidence: float  # max probability over the full distribution
+    entropy: float  # entropy of the full distribution, in nats
+    content_hash: bytes
+    embedding: np.ndarray | None = None  # float16, L2-normalised
+    teacher: str = ""
+    source: str = ""
+
+    @property
+    def top1(self) -> int:
+        return int(self.indices[0])
+
+
+def encode_pseudo(label: PseudoLabel) -> bytes:
+    wide = bool(label.indices.size) and int(label.indices.max()) > 0xFFFF
+    flags = (_WIDE_INDICES if wide else 0) | (_HAS_EMBEDDING if label.embedding is not None else 0)
+    k = len(label.indices)
+    if k > 255:
+        raise ValueError("top-k is limited to 255 classes")
+    parts = [
+        _HEAD.pack(FORMAT_VERSION, flags, k, label.content_hash, label.confidence, label.entropy),
+        label.indices.astype("<u4" if wide else "<u2").tobytes(),
+        label.probs.astype("<f2").tobytes(),
+    ]
+    if label.embedding is not None:
+        emb = label.embedding.astype("<f2")
+        parts += [struct.pack("<H", emb.size), emb.tobytes()]
+    return b"".join(parts)
+
+
+def decode_pseudo(key: str, payload: bytes, teacher: str = "", source: str = "") -> PseudoLabel:
+    version, flags, k, digest, confidence, entropy = _HEAD.unpack_from(payload)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"pseudo-label format {version} is not {FORMAT_VERSION}")
+    offset = _HEAD.size
+    index_type = np.dtype("<u4" if flags & _WIDE_INDICES else "<u2")
+    indices = np.frombuffer(payload, index_type, k, offset).astype(np.int64)
+    offset += k * index_type.itemsize
+    probs = np.frombuffer(payload, "<f2", k, offset).astype(np.float16)
+    offset += 2 * k
+    embedding = None
+    if flags & _HAS_EMBEDDING:
+        (dim,) = struct.unpack_from("<H", payload, offset)
+        embedding = np.frombuffer(payload, "<f2", dim, offset + 2).astype(np.float16)
+    return PseudoLabel(
+        key, indices, probs, float(confidence), float(entropy), digest, embedding, teacher, source
+    )
+
+
+def shard_header(**fields: object) -> dict:
+    """The first member of a sidecar or training shard: what is the same for all its samples."""
+    return {"__key__": SHARD_HEADER_KEY, "json": json.dumps(fields, sort_keys=True).encode()}
+
+
+def pseudo_sample(label: PseudoLabel) -> dict:
+    return {"__key__": label.key, PSEUDO_EXT: encode_pseudo(label)}
+
+
+def labeled_sample(key: str, ext: str, image: bytes, cls: int | None) -> dict:
+    """A labeled (or, with cls None, unlabeled) image sample in the common WebDataset layout."""
+    sample = {"__key__": key, ext: image}
+    if cls is not None:
+        sample["cls"] = str(int(cls)).encode()
+    return sample
+
+
+def read_cls(sample: dict) -> int | None:
+    """The class index of a sample: `.cls` as written by us and ImageNet shards, or None.
+
+    Raises ValueError for a present but malformed value, so callers can drop it with a reason.
+    """
+    raw = sample.get("cls")
+    if raw is None:
+        return None
+    value = int(raw.decode("ascii").strip())
+    if value < 0:
+        raise ValueError(f"negative class id {value}")
+    return value
+
+
+def read_header(sample: dict) -> dict | None:
+    if sample.get("__key__") != SHARD_HEADER_KEY:
+        return None
+    return json.loads(sample["json"])

@@ -1,0 +1,113 @@
+"""Shard writing and reading: round trips, truncation, atomicity under a kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from data.read import iter_samples
+from data.specs import expand_shards
+from data.write import AtomicShard, ShardSequence, write_shard
+
+
+def _samples(n: int, size: int = 3000) -> list[dict]:
+    return [
+        {"__key__": f"s{i:04d}", "bin": bytes([i % 256]) * size, "cls": b"%d" % i} for i in range(n)
+    ]
+
+
+def _read(urls: list[str]) -> tuple[list[dict], list]:
+    drops: list = []
+    return list(iter_samples(urls, drops.append)), drops
+
+
+def test_written_samples_read_back_in_order(tmp_path: Path):
+    url = str(tmp_path / "a.tar")
+    assert write_shard(url, _samples(5)) == 5
+    samples, drops = _read([url])
+    assert [s["__key__"] for s in samples] == [f"s{i:04d}" for i in range(5)]
+    assert samples[3]["bin"] == bytes([3]) * 3000 and samples[3]["cls"] == b"3"
+    assert all(s["__url__"] == url for s in samples) and drops == []
+
+
+def test_rewriting_gives_identical_bytes(tmp_path: Path):
+    write_shard(str(tmp_path / "a.tar"), _samples(5))
+    write_shard(str(tmp_path / "b.tar"), _samples(5))
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+
+
+def test_truncated_tar_keeps_samples_before_the_cut_and_reports_it(tmp_path: Path):
+    whole = tmp_path / "whole.tar"
+    write_shard(str(whole), _samples(10))
+    data = whole.read_bytes()
+    after = tmp_path / "after.tar"
+    write_shard(str(after), _samples(2))
+    for cut in (len(data) // 2 + 100, 6 * 2 * (512 + 3072 // 512 * 512)):  # mid-member, boundary
+        cut_path = tmp_path / "cut.tar"
+        cut_path.write_bytes(data[:cut])
+        samples, drops = _read([str(cut_path), str(after)])
+        from_cut = [s for s in samples if s["__url__"] == str(cut_path) and "bin" in s]
+        assert 3 <= len(from_cut) < 10
+        assert all(s["bin"] == bytes([int(s["__key__"][1:])]) * 3000 for s in from_cut)
+        assert [d.reason for d in drops] == ["truncated_shard"]
+        assert drops[0].shard == str(cut_path)
+        assert len([s for s in samples if s["__url__"] == str(after)]) == 2
+
+
+def test_unreadable_shard_is_reported_and_reading_goes_on(tmp_path: Path):
+    good = str(tmp_path / "good.tar")
+    write_shard(good, _samples(2))
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"this is not a tar file at all" * 40)
+    samples, drops = _read([str(junk), good])
+    assert len(samples) == 2
+    assert [d.shard for d in drops] == [str(junk)]
+
+
+def test_failed_write_leaves_no_visible_shard(tmp_path: Path):
+    url = tmp_path / "a.tar"
+    try:
+        with AtomicShard(str(url)) as shard:
+            shard.write(_samples(1)[0])
+            raise RuntimeError("disk fell off")
+    except RuntimeError:
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_writer_leaves_only_whole_shards(tmp_path: Path):
+    script = textwrap.dedent(f"""
+        import time
+        from data.write import ShardSequence
+        with ShardSequence({str(tmp_path)!r}, "part", 20) as seq:
+            for i in range(10**6):
+                seq.write({{"__key__": "k%07d" % i, "bin": b"x" * 4000}})
+                if i == 45:
+                    print("ready", flush=True)
+                    time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=os.getcwd())
+    assert proc.stdout.readline().strip() == b"ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    visible = expand_shards(str(tmp_path))
+    assert [Path(u).name for u in visible] == ["part-000000.tar", "part-000001.tar"]
+    samples, drops = _read(visible)
+    assert len(samples) == 40 and drops == []
+
+
+def test_shard_sequence_passes_over_finished_shards_on_rerun(tmp_path: Path):
+    with ShardSequence(str(tmp_path), "p", 4) as seq:
+        for s in _samples(10):
+            seq.write(s)
+    first = (tmp_path / "p-000001.tar").stat().st_mtime_ns
+    (tmp_path / "p-000002.tar").unlink()
+    with ShardSequence(str(tmp_path), "p", 4) as seq:
+        for s in _samples(10):
+            seq.write(s)
+    assert seq.skipped == 2
+    assert (tmp_path / "p-000001.tar").stat().st_mtime_ns == first
+    samples, _ = _read(expand_shards(str(tmp_path)))
+    assert [s["__key__"] for s in samples] == [f"s{i:04d}" for i in range(10)]

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from data.specs import ShardSpecError, expand_shards
+from data.write import write_shard
+
+
+@pytest.fixture()
+def shard_dir(tmp_path: Path) -> Path:
+    for i in range(4):
+        write_shard(str(tmp_path / f"part-{i:06d}.tar"), [{"__key__": f"k{i}", "txt": b"x"}])
+    (tmp_path / "notes.txt").write_text("not a shard")
+    return tmp_path
+
+
+def test_directory_lists_its_shards_in_order(shard_dir: Path):
+    urls = expand_shards(str(shard_dir))
+    assert [Path(u).name for u in urls] == [f"part-{i:06d}.tar" for i in range(4)]
+
+
+def test_glob_and_brace_notation_select_the_same_shards(shard_dir: Path):
+    by_glob = expand_shards(str(shard_dir / "part-00000[12].tar"))
+    by_brace = expand_shards(str(shard_dir / "part-{000001..000002}.tar"))
+    assert [Path(u).name for u in by_glob] == [Path(u).name for u in by_brace]
+    assert len(by_brace) == 2
+
+
+def test_missing_shards_give_a_clear_error(shard_dir: Path):
+    with pytest.raises(ShardSpecError, match="not found"):
+        expand_shards(str(shard_dir / "part-{000003..000005}.tar"))
+    with pytest.raises(ShardSpecError, match="no shards match"):
+        expand_shards(str(shard_dir / "other-*.tar"))
+    with pytest.raises(ShardSpecError, match="no .tar shards"):
+        expand_shards(str(shard_dir / "empty") if (shard_dir / "empty").mkdir() is None else "")
+
+
+def test_fsspec_urls_are_expanded_with_their_protocol():
+    fs = fsspec.filesystem("memory")
+    for i in range(3):
+        with fs.open(f"/bucket/shards/s-{i}.tar", "wb") as f:
+            f.write(b"\0" * 1024)
+    urls = expand_shards("memory://bucket/shards/s-{0..2}.tar")
+    assert urls == [f"memory://bucket/shards/s-{i}.tar" for i in range(3)]
+    assert expand_shards("memory://bucket/shards/*.tar") == [
+        f"memory:///bucket/shards/s-{i}.tar" for i in range(3)
+    ]
