@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from data.read import iter_shard
 
 PSEUDO_EXT = "pl"
 SHARD_HEADER_KEY = "__shard__"
@@ -118,3 +121,26 @@ def read_header(sample: dict) -> dict | None:
     if sample.get("__key__") != SHARD_HEADER_KEY:
         return None
     return json.loads(sample["json"])
+
+
+def read_pseudo_shard(url: str, on_error) -> Iterator[PseudoLabel]:
+    """The records of one sidecar shard, with the shard-wide fields filled in."""
+    header: dict = {}
+    for sample in iter_shard(url, on_error):
+        found = read_header(sample)
+        if found is not None:
+            header = found
+        elif PSEUDO_EXT in sample:
+            yield decode_pseudo(
+                sample["__key__"],
+                sample[PSEUDO_EXT],
+                header.get("teacher", ""),
+                header.get("source", ""),
+            )
+
+
+def shard_info(url: str) -> dict:
+    """The `__shard__.json` header of a sidecar or training shard (empty if it has none)."""
+    for sample in iter_shard(url, lambda d: None):
+        return read_header(sample) or {}
+    return {}

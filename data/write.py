@@ -73,6 +73,11 @@ class AtomicShard:
             self.abort()
 
 
+def open_shard(url: str) -> AtomicShard | FinishedShard:
+    """A shard to fill: a real one, or a stand-in when a previous run already committed it."""
+    return FinishedShard() if shard_exists(url) else AtomicShard(url)
+
+
 def write_atomic(url: str, data: bytes) -> None:
     """Write a small file (manifest, class names) under a temporary name, then rename it."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -99,7 +104,7 @@ def write_shard(url: str, samples: Iterable[dict]) -> int:
     return shard.count
 
 
-class _FinishedShard:
+class FinishedShard:
     """Stands in for a shard a previous run already committed: counts, writes nothing."""
 
     def __init__(self) -> None:
@@ -127,18 +132,15 @@ class ShardSequence:
         if max_count < 1:
             raise ValueError("shard size must be at least 1")
         self.directory, self.prefix, self.max_count = directory, prefix, max_count
-        self.current: AtomicShard | _FinishedShard | None = None
+        self.current: AtomicShard | FinishedShard | None = None
         self.urls: list[str] = []
         self.skipped = 0
 
     def write(self, sample: dict) -> None:
         if self.current is None:
             url = join(self.directory, shard_name(self.prefix, len(self.urls)))
-            if shard_exists(url):
-                self.current = _FinishedShard()
-                self.skipped += 1
-            else:
-                self.current = AtomicShard(url)
+            self.current = open_shard(url)
+            self.skipped += isinstance(self.current, FinishedShard)
             self.urls.append(url)
         self.current.write(sample)
         if self.current.count >= self.max_count:

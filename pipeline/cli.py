@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
+from pipeline.cli_errors import UsageError
+
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its inputs that the user can fix."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +40,13 @@ def _cmd_data_ingest(args: argparse.Namespace) -> None:
     from pipeline.data_commands import run_ingest
 
     run_ingest(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix)
+
+
+def _cmd_label(args: argparse.Namespace) -> None:
+    from pipeline.label import LabelArgs, run, summary
+
+    fields = {k: getattr(args, k) for k in LabelArgs.__dataclass_fields__}
+    print(summary(run(LabelArgs(**fields), args.beam_args)))
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -76,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--prefix", default="part", help="shard name prefix (part)")
     ingest.set_defaults(func=_cmd_data_ingest)
 
+    label = commands.add_parser(
+        "label",
+        help="label unlabeled shards with a teacher (Beam job)",
+        epilog="Any other option (--temp_location, --project, ...) goes to the Beam runner.",
+    )
+    label.add_argument("--teacher", required=True, help="model name (rs-152) or run directory")
+    label.add_argument("--weights", help="state dict (.pth/.safetensors), with a model name")
+    label.add_argument("--input", required=True, help="unlabeled shards: dir, glob or braces")
+    label.add_argument("--output", required=True, help="folder for the pseudo-label shards")
+    label.add_argument("--batch-size", type=_positive, default=32, help="images per forward (32)")
+    label.add_argument("--topk", type=_positive, default=16, help="classes kept per image (16)")
+    label.add_argument("--embed", action="store_true", help="store an embedding for dedup")
+    label.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    label.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
+    label.set_defaults(func=_cmd_label, beam=True)
+
     models = commands.add_parser("models", help="the ResNet-RS model table")
     models.add_argument("name", nargs="*", help="only these models")
     models.set_defaults(func=_cmd_models)
@@ -83,7 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Beam logs import-time warnings about optional cloud clients to the root logger; the
+    # user sees our one-line errors and summaries unless they ask for the runner's logs.
+    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "ERROR").upper())
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "beam", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.beam_args = extra
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

@@ -1,0 +1,46 @@
+"""The baseline `pipeline label` is measured against: one process, one plain loop doing the
+same work (read the shards, decode, eval transform, forward, top-k), nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import tarfile
+
+import torch
+from PIL import Image
+
+from teachers import Predictor, eval_transform, load_teacher
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--weights")
+    parser.add_argument("--input", required=True, help="folder of .tar shards")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--topk", type=int, default=16)
+    args = parser.parse_args()
+
+    model, info = load_teacher(args.teacher, args.weights)
+    predictor, transform = Predictor(model), eval_transform(info)
+    count = 0
+    for path in sorted(glob.glob(f"{args.input}/*.tar")):
+        with tarfile.open(path) as tar:
+            images = [
+                tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")
+            ]
+        for start in range(0, len(images), args.batch_size):
+            batch = [
+                transform(Image.open(io.BytesIO(b)).convert("RGB"))
+                for b in images[start : start + args.batch_size]
+            ]
+            probs, _ = predictor.predict(torch.stack(batch))
+            probs.topk(args.topk, dim=1)
+            count += len(batch)
+    print(f"labeled {count}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Benchmark bookkeeping: time whole processes, read their peak memory, append to BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_PEAK = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
+)
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak resident memory (KiB) of one whole process."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return seconds, int(result.stderr.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def append(title: str, command: str, lines: list[str]) -> None:
+    """Add a dated section to BENCHMARKS.md: what was measured, where, and how to redo it."""
+    block = [
+        f"### {title} ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Machine: {machine()}. Command: `{command}`",
+        "",
+        *lines,
+        "",
+    ]
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(block))
+    print("\n".join(block))

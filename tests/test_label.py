@@ -1,0 +1,250 @@
+"""`pipeline label` end to end: real shards, a real (random-weight) teacher, a real Beam job."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from apache_beam.options.pipeline_options import GoogleCloudOptions, WorkerOptions
+
+from data.digits import write_digits
+from data.read import iter_samples
+from data.records import PSEUDO_EXT, decode_pseudo, read_header
+from data.specs import expand_shards
+from data.write import write_shard
+from pipeline.beam_options import beam_options
+from pipeline.cli_errors import UsageError
+from pipeline.label import LabelArgs, run
+from teachers import create_model, export_run
+from tests.conftest import image_bytes
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("teacher")
+    export_run(
+        str(out), create_model("rs-mini", num_classes=10), "rs-mini", [str(i) for i in range(10)]
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The unlabeled digits in 16 small shards."""
+    out = tmp_path_factory.mktemp("corpus")
+    write_digits(str(out), labeled=200, seed=0, shard_size=80)
+    return out / "unlabeled"
+
+
+def _label(teacher: Path, src: str, out: Path, *beam_args: str, **kw) -> dict:
+    return run(LabelArgs(teacher=str(teacher), input=src, output=str(out), **kw), list(beam_args))
+
+
+def _sidecar(url: str) -> tuple[dict, list]:
+    samples = list(iter_samples([url], lambda d: None))
+    header = read_header(samples[0])
+    return header, [decode_pseudo(s["__key__"], s[PSEUDO_EXT]) for s in samples[1:]]
+
+
+def test_labels_every_sample_one_sidecar_per_shard_in_order(
+    teacher_dir: Path, corpus: Path, tmp_path: Path
+):
+    manifest = _label(teacher_dir, str(corpus), tmp_path, batch_size=16, embed=True)
+    sources = expand_shards(str(corpus))
+    assert [Path(u).name for u in expand_shards(str(tmp_path))] == [Path(u).name for u in sources]
+    assert manifest["samples_in"] == manifest["samples_out"] == 1300 and manifest["dropped"] == 0
+    header, labels = _sidecar(str(tmp_path / Path(sources[3]).name))
+    src_keys = [s["__key__"] for s in iter_samples([sources[3]], lambda d: None)]
+    assert [lab.key for lab in labels] == src_keys
+    assert header["teacher"] == manifest["teacher"] and header["source"] == sources[3]
+    for lab in labels:
+        assert len(lab.indices) == 10 and abs(float(lab.probs.astype("float32").sum()) - 1) < 0.01
+        assert lab.confidence == pytest.approx(float(lab.probs[0]), abs=1e-3)
+        assert (
+            lab.embedding is not None
+            and abs(float((lab.embedding.astype("float32") ** 2).sum()) - 1) < 0.01
+        )
+
+
+def test_rerun_is_a_no_op_and_output_does_not_depend_on_worker_count(
+    teacher_dir: Path, corpus: Path, tmp_path: Path
+):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    _label(teacher_dir, str(corpus), one, "--direct_num_workers=1")
+    _label(teacher_dir, str(corpus), two, "--direct_num_workers=2")
+    before = {p.name: p.stat().st_mtime_ns for p in one.glob("*.tar")}
+    again = _label(teacher_dir, str(corpus), one)
+    assert again["shards_done_before"] == len(expand_shards(str(corpus))) == 17
+    assert {p.name: p.stat().st_mtime_ns for p in one.glob("*.tar")} == before
+    for shard in one.glob("*.tar"):
+        assert shard.read_bytes() == (two / shard.name).read_bytes()
+
+
+def test_pipeline_pickles_and_runs_under_multi_processing(
+    teacher_dir: Path, corpus: Path, tmp_path: Path
+):
+    src = str(corpus / "unlabeled-00000{0..3}.tar")
+    manifest = _label(
+        teacher_dir,
+        src,
+        tmp_path / "mp",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+    )
+    _label(teacher_dir, src, tmp_path / "inline", "--direct_num_workers=1")
+    assert manifest["samples_out"] == 320
+    for shard in (tmp_path / "mp").glob("*.tar"):
+        assert shard.read_bytes() == (tmp_path / "inline" / shard.name).read_bytes()
+
+
+def _hostile_corpus(root: Path) -> tuple[str, int]:
+    good = [
+        {"__key__": f"ok{i}", "jpg": image_bytes(size=(30 + i, 20), fmt="JPEG")} for i in range(5)
+    ]
+    hostile = [
+        {"__key__": "cmyk", "jpg": image_bytes("CMYK", fmt="JPEG")},
+        {"__key__": "gray16", "png": image_bytes("I;16")},
+        {"__key__": "alpha", "png": image_bytes("RGBA")},
+        {"__key__": "tiny", "png": image_bytes(size=(1, 1))},
+        {"__key__": "empty", "jpg": b""},
+        {"__key__": "text", "jpg": b"just some text"},
+        {"__key__": "cut", "jpg": image_bytes(size=(300, 300), fmt="JPEG")[:4000]},
+        {"__key__": "noimage", "txt": b"caption only"},
+    ]
+    write_shard(str(root / "a-000000.tar"), good + hostile)
+    write_shard(
+        str(root / "a-000001.tar"),
+        [{"__key__": f"t{i}", "jpg": image_bytes(size=(200, 200), fmt="JPEG")} for i in range(6)],
+    )
+    data = (root / "a-000001.tar").read_bytes()
+    (root / "a-000001.tar").write_bytes(data[: len(data) * 2 // 3])
+    return str(root), len(good) + len(hostile) + 6
+
+
+def test_hostile_corpus_every_sample_labeled_or_listed_with_a_reason(
+    teacher_dir: Path, tmp_path: Path
+):
+    src, total_written = _hostile_corpus(tmp_path / "src")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "label",
+            "--teacher",
+            str(teacher_dir),
+            "--input",
+            src,
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    dropped = {e["key"]: e["reason"] for e in errors if e["key"]}
+    assert dropped == {
+        "empty": "empty_image",
+        "text": "undecodable_image",
+        "cut": "truncated_image",
+        "noimage": "no_image",
+    }
+    assert manifest["samples_out"] + manifest["dropped"] == manifest["samples_in"]
+    labeled = {lab.key for url in expand_shards(str(out)) for lab in _sidecar(url)[1]}
+    assert {"ok0", "cmyk", "gray16", "alpha", "tiny"} <= labeled
+    assert 1 <= len([k for k in labeled if k.startswith("t")]) < 6
+    assert manifest["shard_faults"] == {"truncated_shard": 1}
+    assert f"Labeled {manifest['samples_out']} of {manifest['samples_in']}" in result.stdout
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(
+    teacher_dir: Path, corpus: Path, tmp_path: Path
+):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "label",
+        "--teacher",
+        str(teacher_dir),
+        "--input",
+        str(corpus),
+        "--batch-size",
+        "8",
+    ]
+    subprocess.run([*cmd, "--output", str(tmp_path / "whole")], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--output", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while len(list((killed / "_reports").glob("*.json"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(killed.glob("*.tar"))) < 17
+    subprocess.run([*cmd, "--output", str(killed)], check=True, capture_output=True)
+    whole = sorted(p.name for p in (tmp_path / "whole").glob("*.tar"))
+    assert sorted(p.name for p in killed.glob("*.tar")) == whole
+    for name in whole:
+        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert json.loads((killed / "manifest.json").read_text())["samples_out"] == 1300
+
+
+def test_dataflow_options_reach_the_runner_unchanged():
+    options = beam_options(
+        "DataflowRunner",
+        [
+            "--project=my-proj",
+            "--region=us-central1",
+            "--temp_location=gs://bucket/tmp",
+            "--sdk_container_image=us-docker.pkg.dev/my-proj/rs/worker:1",
+            "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver",
+            "--machine_type=g2-standard-4",
+        ],
+    )
+    gcp = options.view_as(GoogleCloudOptions)
+    assert (gcp.project, gcp.region, gcp.temp_location) == (
+        "my-proj",
+        "us-central1",
+        "gs://bucket/tmp",
+    )
+    assert gcp.dataflow_service_options == [
+        "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
+    ]
+    assert options.view_as(WorkerOptions).machine_type == "g2-standard-4"
+    assert options.get_all_options()["runner"] == "DataflowRunner"
+    assert "direct_num_workers" not in " ".join(options.get_all_options(drop_default=True))
+    with pytest.raises(UsageError, match="temp_locaton"):
+        beam_options(None, ["--temp_locaton=gs://typo"])
+
+
+def test_model_name_without_weights_is_one_line_exit_2(corpus: Path, tmp_path: Path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "label",
+            "--teacher",
+            "rs-50",
+            "--input",
+            str(corpus),
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--weights" in result.stderr
