@@ -1,0 +1,24 @@
+"""The ResNet-RS family: one table, one builder, safe weights, run directories, inference."""
+
+from teachers.checkpoint import TeacherInfo, export_run, is_run_dir, load_teacher
+from teachers.inference import Predictor, eval_transform
+from teachers.registry import ModelConfig, create_model, get_config, list_models
+from teachers.table import format_table, models_table
+from teachers.weights import WeightsError, read_weights
+
+__all__ = [
+    "ModelConfig",
+    "Predictor",
+    "TeacherInfo",
+    "WeightsError",
+    "create_model",
+    "eval_transform",
+    "export_run",
+    "format_table",
+    "get_config",
+    "is_run_dir",
+    "list_models",
+    "load_teacher",
+    "models_table",
+    "read_weights",
+]

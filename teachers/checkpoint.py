@@ -1,0 +1,132 @@
+"""The run directory: the one checkpoint format every stage after training reads.
+
+A run directory holds `model.safetensors` (the weights to use: the EMA when training kept
+one) and `model.json` (which model, its classes and how to preprocess for it), so a
+trained student can be the next round's teacher by its path alone. Each file appears
+atomically (temporary name, then rename), the weights first, so a fresh directory with a
+`model.json` always has complete weights beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import fsspec
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from data.write import join, write_atomic, write_json
+from teachers.registry import MODELS, create_model, get_config
+from teachers.weights import classifier_classes, clean_state_dict, parse_weights, read_bytes
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a consumer of a teacher needs besides the module: its identity for manifests and
+    records, its classes, and the preprocessing it was trained for."""
+
+    teacher_id: str  # model name @ first 8 hex of the weights' sha256: changes with the weights
+    model_name: str
+    num_classes: int
+    class_names: list[str] | None
+    eval_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    extra: dict = field(default_factory=dict)
+
+
+def _teacher_id(model_name: str, weights: bytes) -> str:
+    return f"{model_name}@{hashlib.sha256(weights).hexdigest()[:8]}"
+
+
+def _info(model_name: str, weights: bytes, num_classes: int, meta: dict) -> TeacherInfo:
+    """Preprocessing from the run's own record when there is one, else from the table."""
+    cfg = get_config(model_name)
+    return TeacherInfo(
+        teacher_id=_teacher_id(model_name, weights),
+        model_name=model_name,
+        num_classes=num_classes,
+        class_names=meta.get("class_names"),
+        eval_size=meta.get("eval_size", cfg.eval_size),
+        crop_pct=meta.get("crop_pct", cfg.crop_pct),
+        interpolation=meta.get("interpolation", cfg.interpolation),
+        mean=tuple(meta.get("mean", cfg.mean)),
+        std=tuple(meta.get("std", cfg.std)),
+        extra=meta.get("extra", {}),
+    )
+
+
+def export_run(
+    run_dir: str | Path,
+    model: nn.Module,
+    model_name: str,
+    class_names: list[str] | None,
+    extra: dict | None = None,
+) -> TeacherInfo:
+    """Write `model` (pass the EMA copy when there is one) as a run directory, local or at an
+    fsspec URL; returns what `load_teacher` will report for it."""
+    state = {
+        key: value.detach().cpu().contiguous()
+        for key, value in clean_state_dict(model.state_dict()).items()
+    }
+    num_classes = classifier_classes(state)
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    weights = save_safetensors(state)
+    info = _info(
+        model_name, weights, num_classes, {"class_names": class_names, "extra": extra or {}}
+    )
+    run_dir = str(run_dir)
+    write_atomic(join(run_dir, WEIGHTS_FILE), weights)
+    meta = asdict(info)
+    meta["model"] = meta.pop("model_name")
+    del meta["teacher_id"]  # derived from the weights file on every load
+    write_json(join(run_dir, META_FILE), meta)
+    return info
+
+
+def is_run_dir(path: str | Path) -> bool:
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return fs.exists(join(root, META_FILE))
+
+
+def load_teacher(
+    teacher: str | Path, weights: str | Path | None = None, device: str = "cpu"
+) -> tuple[nn.Module, TeacherInfo]:
+    """A model ready for inference (eval mode, on `device`) and its description.
+
+    `teacher` is a model name from the table, with `weights` (timm-layout or project state
+    dict), or a run directory written by `export_run`, which carries its own weights.
+    """
+    teacher = str(teacher)
+    if teacher in MODELS:
+        if weights is None:
+            raise ValueError(
+                f"the teacher {teacher!r} is a model name, so it needs weights "
+                "(a .safetensors/.pth file); or pass a run directory as the teacher"
+            )
+        data = read_bytes(weights)
+        state = parse_weights(data, str(weights))
+        info = _info(teacher, data, classifier_classes(state), {})
+    elif is_run_dir(teacher):
+        if weights is not None:
+            raise ValueError(f"{teacher} is a run directory with its own weights; drop weights")
+        meta = json.loads(read_bytes(join(teacher, META_FILE)))
+        data = read_bytes(join(teacher, WEIGHTS_FILE))
+        state = parse_weights(data, join(teacher, WEIGHTS_FILE))
+        info = _info(meta["model"], data, meta["num_classes"], meta)
+    else:
+        raise ValueError(
+            f"teacher {teacher!r} is neither a model name ({', '.join(MODELS)}) "
+            f"nor a run directory holding {META_FILE}"
+        )
+    model = create_model(info.model_name, info.num_classes, weights=state)
+    return model.to(device).eval(), info

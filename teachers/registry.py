@@ -1,0 +1,128 @@
+"""The ResNet-RS table and its one builder.
+
+Every recipe number a stage needs (resolutions, crop, dropout, stochastic depth, RandAugment
+magnitude) lives in `MODELS`, read by the trainer, the labeler and `pipeline models` alike;
+adding a member is one row and never touches the model code. Numbers are the paper's
+(Bello et al. 2021, "Revisiting ResNets"): train resolution = eval resolution, dropout 0.25
+everywhere, stochastic depth 0.1 from RS-200 up, RandAugment 10 for RS-50 (at 160) and 15
+from RS-101 (at 192) up. The eval crop pads 32 px like the official ResNet-RS eval (resize
+to size + 32, center-crop size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from teachers.resnet_rs import ResNetRS, scale_depth
+from teachers.weights import WeightsSource, apply_weights, read_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RS50_LAYERS = (3, 4, 6, 3)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One member of the family: its architecture and the recipe it is trained and run with."""
+
+    name: str
+    layers: tuple[int, int, int, int]
+    size: int  # train and eval resolution (the paper trains and evaluates at the same size)
+    depth: float = 1.0  # multiplier on `layers`
+    width: float = 1.0  # multiplier on every channel count
+    crop_padding: int = 32  # eval: resize to size + padding, center-crop size
+    drop_rate: float = 0.25
+    drop_path_rate: float = 0.0
+    randaugment_magnitude: int = 15
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    timm_name: str | None = None  # the timm model whose state dicts load as they are
+
+    @property
+    def train_size(self) -> int:
+        return self.size
+
+    @property
+    def eval_size(self) -> int:
+        return self.size
+
+    @property
+    def crop_pct(self) -> float:
+        return self.size / (self.size + self.crop_padding)
+
+    @property
+    def stage_depths(self) -> tuple[int, ...]:
+        """Blocks per stage as built, after the depth multiplier."""
+        return scale_depth(self.layers, self.depth)
+
+
+def _paper(number: int, layers: tuple[int, int, int, int], size: int, **recipe) -> ModelConfig:
+    return ModelConfig(f"rs-{number}", layers, size, timm_name=f"resnetrs{number}", **recipe)
+
+
+def _small(name: str, size: int, depth: float, width: float, crop_padding: int = 32) -> ModelConfig:
+    return ModelConfig(
+        name,
+        RS50_LAYERS,
+        size,
+        depth=depth,
+        width=width,
+        crop_padding=crop_padding,
+        randaugment_magnitude=10,
+    )
+
+
+MODELS: dict[str, ModelConfig] = {
+    cfg.name: cfg
+    for cfg in (
+        # Small members for CPUs: RS-50 scaled down along the paper's two axes. The 32 px ones
+        # are sized for the embedded digits, which fill the frame: no crop padding.
+        _small("rs-mini", 32, depth=0.25, width=0.25, crop_padding=0),
+        _small("rs-tiny", 32, depth=0.5, width=0.5, crop_padding=0),
+        _small("rs-small", 128, depth=1.0, width=0.5),
+        _paper(50, RS50_LAYERS, 160, randaugment_magnitude=10),
+        _paper(101, (3, 4, 23, 3), 192),
+        _paper(152, (3, 8, 36, 3), 256),
+        _paper(200, (3, 24, 36, 3), 256, drop_path_rate=0.1),
+        _paper(270, (4, 29, 53, 4), 256, drop_path_rate=0.1),
+        _paper(350, (4, 36, 72, 4), 256, drop_path_rate=0.1),
+        _paper(420, (4, 44, 87, 4), 320, drop_path_rate=0.1),
+    )
+}
+
+
+def list_models() -> list[str]:
+    return list(MODELS)
+
+
+def get_config(name: str) -> ModelConfig:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+def create_model(
+    name: str, num_classes: int = 1000, weights: WeightsSource | None = None, **overrides
+) -> nn.Module:
+    """Build a member of the table, optionally with weights (a timm-layout or project state
+    dict: a .safetensors/.pth/.pt path or URL, or a mapping).
+
+    `overrides` go to `ResNetRS` over the table's values, e.g. `drop_path_rate=0.2`; the
+    regularisation rates do not change any tensor, so weights load regardless.
+    """
+    cfg = get_config(name)
+    arch = dict(
+        layers=cfg.layers,
+        depth=cfg.depth,
+        width=cfg.width,
+        drop_rate=cfg.drop_rate,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+    model = ResNetRS(num_classes=num_classes, **(arch | overrides))
+    if weights is not None:
+        apply_weights(model, read_weights(weights), f"{name} with {num_classes} classes")
+    return model
