@@ -49,6 +49,23 @@ def _cmd_label(args: argparse.Namespace) -> None:
     print(summary(run(LabelArgs(**fields), args.beam_args)))
 
 
+def _cmd_filter(args: argparse.Namespace) -> None:
+    from pipeline.filter import FilterArgs, run, summary
+
+    fields = {k: getattr(args, k) for k in FilterArgs.__dataclass_fields__}
+    print(summary(run(FilterArgs(**fields), args.beam_args)))
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from teachers import format_table, models_table
 
@@ -97,6 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     label.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
     label.set_defaults(func=_cmd_label, beam=True)
+
+    filt = commands.add_parser(
+        "filter",
+        help="filter, deduplicate and class-balance pseudo-labels into training shards (Beam job)",
+        epilog="Any other option (--temp_location, --project, ...) goes to the Beam runner.",
+    )
+    filt.add_argument("--input", required=True, help="output folder of `pipeline label`")
+    filt.add_argument("--output", required=True, help="folder for the training shards")
+    filt.add_argument(
+        "--threshold", type=_fraction, default=0.3, help="lowest confidence kept (0.3)"
+    )
+    filt.add_argument(
+        "--per-class", type=_positive, default=130_000, help="images per class (130000)"
+    )
+    filt.add_argument(
+        "--strategy",
+        choices=("threshold", "topk"),
+        default="threshold",
+        help="Noisy Student threshold + balance, or Yalniz top-K per class",
+    )
+    filt.add_argument(
+        "--top-p", type=_positive, default=10, help="with --strategy topk: classes ranked per image"
+    )
+    filt.add_argument("--dedup-against", help="evaluation shards whose copies are dropped")
+    filt.add_argument(
+        "--dedup-threshold", type=_fraction, default=0.95, help="cosine for near copies"
+    )
+    filt.add_argument("--hard", action="store_true", help="one-hot labels instead of soft ones")
+    filt.add_argument("--shard-size", type=_positive, default=1000, help="samples per output shard")
+    filt.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
+    filt.set_defaults(func=_cmd_filter, beam=True)
 
     models = commands.add_parser("models", help="the ResNet-RS model table")
     models.add_argument("name", nargs="*", help="only these models")
