@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import fsspec
 from webdataset import TarWriter
 
-FIXED_MTIME = 0.0  # fixed member times make reruns byte-identical
+FIXED_MTIME = 0  # a fixed whole-second time: reruns are byte-identical and no PAX header is needed
 
 
 def shard_name(prefix: str, index: int) -> str:

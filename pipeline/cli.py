@@ -66,6 +66,12 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _cmd_stats(args: argparse.Namespace) -> None:
+    from pipeline.stats import run
+
+    run(args.shards, json_path=args.json, plot_path=args.plot, workers=args.workers)
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from teachers import format_table, models_table
 
@@ -145,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--shard-size", type=_positive, default=1000, help="samples per output shard")
     filt.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
     filt.set_defaults(func=_cmd_filter, beam=True)
+
+    stats = commands.add_parser("stats", help="shard statistics: a table, --json and a --plot PNG")
+    stats.add_argument("shards", help="shards: dir, glob or braces (local or fsspec URL)")
+    stats.add_argument("--json", help="write the statistics as JSON here")
+    stats.add_argument("--plot", help="write histograms as a PNG here")
+    stats.add_argument(
+        "--workers", type=_positive, default=os.cpu_count() or 1, help="parallel readers"
+    )
+    stats.set_defaults(func=_cmd_stats)
 
     models = commands.add_parser("models", help="the ResNet-RS model table")
     models.add_argument("name", nargs="*", help="only these models")
