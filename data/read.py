@@ -86,11 +86,21 @@ def iter_samples(urls: Iterable[str], on_error: Callable[[Drop], None]) -> Itera
     """Yield samples (`__key__`, `__url__`, one bytes value per extension) from shards in order.
 
     A truncated shard yields every sample before the cut and reports the cut once through
-    `on_error`; reading then moves on to the next shard.
+    `on_error`; reading then moves on to the next shard. Samples whose member names are
+    absolute or climb out with `..` are dropped, so no stage ever writes them on.
     """
     errors = _ShardErrors(on_error)
     files = tar_file_expander(_open_shards(urls, errors), handler=errors)
-    yield from group_by_keys(files, handler=errors)
+    for sample in group_by_keys(files, handler=errors):
+        if _escapes(sample["__key__"]):
+            on_error(Drop(sample["__url__"], sample["__key__"], "unsafe_member_name"))
+            continue
+        yield sample
+
+
+def _escapes(key: str) -> bool:
+    """A member name that would land outside the folder a user untars it into."""
+    return key.startswith(("/", "\\")) or ".." in key.replace("\\", "/").split("/")
 
 
 def iter_shard(url: str, on_error: Callable[[Drop], None]) -> Iterator[dict]:

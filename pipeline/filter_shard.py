@@ -23,6 +23,7 @@ from data.decode import find_image
 from data.errors import Drop
 from data.read import iter_samples, iter_shard
 from data.records import PseudoLabel, encode_pseudo, read_pseudo_shard, shard_header
+from data.stages import batched
 from data.write import AtomicShard, join, open_shard, shard_name
 from pipeline.dedup import EvalIndex
 from pipeline.filter_rules import BINS, ClassRule, conf_bin, unit_draw
@@ -76,17 +77,6 @@ def _eval_matches(index: EvalIndex | None, labels: list[PseudoLabel]) -> list:
     return index.matches([lab.content_hash for lab in labels], embeddings)
 
 
-def _chunks(labels: Iterator[PseudoLabel], size: int = 256) -> Iterator[list[PseudoLabel]]:
-    chunk: list[PseudoLabel] = []
-    for label in labels:
-        chunk.append(label)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _entries(label: PseudoLabel, plan: FilterPlan) -> list[tuple[int, float]]:
     """(class, probability) pairs a label is ranked under: its top-1, or its top-P."""
     if plan.strategy == "topk":
@@ -108,7 +98,7 @@ class HistogramFn(beam.DoFn):
 
     def process(self, url: str) -> Iterator[tuple[int, np.ndarray]]:
         hists: dict[int, np.ndarray] = {}
-        for chunk in _chunks(read_pseudo_shard(url, lambda d: None)):
+        for chunk in batched(read_pseudo_shard(url, lambda d: None), 256):
             for label, match in zip(chunk, _eval_matches(self.eval_index, chunk), strict=True):
                 if match is not None:
                     continue
@@ -172,7 +162,7 @@ class SelectShardFn(beam.DoFn):
         spills: dict[int, AtomicShard] = {}
         aligned = None
         try:
-            for chunk in _chunks(read_pseudo_shard(url, report.drops.append)):
+            for chunk in batched(read_pseudo_shard(url, report.drops.append), 256):
                 report.samples_in += len(chunk)
                 aligned = aligned or _Aligned(chunk[0].source, report)
                 for label, match in zip(chunk, _eval_matches(self.eval_index, chunk), strict=True):

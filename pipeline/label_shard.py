@@ -18,9 +18,9 @@ from apache_beam.utils.shared import Shared
 
 from data.decode import decode_image, find_image
 from data.errors import Drop
-from data.prefetch import prefetch
 from data.read import iter_shard
 from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header
+from data.stages import batched, prefetch
 from data.write import AtomicShard, join
 from pipeline.reports import ShardReport, write_shard_report
 from teachers import Predictor, eval_transform, load_teacher
@@ -83,17 +83,6 @@ def _decoded(samples: Iterator[dict], transform: Callable, drops: list[Drop]) ->
         yield key, transform(img), content_hash(found[1])
 
 
-def _batched(items: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
-    batch: list[tuple] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def summarise(
     probs: torch.Tensor, features: torch.Tensor, k: int, projection: torch.Tensor | None
 ) -> tuple[np.ndarray, ...]:
@@ -120,7 +109,7 @@ def label_shard(
             yield sample
 
     samples = counting(iter_shard(url, report.drops.append))
-    batches = prefetch(_batched(_decoded(samples, teacher.transform, report.drops), batch_size))
+    batches = prefetch(batched(_decoded(samples, teacher.transform, report.drops), batch_size))
     shard = AtomicShard(out_url)
     try:
         shard.write(shard_header(teacher=teacher.teacher_id, source=url, topk=topk, embed=embed))

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,36 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     write_digits(str(out), labeled=200, seed=0)
     return out
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `pipeline ARGS...` as a user would: a separate process, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, check=check
+    )
+
+
+def kill_midway(args: list[str], ready: Callable[[], bool], timeout: float = 120) -> None:
+    """Start `pipeline ARGS`, and SIGKILL it the moment `ready()` holds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def assert_same_shards(expected: Path, actual: Path) -> list[str]:
+    """The same shard names with the same bytes, member for member."""
+    names = sorted(p.name for p in expected.glob("*.tar"))
+    assert sorted(p.name for p in actual.glob("*.tar")) == names
+    for name in names:
+        assert (actual / name).read_bytes() == (expected / name).read_bytes(), name
+    return names
 
 
 def image_bytes(mode: str = "RGB", size: tuple[int, int] = (40, 30), fmt: str = "PNG") -> bytes:

@@ -1,12 +1,11 @@
 """The command-line contract: --help everywhere; bad input is one line and exit status 2."""
 
 import argparse
-import subprocess
-import sys
 
 import pytest
 
 from pipeline.cli import build_parser
+from tests.conftest import run_cli
 
 
 def _commands(
@@ -20,13 +19,9 @@ def _commands(
     return found
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("command", _commands(build_parser()), ids=" ".join)
 def test_every_command_has_help(command: tuple[str, ...]):
-    result = _run(*command, "--help")
+    result = run_cli(*command, "--help")
     assert result.returncode == 0 and "usage: pipeline" in result.stdout
 
 
@@ -43,7 +38,7 @@ def test_every_command_has_help(command: tuple[str, ...]):
     ids=lambda a: " ".join(a),
 )
 def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...]):
-    result = _run(*args)
+    result = run_cli(*args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in result.stderr

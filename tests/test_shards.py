@@ -111,3 +111,21 @@ def test_shard_sequence_passes_over_finished_shards_on_rerun(tmp_path: Path):
     assert (tmp_path / "p-000001.tar").stat().st_mtime_ns == first
     samples, _ = _read(expand_shards(str(tmp_path)))
     assert [s["__key__"] for s in samples] == [f"s{i:04d}" for i in range(10)]
+
+
+def test_member_names_that_climb_out_are_dropped_not_passed_on(tmp_path: Path):
+    import io
+    import tarfile
+
+    shard = tmp_path / "evil.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("../../escape.png", "/etc/absolute.png", "ok.png", "nested/fine.png"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"png"))
+    samples, drops = _read([str(shard)])
+    assert [s["__key__"] for s in samples] == ["ok", "nested/fine"]
+    assert sorted((d.key, d.reason) for d in drops) == [
+        ("../../escape", "unsafe_member_name"),
+        ("/etc/absolute", "unsafe_member_name"),
+    ]

@@ -1,4 +1,4 @@
-"""Run an iterator one step ahead in a thread, so decoding overlaps the model's forward pass."""
+"""Small stages that jobs compose around the shard readers: batching and read-ahead."""
 
 from __future__ import annotations
 
@@ -11,8 +11,22 @@ T = TypeVar("T")
 _DONE = object()
 
 
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive items in lists of `size` (the last may be shorter): batch boundaries fall
+    at fixed positions, so a rerun batches the same way."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Yield what `items` yields, produced by a background thread at most `depth` ahead.
+    """Yield what `items` yields, produced by a background thread at most `depth` ahead, so
+    decoding overlaps the model's forward pass.
 
     An exception in the producer is raised in the consumer at the same position.
     """
