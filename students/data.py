@@ -1,0 +1,303 @@
+"""The student's loaders: webdataset stages joined in one visible chain per stream.
+
+Training streams are infinite (resampled shards), so an epoch is a number of steps, and are
+rebuilt for every epoch from (seed, epoch, rank): the data a rank sees in epoch e is the same
+whether or not the run was interrupted before it. The evaluation stream reads every sample
+once. Both split shards by node (disjoint across ranks) and then by loader worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import fsspec
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
+from webdataset.tariterators import base_plus_ext
+from webdataset.utils import make_seed
+
+from data.decode import IMAGE_EXTS, decode_image, find_image
+from data.errors import Drop
+from data.read import iter_samples
+from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], torch.Tensor]
+MAX_DROPS_IN_A_ROW = 1000
+
+
+# --- shard lists -------------------------------------------------------------------------
+
+
+def node_shards(urls: Sequence[str], rank: int, world: int, seed: int | None = None) -> list[str]:
+    """The shards one rank reads: a slice of the list, disjoint across ranks.
+
+    With a seed the list is first permuted the same way on every rank, so ranks stay disjoint
+    within an epoch and trade shards between epochs. With fewer shards than ranks no split can
+    be disjoint; every rank then reads all of them (training resamples them with its own seed).
+    """
+    urls = list(urls)
+    if seed is not None:
+        random.Random(seed).shuffle(urls)
+    if len(urls) < world:
+        return urls
+    return urls[rank::world]
+
+
+def resample(src: Iterable[dict], seed: int) -> Iterator[dict]:
+    """Stage: draw shards with replacement, forever, from what reached this worker."""
+    shards = list(src)
+    info = torch.utils.data.get_worker_info()
+    rng = random.Random(make_seed(seed, info.id if info else 0))
+    while True:
+        yield rng.choice(shards)
+
+
+def _log_drop(drop: Drop) -> None:
+    log.warning(
+        "skipped %s in %s: %s %s",
+        drop.key or "part of a shard",
+        drop.shard,
+        drop.reason,
+        drop.detail,
+    )
+
+
+def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
+    """Stage: shard dicts (`url`) to samples, through the project's fsspec tar reader."""
+    return iter_samples((shard["url"] for shard in src), _log_drop)
+
+
+def skip_drops(src: Iterable, limit: int = MAX_DROPS_IN_A_ROW) -> Iterator:
+    """Stage: log and leave out the samples a decoder could not use. An endless stream of
+    nothing but unusable samples (shards without classes, say) is an error, not a hang."""
+    in_a_row = 0
+    for item in src:
+        if not isinstance(item, Drop):
+            in_a_row = 0
+            yield item
+            continue
+        _log_drop(item)
+        in_a_row += 1
+        if in_a_row >= limit:
+            raise ValueError(
+                f"{in_a_row} samples in a row could not be used, the last for {item.reason} "
+                f"in {item.shard}: are these the right shards?"
+            )
+
+
+# --- decoders ----------------------------------------------------------------------------
+
+
+def _image(sample: dict, transform: Transform) -> torch.Tensor | Drop:
+    found = find_image(sample)
+    if found is None:
+        return Drop(sample.get("__url__", ""), sample["__key__"], "no_image")
+    image, reason = decode_image(found[1])
+    if image is None:
+        return Drop(sample.get("__url__", ""), sample["__key__"], reason)
+    return transform(image)
+
+
+def _class_id(sample: dict, num_classes: int) -> int | Drop:
+    drop = partial(Drop, sample.get("__url__", ""), sample["__key__"])
+    try:
+        cls = read_cls(sample)
+    except ValueError as exc:
+        return drop("malformed_class", str(exc))
+    if cls is None:
+        return drop("no_class")
+    if cls >= num_classes:
+        return drop("unknown_class", f"class {cls} of a {num_classes}-class model")
+    return cls
+
+
+class LabeledDecoder:
+    """sample -> (image tensor, class id); a Drop for what cannot be used; None for headers."""
+
+    def __init__(self, transform: Transform, num_classes: int) -> None:
+        self.transform, self.num_classes = transform, num_classes
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, int] | Drop | None:
+        if sample["__key__"] == SHARD_HEADER_KEY:
+            return None
+        cls = _class_id(sample, self.num_classes)
+        if isinstance(cls, Drop):
+            return cls
+        image = _image(sample, self.transform)
+        return image if isinstance(image, Drop) else (image, cls)
+
+
+def soft_target(indices: Sequence[int], probs: Sequence[float], num_classes: int) -> torch.Tensor:
+    """A dense distribution over the classes from a stored top-k, renormalised to sum to one
+    (the mass outside the top-k is spread over the kept classes, not over all)."""
+    target = torch.zeros(num_classes)
+    target[torch.as_tensor(indices, dtype=torch.long)] = torch.as_tensor(probs, dtype=torch.float32)
+    return target / target.sum()
+
+
+class PseudoDecoder:
+    """sample -> (image tensor, dense soft target) from a training shard of `pipeline filter`.
+
+    The soft label is the `.pl` record; a sample with only a `.cls` gets a one-hot target.
+    """
+
+    def __init__(self, transform: Transform, num_classes: int) -> None:
+        self.transform, self.num_classes = transform, num_classes
+
+    def _target(self, sample: dict) -> torch.Tensor | Drop:
+        drop = partial(Drop, sample.get("__url__", ""), sample["__key__"])
+        payload = sample.get(PSEUDO_EXT)
+        if payload is None:
+            cls = _class_id(sample, self.num_classes)
+            return cls if isinstance(cls, Drop) else soft_target([cls], [1.0], self.num_classes)
+        try:
+            label = decode_pseudo(sample["__key__"], payload)
+        except Exception as exc:  # a damaged record is a dropped sample, whatever broke
+            return drop("malformed_pseudo_label", str(exc))
+        if label.indices.size == 0 or float(label.probs.astype("float32").sum()) <= 0:
+            return drop("empty_pseudo_label")
+        if int(label.indices.max()) >= self.num_classes:
+            return drop("unknown_class", f"class {label.indices.max()} of {self.num_classes}")
+        return soft_target(label.indices, label.probs.astype("float32"), self.num_classes)
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor] | Drop | None:
+        if sample["__key__"] == SHARD_HEADER_KEY:
+            return None
+        target = self._target(sample)
+        if isinstance(target, Drop):
+            return target
+        image = _image(sample, self.transform)
+        return image if isinstance(image, Drop) else (image, target)
+
+
+# --- loaders -----------------------------------------------------------------------------
+
+
+def train_loader(
+    urls: Sequence[str],
+    decode: Callable[[dict], object],
+    batch_size: int,
+    *,
+    rank: int,
+    world: int,
+    epoch: int,
+    seed: int,
+    workers: int,
+    shuffle_buffer: int,
+    pin_memory: bool = False,
+    stream: int = 0,
+) -> DataLoader:
+    """An endless stream of (images, targets) batches for one rank in one epoch; `stream`
+    tells apart the streams of one rank (labeled, pseudo-labeled) so they draw apart."""
+    shards = node_shards(urls, rank, world, seed=make_seed(seed, epoch))
+    workers = min(workers, len(shards))
+    stream_seed = make_seed(seed, epoch, rank, stream)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.split_by_worker,
+        partial(resample, seed=stream_seed),
+        tar_samples,
+        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=stream_seed),
+        wds.map(decode),
+        skip_drops,
+        wds.batched(batch_size, collation_fn=default_collate, partial=False),
+    )
+    return DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(stream_seed),  # seeds each worker's augmentation
+    )
+
+
+def batch_counting_drops(src: Iterable, batch_size: int) -> Iterator[tuple]:
+    """Stage: (images, labels, drops) batches, where drops counts the samples left out since
+    the previous batch; the last batch may be short (or empty, carrying only drops)."""
+    images, labels, drops = [], [], 0
+    for item in src:
+        if isinstance(item, Drop):
+            _log_drop(item)
+            drops += 1
+            continue
+        images.append(item[0])
+        labels.append(item[1])
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels), drops
+            images, labels, drops = [], [], 0
+    if images or drops:
+        stacked = torch.stack(images) if images else torch.empty(0)
+        yield stacked, torch.tensor(labels, dtype=torch.long), drops
+
+
+def eval_loader(
+    urls: Sequence[str],
+    transform: Transform,
+    num_classes: int,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 2,
+) -> DataLoader:
+    """Every labeled sample of this rank's shards once, in (images, labels, drops) batches.
+
+    With fewer shards than ranks, the ranks past the last shard read nothing.
+    """
+    shards = list(urls)[rank::world]
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.split_by_worker,
+        tar_samples,
+        wds.map(LabeledDecoder(transform, num_classes)),
+        partial(batch_counting_drops, batch_size=batch_size),
+    )
+    return DataLoader(pipeline, batch_size=None, num_workers=min(workers, len(shards)))
+
+
+# --- what the shards hold ----------------------------------------------------------------
+
+
+def _count_shard(url: str) -> int:
+    """Image samples in one shard, from the tar headers alone: members are seeked past, not
+    read, so counting ImageNet costs seconds."""
+    keys = set()
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+        for member in tar:
+            base, ext = base_plus_ext(member.name)
+            if base and base != SHARD_HEADER_KEY and ext and ext.lower() in IMAGE_EXTS:
+                keys.add(base)
+    return len(keys)
+
+
+def count_samples(urls: Sequence[str], threads: int = 16) -> int:
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(_count_shard, urls))
+
+
+def has_samples(urls: Sequence[str]) -> bool:
+    """Whether any shard holds an image sample; stops at the first that does."""
+    return any(_count_shard(url) for url in urls)
+
+
+def read_class_names(urls: Sequence[str]) -> list[str] | None:
+    """`classes.json` beside the first shard (written by `pipeline data`), if there is one."""
+    url = urls[0].rsplit("/", 1)[0] + "/classes.json" if "/" in urls[0] else "classes.json"
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        names = json.load(f)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{url} should hold a list of class names")
+    return names

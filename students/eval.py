@@ -1,0 +1,70 @@
+"""`pipeline eval`: top-1 and top-5 of a run directory (or any teacher) on labeled shards.
+
+The model runs through the same `Predictor` and eval transform as `pipeline label`, so the
+accuracy reported is the accuracy of the labels it would write. Samples that cannot be used
+(undecodable image, missing or unknown class) are left out of the accuracy and counted in
+`dropped`. The trainer evaluates its EMA every epoch with the same `evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data.specs import expand_shards
+from students.data import eval_loader
+from students.utils import all_reduce_sum
+from teachers import Predictor, eval_transform, load_teacher
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    distributed: bool = False,
+    progress: bool = False,
+) -> dict:
+    """{"top1", "top5", "samples", "dropped"} over (images, labels, drops) batches; with
+    `distributed`, summed over all ranks, each rank having read its own part of the shards."""
+    device = torch.device(device)
+    predictor = Predictor(model, device)
+    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, samples, dropped
+    with tqdm(desc="eval", unit="img", disable=not progress, leave=False) as bar:
+        for images, labels, drops in loader:
+            counts[3] += drops
+            if labels.numel():
+                probs, _ = predictor.predict(images)
+                hits = probs.topk(min(5, probs.shape[1]), dim=1).indices == labels[:, None]
+                counts[:3] += torch.tensor(
+                    [hits[:, 0].sum(), hits.any(dim=1).sum(), labels.numel()], dtype=torch.float64
+                )
+            bar.update(labels.numel() + drops)
+    if distributed:
+        counts = all_reduce_sum(counts.to(device)).cpu()
+    top1, top5, samples, dropped = counts.tolist()
+    return {
+        "top1": top1 / samples if samples else 0.0,
+        "top5": top5 / samples if samples else 0.0,
+        "samples": int(samples),
+        "dropped": int(dropped),
+    }
+
+
+def evaluate_run(
+    run_dir: str,
+    data_spec: str,
+    batch_size: int = 256,
+    device: str = "auto",
+    workers: int = 2,
+    progress: bool = True,
+) -> dict:
+    """Accuracy of a run directory's model (or any `load_teacher` source) on labeled shards."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    urls = expand_shards(data_spec)
+    model, info = load_teacher(run_dir)
+    loader = eval_loader(urls, eval_transform(info), info.num_classes, batch_size, workers=workers)
+    return evaluate(model, loader, device, progress=progress)

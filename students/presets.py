@@ -1,0 +1,90 @@
+"""Image transforms of the student: Noisy Student's input noise for training, the teacher's
+own preprocessing for evaluation.
+
+Training works on uint8 tensors in the loader workers: RandomResizedCrop, an optional flip,
+RandAugment, and only then conversion to float and normalisation, so the heavy steps run on
+a quarter of the bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from students.config import recipe_value
+from teachers.checkpoint import TeacherInfo
+from teachers.registry import ModelConfig
+
+
+class TrainPreset:
+    """PIL image -> normalised float CHW tensor with the student's input noise."""
+
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bicubic",
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        flip: bool = True,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: float = 10,
+    ) -> None:
+        mode = InterpolationMode(interpolation)
+        steps: list[Callable] = [
+            T.PILToTensor(),
+            T.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=mode, antialias=True),
+        ]
+        if flip:
+            steps.append(T.RandomHorizontalFlip())
+        if randaugment_ops > 0:
+            # RandAugment's magnitude is an integer step out of its 31 bins; the paper's
+            # 10 and 15 are such steps.
+            steps.append(
+                T.RandAugment(
+                    num_ops=randaugment_ops,
+                    magnitude=round(randaugment_magnitude),
+                    interpolation=InterpolationMode.BILINEAR,
+                )
+            )
+        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+        self.transform = T.Compose(steps)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+
+def train_preset(cfg: ModelConfig, config: dict) -> TrainPreset:
+    """The student's input noise for a model of the table under a resolved recipe."""
+    return TrainPreset(
+        size=recipe_value(config, "image_size", cfg.train_size),
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=cfg.interpolation,
+        crop_scale=config["crop_scale"],
+        flip=config["flip"],
+        randaugment_ops=config["randaugment_ops"],
+        randaugment_magnitude=recipe_value(
+            config, "randaugment_magnitude", cfg.randaugment_magnitude
+        ),
+    )
+
+
+def model_info(cfg: ModelConfig, num_classes: int, class_names: list[str] | None) -> TeacherInfo:
+    """What `eval_transform` needs to know about a model that is still being trained: the
+    table's preprocessing, which `export_run` will record for it."""
+    return TeacherInfo(
+        teacher_id=cfg.name,
+        model_name=cfg.name,
+        num_classes=num_classes,
+        class_names=class_names,
+        eval_size=cfg.eval_size,
+        crop_pct=cfg.crop_pct,
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,
+        std=cfg.std,
+    )

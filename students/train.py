@@ -1,0 +1,460 @@
+"""`pipeline train-student`: a Noisy Student trains on labeled plus pseudo-labeled shards.
+
+Read `main` top to bottom: data, model, optimizer, schedule, then a loop of
+`train_one_epoch` and `evaluate`. Every step concatenates a labeled batch B and a
+pseudo-labeled batch ceil(ratio * B) into one forward pass. Without pseudo-labeled shards
+it is plain supervised training, which is how the round-0 teacher is made. Under torchrun it
+trains data-parallel (DDP: nccl on GPUs, gloo on CPUs).
+
+    python -m students.train --model rs-mini --labeled D/labeled --val D/val --out RUN
+    torchrun --nproc_per_node 8 -m students.train --config configs/rs-152.yaml ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data.specs import expand_shards
+from students import utils
+from students.config import recipe_value, resolve_config
+from students.data import (
+    LabeledDecoder,
+    PseudoDecoder,
+    count_samples,
+    eval_loader,
+    has_samples,
+    read_class_names,
+    train_loader,
+)
+from students.ema import ModelEma
+from students.eval import evaluate
+from students.losses import student_loss
+from students.presets import model_info, train_preset
+from teachers import create_model, eval_transform, export_run, get_config
+
+# (labeled images, labels, pseudo images or None, pseudo soft targets or None)
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+@dataclass
+class TrainArgs:
+    """The command line of `train-student`, as `train()` and `add_arguments` share it."""
+
+    labeled: str
+    out: str
+    model: str | None = None
+    pseudo: str | None = None
+    val: str | None = None
+    config: str | None = None
+    overrides: Sequence[str] = field(default_factory=list)
+    epochs: int | None = None
+    batch_size: int | None = None
+    resume: bool = False
+    device: str = "auto"
+
+
+# --- the recipe's numbers ----------------------------------------------------------------
+
+
+def peak_lr(lr_per_256: float, batch_size: int) -> float:
+    """The linear scaling rule on the global *labeled* batch.
+
+    The loss is CE(labeled) + ratio * CE(pseudo), both batch means, i.e. (1 + ratio) times
+    the mean over all B * (1 + ratio) images of the step; scaling by B therefore applies the
+    rule to the whole concatenated batch, and reduces to the plain rule without pseudo-labels.
+    """
+    return lr_per_256 * batch_size / 256
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warm-up to 1 over `warmup_steps`, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv and linear weights only; biases and norm scales/shifts are exempt."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+# --- one epoch ---------------------------------------------------------------------------
+
+
+def mixed_batches(labeled: Iterable, pseudo: Iterable | None) -> Iterator[Batch]:
+    """Pair each labeled batch with a pseudo-labeled one (both streams are endless)."""
+    if pseudo is None:
+        for images, labels in labeled:
+            yield images, labels, None, None
+    else:
+        for (images, labels), (pseudo_images, targets) in zip(labeled, pseudo, strict=False):
+            yield images, labels, pseudo_images, targets
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: ModelEma,
+    batches: Iterable[Batch],
+    steps: int,
+    config: dict,
+    device: torch.device,
+    first_step: int = 0,
+    world: int = 1,
+    desc: str = "train",
+    progress: bool = True,
+) -> dict:
+    """`steps` optimizer steps over any iterable of batches (the shard loaders, or batches held
+    in memory for a benchmark); returns this process's mean losses, the LR and images/s."""
+    model.train()
+    on_cuda = device.type == "cuda"
+    unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
+    losses = {name: utils.Average() for name in ("loss", "loss_labeled", "loss_pseudo")}
+    images_seen, lr, start = 0, 0.0, time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    for i, (images, labels, pseudo_images, targets) in enumerate(batches):
+        if i == steps:
+            break
+        if pseudo_images is not None:
+            images = torch.cat([images, pseudo_images])
+            targets = targets.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if on_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            logits = model(images)
+        loss, labeled_loss, pseudo_loss = student_loss(
+            logits,
+            labels,
+            targets,
+            config["unlabeled_ratio"],
+            config["label_smoothing"],
+            config["temperature"],
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        ema.update(unwrapped, first_step + i)
+
+        n = labels.shape[0]
+        losses["loss"].add(loss.item(), n)
+        losses["loss_labeled"].add(labeled_loss.item(), n)
+        losses["loss_pseudo"].add(pseudo_loss.item(), n)
+        images_seen += images.shape[0] * world
+        rate = images_seen / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{losses['loss'].mean:.3f}", img_s=f"{rate:.0f}", refresh=False)
+        bar.update()
+    bar.close()
+    utils.broadcast_buffers(unwrapped, ema.module)
+    elapsed = time.perf_counter() - start
+    stats = {name: avg.mean for name, avg in losses.items()}
+    stats["lr"] = lr  # of the epoch's last step
+    stats["images_per_s"] = images_seen / elapsed
+    return stats
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def _class_count(config: dict, class_names: list[str] | None, labeled: str) -> int:
+    if class_names is not None:
+        if config["num_classes"] not in (None, len(class_names)):
+            raise ValueError(
+                f"num_classes is {config['num_classes']} but {labeled} has "
+                f"{len(class_names)} class names in classes.json"
+            )
+        return len(class_names)
+    if config["num_classes"] is None:
+        raise ValueError(f"no classes.json beside {labeled}: set num_classes in the config")
+    return config["num_classes"]
+
+
+def _urls(spec: str | None, what: str) -> list[str]:
+    if spec is None:
+        return []
+    try:
+        return expand_shards(spec)
+    except ValueError as exc:
+        raise ValueError(f"{what} shards: {exc}") from None
+
+
+def main(args: TrainArgs, env: utils.Distributed) -> dict:
+    config = resolve_config(
+        args.config,
+        args.overrides,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+    )
+    table = get_config(config["model"])
+    if config["batch_size"] % env.world:
+        raise ValueError(
+            f"batch_size {config['batch_size']} is global and must divide over {env.world} processes"
+        )
+    if not args.resume and utils.has_checkpoint(args.out):
+        raise ValueError(f"{args.out} already holds a run: pass --resume, or choose a new --out")
+
+    # Data: labeled (+ pseudo-labeled) training streams and the validation shards.
+    labeled_urls = _urls(args.labeled, "labeled")
+    pseudo_urls = _urls(args.pseudo, "pseudo-labeled")
+    val_urls = _urls(args.val, "validation")
+    class_names = read_class_names(labeled_urls)
+    num_classes = _class_count(config, class_names, args.labeled)
+    epoch_samples = config["epoch_samples"] or utils.broadcast_object(
+        count_samples(labeled_urls) if env.is_main else None, env
+    )
+    if epoch_samples == 0:
+        raise ValueError(f"no image samples in the labeled shards {args.labeled}")
+    if pseudo_urls and not has_samples(pseudo_urls):
+        raise ValueError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
+    steps_per_epoch = max(1, epoch_samples // config["batch_size"])
+    total_steps = steps_per_epoch * config["epochs"]
+    batch = config["batch_size"] // env.world
+    pseudo_batch = math.ceil(config["unlabeled_ratio"] * batch)
+    preset = train_preset(table, config)
+    stream = partial(
+        train_loader,
+        rank=env.rank,
+        world=env.world,
+        seed=config["seed"],
+        workers=config["workers"],
+        shuffle_buffer=config["shuffle_buffer"],
+        pin_memory=env.device.type == "cuda",
+    )
+    info = model_info(table, num_classes, class_names)
+    val_loader = (
+        eval_loader(
+            val_urls,
+            eval_transform(info),
+            num_classes,
+            config["eval_batch_size"],
+            rank=env.rank,
+            world=env.world,
+            workers=config["workers"],
+        )
+        if val_urls
+        else None
+    )
+
+    # Model, with Noisy Student's model noise (dropout, stochastic depth), and its EMA.
+    utils.seed_everything(config["seed"])
+    model = create_model(
+        table.name,
+        num_classes,
+        drop_rate=recipe_value(config, "dropout", table.drop_rate),
+        drop_path_rate=recipe_value(config, "stochastic_depth", table.drop_path_rate),
+    ).to(env.device)
+    if env.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEma(model, config["ema_decay"])
+
+    # Optimizer and schedule: SGD with momentum, LR per 256 labeled images, warm-up + cosine.
+    optimizer = torch.optim.SGD(
+        param_groups(model, config["weight_decay"]),
+        lr=peak_lr(config["lr"], config["batch_size"]),
+        momentum=config["momentum"],
+    )
+    warmup_steps = round(config["warmup_epochs"] * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps)
+    )
+
+    start_epoch, log = 0, []
+    checkpoint = utils.load_checkpoint(args.out) if args.resume else None
+    if checkpoint is not None:
+        if checkpoint["model_name"] != table.name or checkpoint["num_classes"] != num_classes:
+            raise ValueError(
+                f"{args.out} holds a {checkpoint['model_name']} run with "
+                f"{checkpoint['num_classes']} classes, not {table.name} with {num_classes}"
+            )
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch = checkpoint["epoch"]
+        log = [r for r in utils.read_log(args.out) if r["epoch"] <= start_epoch]
+        if env.is_main:
+            print(f"resuming {args.out} after epoch {start_epoch} of {config['epochs']}")
+    if env.is_main:
+        utils.write_config(args.out, config)
+    if env.enabled:
+        model = DistributedDataParallel(
+            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
+        )
+
+    for epoch in range(start_epoch, config["epochs"]):
+        utils.seed_everything(config["seed"], epoch, env.rank)
+        labeled = stream(
+            labeled_urls, LabeledDecoder(preset, num_classes), batch, epoch=epoch, stream=0
+        )
+        pseudo = (
+            stream(
+                pseudo_urls, PseudoDecoder(preset, num_classes), pseudo_batch, epoch=epoch, stream=1
+            )
+            if pseudo_urls
+            else None
+        )
+        stats = train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            ema,
+            mixed_batches(labeled, pseudo),
+            steps_per_epoch,
+            config,
+            env.device,
+            first_step=epoch * steps_per_epoch,
+            world=env.world,
+            desc=f"epoch {epoch + 1}/{config['epochs']}",
+            progress=env.is_main,
+        )
+        record = {
+            "epoch": epoch + 1,
+            "step": (epoch + 1) * steps_per_epoch,
+            **_mean_over_ranks(stats, env),
+        }
+        if val_loader is not None:
+            metrics = evaluate(ema.module, val_loader, env.device, distributed=env.enabled)
+            record.update({f"val_{key}": value for key, value in metrics.items()})
+        log.append(record)
+        if env.is_main:
+            unwrapped = model.module if env.enabled else model
+            utils.save_checkpoint(
+                args.out,
+                {
+                    "model": unwrapped.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "model_name": table.name,
+                    "num_classes": num_classes,
+                },
+            )
+            utils.write_log(args.out, log)
+            tqdm.write(_summary(record))
+
+    if env.is_main:
+        export_run(args.out, ema.module, table.name, class_names, extra={"recipe": config})
+    return log[-1] if log else {}
+
+
+def _mean_over_ranks(stats: dict, env: utils.Distributed) -> dict:
+    """Losses averaged over ranks; images/s summed (each rank counted the whole world)."""
+    if not env.enabled:
+        return stats
+    keys = ("loss", "loss_labeled", "loss_pseudo")
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    if env.device.type == "cuda":
+        values = values.to(env.device)
+    utils.all_reduce_sum(values)
+    return stats | dict(zip(keys, (values.cpu() / env.world).tolist(), strict=True))
+
+
+def _summary(record: dict) -> str:
+    parts = [f"epoch {record['epoch']}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.4g}"]
+    parts.append(f"{record['images_per_s']:.0f} img/s")
+    if "val_top1" in record:
+        parts.append(f"val top-1 {100 * record['val_top1']:.2f}%")
+    return ", ".join(parts)
+
+
+def train(
+    labeled: str,
+    out: str,
+    model: str | None = None,
+    pseudo: str | None = None,
+    val: str | None = None,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    resume: bool = False,
+    device: str = "auto",
+) -> dict:
+    """Train a student and leave a run directory at `out` (config.yaml, log.jsonl,
+    checkpoint.pt, and the EMA model as model.safetensors + model.json: the next round's
+    teacher). Returns the last epoch's log record. Under torchrun, call it on every rank."""
+    args = TrainArgs(
+        labeled=labeled,
+        out=out,
+        model=model,
+        pseudo=pseudo,
+        val=val,
+        config=config,
+        overrides=list(overrides),
+        epochs=epochs,
+        batch_size=batch_size,
+        resume=resume,
+        device=device,
+    )
+    created = not torch.distributed.is_initialized()
+    env = utils.init_distributed(device)
+    try:
+        return main(args, env)
+    finally:
+        if created:
+            utils.close_distributed()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `pipeline train-student` (and of `python -m students.train`)."""
+    parser.add_argument("--model", help="model name from `pipeline models` (or the config's)")
+    parser.add_argument("--labeled", required=True, help="labeled shards: dir, glob or braces")
+    parser.add_argument("--pseudo", help="pseudo-labeled training shards from `pipeline filter`")
+    parser.add_argument("--val", help="labeled validation shards, evaluated every epoch")
+    parser.add_argument("--out", required=True, help="run directory (the next round's teacher)")
+    parser.add_argument("--epochs", type=int, help="epochs (overrides the config)")
+    parser.add_argument(
+        "--batch-size", type=int, help="global labeled batch (overrides the config)"
+    )
+    parser.add_argument("--config", help="YAML recipe, e.g. configs/rs-50.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set lr=0.2 --set flip=false",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m students.train", description=__doc__.split("\n")[0]
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        train(**vars(args))
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,170 @@
+"""The trainer's plumbing: distributed set-up, seeding, the run log and atomic checkpoints.
+
+A run directory may be local or any fsspec URL; every file in it is written whole under a
+temporary name and renamed (`data.write.write_atomic`), so a run killed at any moment leaves
+the previous checkpoint and log intact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import fsspec
+import torch
+import torch.distributed as dist
+import yaml
+from webdataset.utils import make_seed
+
+from data.write import join, write_atomic
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits: rank and world size, and the device it trains on."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str = "auto") -> Distributed:
+    """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (nccl on GPUs,
+    gloo on CPUs); without those variables, a single process."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Distributed(0, 1, 0, torch.device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    else:
+        target = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if target.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world,
+            device_id=target if target.type == "cuda" else None,
+        )
+    return Distributed(rank, world, local_rank, target)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_buffers(*modules: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm statistics) on every rank. DDP syncs parameters each step
+    but buffers only at the start of a forward, so after the last step each rank holds the
+    statistics of its own batch; syncing at the end of an epoch makes ranks identical again."""
+    if not dist.is_initialized():
+        return
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def broadcast_object(value: object, env: Distributed) -> object:
+    """Rank 0's `value` on every rank (for what only rank 0 computes, e.g. a sample count)."""
+    if not env.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(*parts: int) -> None:
+    """Seed torch and Python from (seed, epoch, rank): the noise of an epoch (dropout,
+    stochastic depth, main-process augmentation) depends on where it is, not on what ran
+    before, so a resumed run draws what the uninterrupted one drew."""
+    seed = make_seed(*parts)
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- the run directory -------------------------------------------------------------------
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def save_checkpoint(run_dir: str, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(join(run_dir, CHECKPOINT_FILE), buffer.getbuffer())
+
+
+def load_checkpoint(run_dir: str) -> dict | None:
+    """The run's checkpoint (tensors and plain values only: loaded with weights_only=True),
+    or None when the run has none yet."""
+    url = join(run_dir, CHECKPOINT_FILE)
+    if not _exists(url):
+        return None
+    with fsspec.open(url, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    return _exists(join(run_dir, CHECKPOINT_FILE))
+
+
+def write_config(run_dir: str, config: dict) -> None:
+    write_atomic(join(run_dir, CONFIG_FILE), yaml.safe_dump(config, sort_keys=False).encode())
+
+
+def read_log(run_dir: str) -> list[dict]:
+    url = join(run_dir, LOG_FILE)
+    if not _exists(url):
+        return []
+    with fsspec.open(url, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_log(run_dir: str, records: list[dict]) -> None:
+    """The whole log, rewritten atomically each epoch: small, and valid after any kill."""
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    write_atomic(join(run_dir, LOG_FILE), text.encode())
+
+
+class Average:
+    """A running mean for the progress bar and the epoch's log line."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float, n: int = 1) -> None:
+        self.total += value * n
+        self.count += n
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)

@@ -1,0 +1,48 @@
+"""`evaluate_run`: accuracy of a run directory on labeled shards, bad samples counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.digits import write_digits
+from data.read import iter_samples
+from data.specs import expand_shards
+from data.write import write_shard
+from students.eval import evaluate_run
+from teachers import create_model, export_run
+
+
+def test_evaluate_run_scores_every_sample_and_counts_the_unusable(tmp_path: Path):
+    write_digits(str(tmp_path / "digits"), labeled=100, seed=0)
+    samples = list(iter_samples(expand_shards(str(tmp_path / "digits" / "val")), print))[:40]
+    broken = [
+        {"__key__": "corrupt", "png": b"\x89PNG not really", "cls": b"1"},
+        {"__key__": "unknown", "png": samples[0]["png"], "cls": b"42"},
+        {"__key__": "unlabeled", "png": samples[0]["png"]},
+    ]
+    write_shard(str(tmp_path / "val" / "val-000000.tar"), samples[:20] + broken)
+    write_shard(str(tmp_path / "val" / "val-000001.tar"), samples[20:])
+
+    torch.manual_seed(0)
+    model = create_model("rs-mini", 10)
+    with torch.no_grad():  # a model that always answers class 3, then 5, then the rest
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.arange(10.0).flip(0) * 0.01)
+        model.fc.bias[3], model.fc.bias[5] = 1.0, 0.5
+    export_run(tmp_path / "run", model, "rs-mini", [str(d) for d in range(10)])
+
+    metrics = evaluate_run(str(tmp_path / "run"), str(tmp_path / "val"), batch_size=16)
+    classes = [int(s["cls"]) for s in samples]
+    assert metrics["samples"] == 40 and metrics["dropped"] == 3
+    assert metrics["top1"] == pytest.approx(classes.count(3) / 40)
+    top5 = {3, 5, 0, 1, 2}
+    assert metrics["top5"] == pytest.approx(sum(c in top5 for c in classes) / 40)
+
+
+def test_evaluate_run_rejects_what_is_not_a_run(tmp_path: Path):
+    write_digits(str(tmp_path / "digits"), labeled=100, seed=0)
+    with pytest.raises(ValueError, match="neither a model name"):
+        evaluate_run(str(tmp_path / "nothing"), str(tmp_path / "digits" / "val"))

@@ -1,0 +1,397 @@
+"""The student trainer on the embedded digits: it learns, alone and under torchrun, ranks
+read disjoint shards and keep identical weights, a killed run resumes to the same model,
+pseudo-labeled shards train in the same forward pass, and recipe mistakes are one message."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from sklearn.datasets import load_digits
+
+from data.digits import write_digits
+from data.read import iter_samples
+from data.records import PSEUDO_EXT, PseudoLabel, content_hash, encode_pseudo, shard_header
+from data.specs import expand_shards
+from data.write import write_shard
+from students.eval import evaluate_run
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "digits.yaml")
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+# One intra-op thread per process: the loader worker has the other core, and runs compare
+# bit for bit only at the same thread count.
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "students.train",
+        "--model",
+        "rs-mini",
+        "--labeled",
+        str(data / "labeled"),
+        "--val",
+        str(data / "val"),
+        "--out",
+        str(out),
+        "--config",
+        DEMO,
+        *extra,
+    ]
+
+
+def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def digits1000(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits1000")
+    write_digits(str(out), labeled=1000, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_run(digits1000: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted single-process run of the demo recipe, shared by the tests below."""
+    out = tmp_path_factory.mktemp("runs") / "single"
+    _run([sys.executable, *_train_cmd(digits1000, out)])
+    return out
+
+
+def test_single_process_student_reaches_80_percent(demo_run: Path, digits1000: Path):
+    metrics = evaluate_run(str(demo_run), str(digits1000 / "val"), progress=False)
+    assert metrics["samples"] == 297 and metrics["dropped"] == 0
+    assert metrics["top1"] >= 0.80, metrics
+    log = _log(demo_run)
+    assert [r["epoch"] for r in log] == list(range(1, 9))
+    # The exported model is the EMA the trainer evaluated: same weights, same accuracy.
+    assert abs(log[-1]["val_top1"] - metrics["top1"]) <= 1 / 297
+    assert {"config.yaml", "log.jsonl", "checkpoint.pt", "model.json", "model.safetensors"} <= {
+        p.name for p in demo_run.iterdir()
+    }
+
+
+def test_torchrun_two_processes_reach_80_percent(digits1000: Path, tmp_path: Path):
+    """Two ranks of 32 make the same global batch of 64; 5 epochs keep the test short."""
+    out = tmp_path / "ddp"
+    args = ["--standalone", "--nproc_per_node", "2", *_train_cmd(digits1000, out, "--epochs", "5")]
+    _run([str(TORCHRUN), *args])
+    metrics = evaluate_run(str(out), str(digits1000 / "val"), progress=False)
+    assert metrics["top1"] >= 0.80, metrics
+    log = _log(out)
+    assert [r["epoch"] for r in log] == list(range(1, 6))
+    assert log[-1]["val_samples"] == 297  # both ranks' halves of the val shards, summed
+
+
+def test_sigkill_then_resume_continues_and_matches_the_uninterrupted_run(
+    demo_run: Path, digits1000: Path, tmp_path: Path
+):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, *_train_cmd(digits1000, out)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its loader workers share its process group
+    )
+    deadline = time.monotonic() + 180
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    before = _log(out)
+    assert 1 <= done < 8 and [r["epoch"] for r in before] == list(range(1, done + 1))
+    assert not (out / "model.json").exists()
+
+    resumed = _run([sys.executable, *_train_cmd(digits1000, out), "--resume"])
+    assert f"after epoch {done} of 8" in resumed.stdout
+    epochs_run = [line.split(",")[0] for line in resumed.stdout.splitlines() if "val top-1" in line]
+    assert epochs_run == [f"epoch {e}" for e in range(done + 1, 9)]
+    log = _log(out)
+    assert [r["epoch"] for r in log] == list(range(1, 9))
+    assert log[:done] == before
+
+    # Data, noise, optimizer, schedule and EMA all restored: the same model, bit for bit.
+    reference, result = _log(demo_run), log
+    for mine, theirs in zip(result, reference, strict=True):
+        assert mine["loss"] == theirs["loss"] and mine["val_top1"] == theirs["val_top1"]
+    ours, theirs = load_file(out / "model.safetensors"), load_file(demo_run / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# --- pseudo-labeled shards ---------------------------------------------------------------
+
+
+def _pseudo_shards(unlabeled: Path, out: Path, per_shard: int = 400) -> None:
+    """Training shards in `pipeline filter`'s format (header, image + .cls + .pl), with the
+    digits' true classes as soft labels: 0.8 on the class, 0.2 on its neighbour."""
+    targets = load_digits().target
+    samples = list(iter_samples(expand_shards(str(unlabeled)), print))
+    records = []
+    for sample in samples:
+        cls = int(targets[int(sample["__key__"].removeprefix("digit"))])
+        label = PseudoLabel(
+            sample["__key__"],
+            np.array([cls, (cls + 1) % 10]),
+            np.array([0.8, 0.2], np.float16),
+            0.8,
+            0.5,
+            content_hash(sample["png"]),
+        )
+        records.append(
+            {
+                "__key__": sample["__key__"],
+                "png": sample["png"],
+                "cls": str(cls).encode(),
+                PSEUDO_EXT: encode_pseudo(label),
+            }
+        )
+    for k in range(0, len(records), per_shard):
+        shard = [shard_header(teacher="truth", index=k), *records[k : k + per_shard]]
+        write_shard(str(out / f"train-{k // per_shard:06d}.tar"), shard)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_pseudo_labeled_shards_train_in_the_same_step(tmp_path: Path, one_thread):
+    from students.train import train
+
+    data = tmp_path / "digits"
+    write_digits(str(data), labeled=200, seed=0)
+    _pseudo_shards(data / "unlabeled", tmp_path / "pseudo")
+
+    result = train(
+        model="rs-mini",
+        labeled=str(data / "labeled"),
+        pseudo=str(tmp_path / "pseudo"),
+        val=str(data / "val"),
+        out=str(tmp_path / "student"),
+        config=DEMO,
+        epochs=6,
+        batch_size=16,  # 12 steps of 16 labeled + 48 pseudo-labeled digits per epoch
+    )
+    log = _log(tmp_path / "student")
+    assert len(log) == 6 and result == log[-1]
+    assert all(r["loss_pseudo"] > 0 for r in log)
+    assert log[-1]["loss_pseudo"] < log[0]["loss_pseudo"]
+    # The same 72 steps on the 200 labeled digits alone reach about 54%.
+    assert result["val_top1"] >= 0.7, log
+
+
+# --- distributed data and weights --------------------------------------------------------
+
+
+def _url_and_key(sample: dict) -> tuple[str, str] | None:
+    return None if sample["__key__"] == "__shard__" else (sample["__url__"], sample["__key__"])
+
+
+def test_ranks_read_disjoint_shards(tmp_path: Path):
+    from students.data import node_shards, train_loader
+
+    write_digits(str(tmp_path), labeled=1000, seed=0, shard_size=100)
+    urls = expand_shards(str(tmp_path / "labeled"))
+    assert len(urls) == 10
+    for epoch in (0, 1):
+        seen = {}
+        for rank in (0, 1):
+            loader = train_loader(
+                urls,
+                _url_and_key,
+                10,
+                rank=rank,
+                world=2,
+                epoch=epoch,
+                seed=0,
+                workers=2,
+                shuffle_buffer=20,
+            )
+            batches = [batch for _, batch in zip(range(30), loader, strict=False)]
+            seen[rank] = {url for shard_urls, _ in batches for url in shard_urls}
+        assert len(seen[0]) > 1 and len(seen[1]) > 1 and not seen[0] & seen[1]
+    split = [set(node_shards(urls, rank, 2, seed=7)) for rank in (0, 1)]
+    assert not split[0] & split[1] and split[0] | split[1] == set(urls)
+    # Fewer shards than ranks: no disjoint split exists, every rank reads them all.
+    assert node_shards(urls[:1], 1, 2, seed=7) == urls[:1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None:
+    """A rank of a 2-process gloo job: a few real DDP steps, then its weights to a file."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from students import utils
+    from students.config import resolve_config
+    from students.data import LabeledDecoder, train_loader
+    from students.ema import ModelEma
+    from students.presets import train_preset
+    from students.train import mixed_batches, param_groups, train_one_epoch
+    from teachers import create_model, get_config
+
+    torch.set_num_threads(1)
+    os.environ |= {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+    }
+    env = utils.init_distributed("cpu")
+    config = resolve_config(DEMO)
+    utils.seed_everything(0)
+    model = create_model("rs-mini", 10, drop_rate=0.25)
+    ema = ModelEma(model, 0.9999)
+    initial_fc = model.fc.weight.detach().clone()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(param_groups(model, 4e-5), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    utils.seed_everything(0, 0, rank)  # each rank its own dropout and augmentation
+    loader = train_loader(
+        expand_shards(labeled),
+        LabeledDecoder(train_preset(get_config("rs-mini"), config), 10),
+        16,
+        rank=rank,
+        world=world,
+        epoch=0,
+        seed=0,
+        workers=0,
+        shuffle_buffer=50,
+    )
+    labels_seen = []
+
+    def batches():
+        for batch in mixed_batches(loader, None):
+            labels_seen.append(batch[1])
+            yield batch
+
+    train_one_epoch(
+        ddp, optimizer, scheduler, ema, batches(), 4, config, env.device, progress=False
+    )
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "labels": torch.cat(labels_seen),
+            "initial_fc": initial_fc,
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+    utils.close_distributed()
+
+
+def test_ddp_ranks_keep_identical_weights(digits1000: Path, tmp_path: Path):
+    mp.start_processes(
+        _ddp_steps,
+        args=(2, _free_port(), str(digits1000 / "labeled"), str(tmp_path)),
+        nprocs=2,
+        start_method="fork",
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["labels"], ranks[1]["labels"])  # different data
+    for part in ("model", "ema"):
+        first, second = ranks[0][part], ranks[1][part]
+        assert all(torch.equal(first[k], second[k]) for k in first), part
+    assert not torch.equal(first["fc.weight"], ranks[0]["initial_fc"])  # and they did train
+
+
+# --- recipe mistakes ---------------------------------------------------------------------
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(demo_run: Path, digits1000: Path):
+    from students.train import train
+
+    with pytest.raises(ValueError, match="already holds a run: pass --resume"):
+        train(model="rs-mini", labeled=str(digits1000 / "labeled"), out=str(demo_run), config=DEMO)
+
+
+def test_shards_without_images_are_refused_before_training(digits1000: Path, tmp_path: Path):
+    from students.train import train
+
+    write_shard(str(tmp_path / "empty" / "e-000000.tar"), [{"__key__": "a", "cls": b"1"}])
+    args = dict(model="rs-mini", out=str(tmp_path / "run"), config=DEMO)
+    with pytest.raises(ValueError, match="no image samples in the labeled shards"):
+        train(labeled=str(tmp_path / "empty"), overrides=["num_classes=10"], **args)
+    with pytest.raises(ValueError, match="no image samples in the pseudo-labeled shards"):
+        train(labeled=str(digits1000 / "labeled"), pseudo=str(tmp_path / "empty"), **args)
+
+
+def test_unknown_set_key_is_a_value_error_naming_it(digits1000: Path, tmp_path: Path):
+    from students.train import train
+
+    with pytest.raises(ValueError, match="'learning_rate'"):
+        train(
+            model="rs-mini",
+            labeled=str(digits1000 / "labeled"),
+            out=str(tmp_path / "run"),
+            config=DEMO,
+            overrides=["learning_rate=0.1"],
+        )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--model", "rs-mini", "--set", "nope=1"], "unknown config key 'nope' in --set"),
+        (["--model", "rs-7"], "unknown model 'rs-7'"),
+        (["--model", "rs-mini", "--set", "flip"], "--set expects key=value"),
+        (["--model", "rs-mini", "--set", "epochs=many"], "'epochs' must be a whole number"),
+        (["--model", "rs-mini", "--config", "no-such.yaml"], "config file not found"),
+        (["--model", "rs-101", "--config", DEMO], "the config is a recipe for rs-mini"),
+        ([], "no model"),
+    ],
+)
+def test_cli_reports_bad_input_in_one_line_with_status_2(
+    digits1000: Path, tmp_path: Path, capsys, extra: list[str], expected: str
+):
+    from students.train import cli
+
+    argv = ["--labeled", str(digits1000 / "labeled"), "--out", str(tmp_path / "run"), *extra]
+    assert cli(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_missing_shards_name_the_argument(tmp_path: Path, capsys):
+    from students.train import cli
+
+    argv = ["--model", "rs-mini", "--labeled", str(tmp_path / "none"), "--out", str(tmp_path)]
+    assert cli(argv) == 2
+    assert "labeled shards: shard not found" in capsys.readouterr().err
