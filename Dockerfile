@@ -9,6 +9,7 @@ COPY pipeline ./pipeline
 COPY teachers ./teachers
 COPY students ./students
 COPY data ./data
+COPY configs ./configs
 # torch==2.14.1 from PyPI is the CUDA build: the same image serves CPU and GPU workers.
 RUN pip install --no-cache-dir '.[gcp]'
 

@@ -18,8 +18,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
-	$(BIN)/pipeline data digits --out demo-out/data
-	$(BIN)/pipeline models rs-mini rs-50
+	$(BIN)/pipeline demo --out demo-out
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -72,6 +72,47 @@ def _cmd_stats(args: argparse.Namespace) -> None:
     run(args.shards, json_path=args.json, plot_path=args.plot, workers=args.workers)
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from students.train import train
+
+    fields = (
+        "labeled",
+        "out",
+        "model",
+        "pseudo",
+        "val",
+        "config",
+        "overrides",
+        "epochs",
+        "batch_size",
+        "resume",
+        "device",
+    )
+    train(**{name: getattr(args, name) for name in fields})
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from students.eval import evaluate_run
+
+    scores = evaluate_run(
+        args.checkpoint, args.data, batch_size=args.batch_size, device=args.device
+    )
+    if args.json:
+        from data.write import write_json
+
+        write_json(args.json, scores)
+    print(
+        f"top-1 {100 * scores['top1']:.2f}%  top-5 {100 * scores['top5']:.2f}%  "
+        f"on {scores['samples']} samples ({scores['dropped']} unusable)"
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from pipeline.demo import run, table
+
+    print(table(run(args.out, seed=args.seed, rounds=args.rounds, recipe_path=args.config)))
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from teachers import format_table, models_table
 
@@ -151,6 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--shard-size", type=_positive, default=1000, help="samples per output shard")
     filt.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
     filt.set_defaults(func=_cmd_filter, beam=True)
+
+    from students.train import add_arguments
+
+    train = commands.add_parser(
+        "train-student",
+        help="train a (noised) student on labeled + pseudo-labeled shards; torchrun for DDP",
+        epilog="Without --pseudo this is plain supervised training: a round-0 teacher.",
+    )
+    add_arguments(train)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="top-1 / top-5 of a run directory on labeled shards"
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="run directory (or model name)")
+    evaluate.add_argument("--data", required=True, help="labeled shards: dir, glob or braces")
+    evaluate.add_argument("--json", help="write top1, top5, samples as JSON here")
+    evaluate.add_argument("--batch-size", type=_positive, default=256)
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the embedded digits")
+    demo.add_argument("--out", default="demo-out", help="output folder (demo-out)")
+    demo.add_argument("--seed", type=int, default=0, help="data split and training seed (0)")
+    demo.add_argument("--rounds", type=_positive, default=1, help="student-teacher rounds (1)")
+    demo.add_argument("--config", help="demo recipe (configs/demo.yaml)")
+    demo.set_defaults(func=_cmd_demo)
 
     stats = commands.add_parser("stats", help="shard statistics: a table, --json and a --plot PNG")
     stats.add_argument("shards", help="shards: dir, glob or braces (local or fsspec URL)")

@@ -16,6 +16,8 @@ from PIL import Image
 
 from data.digits import write_digits
 
+DIGITS_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -67,3 +69,21 @@ def image_bytes(mode: str = "RGB", size: tuple[int, int] = (40, 30), fmt: str = 
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real round-0 teacher: rs-mini trained on the 200 labeled digits by the project's
+    trainer, the way `pipeline demo` makes one."""
+    from students.train import train
+
+    out = tmp_path_factory.mktemp("teacher")
+    train(
+        str(digits_dir / "labeled"),
+        str(out),
+        model="rs-mini",
+        config=str(DIGITS_RECIPE),
+        epochs=30,
+        overrides=["epoch_samples=640"],
+    )
+    return out
