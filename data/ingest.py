@@ -8,6 +8,7 @@ is listed in errors.jsonl with a reason, so later stages start from clean shards
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,12 +47,15 @@ class IngestResult:
     shards: list[str] = field(default_factory=list)
 
 
-def _folder_samples(src: Path, result: IngestResult) -> Iterator[dict]:
+def _folder_samples(src: Path, result: IngestResult, seed: int) -> Iterator[dict]:
     class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and _image_files(p))
     if class_dirs:
         result.source_kind = "imagefolder"
         result.classes = [d.name for d in class_dirs]
         files = [(i, f) for i, d in enumerate(class_dirs) for f in _image_files(d)]
+        # Shards in class order would feed a loader worker one class at a time: spread the
+        # classes over all shards, in an order fixed by the seed so reruns match.
+        random.Random(seed).shuffle(files)
     else:
         result.source_kind = "folder"
         files = [(None, f) for f in _image_files(src)]
@@ -92,12 +96,14 @@ def _checked(samples: Iterator[dict], result: IngestResult) -> Iterator[dict]:
         yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
 
 
-def ingest(src: str, out_dir: str, shard_size: int = 1000, prefix: str = "part") -> IngestResult:
+def ingest(
+    src: str, out_dir: str, shard_size: int = 1000, prefix: str = "part", seed: int = 0
+) -> IngestResult:
     """Re-shard a source into `out_dir/prefix-NNNNNN.tar`, keys unique and stable."""
     result = IngestResult()
     local = Path(src)
     if local.is_dir() and not any(p.suffix == ".tar" for p in local.iterdir()):
-        samples = _folder_samples(local, result)
+        samples = _folder_samples(local, result, seed)
     else:
         urls = expand_shards(src)
         result.source_kind = "shards"

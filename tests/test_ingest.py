@@ -30,6 +30,8 @@ def test_imagefolder_gets_class_ids_by_sorted_folder_name(tmp_path: Path):
     assert len(samples) == 6 and len(expand_shards(str(out))) == 2
     by_key = {s["__key__"]: read_cls(s) for s in samples}
     assert by_key["n01_n01_0"] == 0 and by_key["n02_n02_2"] == 1
+    first_shard = [read_cls(s) for s in iter_samples(expand_shards(str(out))[:1], lambda d: None)]
+    assert first_shard != sorted(first_shard), "classes are spread over the shards"
     assert [(d.key, d.reason) for d in result.drops] == [("n01_broken", "undecodable_image")]
 
 

@@ -197,3 +197,36 @@ def test_model_name_without_weights_is_one_line_exit_2(corpus: Path, tmp_path: P
     )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "--weights" in result.stderr
+
+
+def test_imagenet_cls_and_img2dataset_shards_are_labeled_as_they_are(
+    teacher_dir: Path, tmp_path: Path
+):
+    src = tmp_path / "src"
+    write_shard(
+        str(src / "imagenet-train-000000.tar"),
+        [
+            {
+                "__key__": f"n01440764_{i}",
+                "JPEG": image_bytes(size=(40, 30 + i), fmt="JPEG"),
+                "cls": b"0",
+            }
+            for i in range(5)
+        ],
+    )
+    write_shard(
+        str(src / "laion-000000.tar"),
+        [
+            {
+                "__key__": f"{i:09d}",
+                "jpg": image_bytes(size=(20 + i, 20), fmt="JPEG"),
+                "json": b'{"url": "http://example.org/x.jpg"}',
+                "txt": b"a caption",
+            }
+            for i in range(4)
+        ],
+    )
+    manifest = _label(teacher_dir, str(src), tmp_path / "out")
+    assert manifest["samples_in"] == manifest["samples_out"] == 9
+    keys = [lab.key for url in expand_shards(str(tmp_path / "out")) for lab in _sidecar(url)[1]]
+    assert keys == [f"n01440764_{i}" for i in range(5)] + [f"{i:09d}" for i in range(4)]
