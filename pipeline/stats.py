@@ -250,8 +250,19 @@ def plot(report: dict, class_names: list[str] | None, path: str) -> None:
         )
         ax.set(title=title, xlabel=xlabel, ylabel="samples")
     copies = report["copies_hist"]
-    axes[1, 1].bar([int(k) for k in copies], list(copies.values()), color="#c44e52")
     axes[1, 1].set(title="copies per image", xlabel="copies", ylabel="images")
+    if copies:
+        axes[1, 1].bar([int(k) for k in copies], list(copies.values()), color="#c44e52")
+        axes[1, 1].set_xticks([int(k) for k in copies])
+    else:
+        axes[1, 1].text(
+            0.5,
+            0.5,
+            "only training shards hold copies",
+            ha="center",
+            va="center",
+            transform=axes[1, 1].transAxes,
+        )
     fig.suptitle(f"{report['samples']:,} samples in {report['shards']:,} shards")
     fig.tight_layout()
     with fsspec.open(path, "wb") as f:
