@@ -16,6 +16,7 @@ def test_demo_runs_all_stages_resumably_and_reports_both_models(tmp_path: Path):
     for part in ("teacher", "student"):
         recipe[part]["epochs"] = 1
         recipe[part]["set"]["epoch_samples"] = 64
+    recipe["filter"]["threshold"] = 0.0  # a one-epoch teacher is confident about nothing
     (tmp_path / "quick.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
     args = ["demo", "--out", str(out), "--config", str(tmp_path / "quick.yaml")]
