@@ -339,6 +339,9 @@ def main(args: TrainArgs, env: utils.Distributed) -> dict:
             record.update({f"val_{key}": value for key, value in metrics.items()})
         log.append(record)
         if env.is_main:
+            # The log first, the checkpoint last: a checkpoint always has its log, and a log
+            # ahead of the checkpoint (a kill in between) is cut back to it on --resume.
+            utils.write_log(args.out, log)
             unwrapped = model.module if env.enabled else model
             utils.save_checkpoint(
                 args.out,
@@ -352,7 +355,6 @@ def main(args: TrainArgs, env: utils.Distributed) -> dict:
                     "num_classes": num_classes,
                 },
             )
-            utils.write_log(args.out, log)
             tqdm.write(_summary(record))
 
     if env.is_main:
