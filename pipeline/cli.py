@@ -186,7 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     filt.add_argument("--dedup-against", help="evaluation shards whose copies are dropped")
     filt.add_argument(
-        "--dedup-threshold", type=_fraction, default=0.95, help="cosine for near copies"
+        "--dedup-threshold",
+        type=_fraction,
+        help="cosine for near copies (default: calibrated on the evaluation set)",
+    )
+    filt.add_argument(
+        "--dedup-fpr",
+        type=_fraction,
+        default=0.005,
+        help="with a calibrated threshold: share of distinct images dropped (0.005)",
     )
     filt.add_argument("--hard", action="store_true", help="one-hot labels instead of soft ones")
     filt.add_argument("--shard-size", type=_positive, default=1000, help="samples per output shard")

@@ -22,6 +22,7 @@ from data.specs import expand_shards
 from data.write import join
 from pipeline.beam_options import beam_options
 from pipeline.cli_errors import UsageError
+from pipeline.dedup import EvalIndex
 from pipeline.filter_rules import BINS, threshold_rules, topk_rules
 from pipeline.filter_shard import WORK, FilterPlan, HistogramFn, SelectShardFn, WriteGroupFn
 from pipeline.reports import ReportProgress, read_reports, write_stage_manifest
@@ -38,7 +39,8 @@ class FilterArgs:
     strategy: str = "threshold"
     top_p: int = 1
     dedup_against: str | None = None
-    dedup_threshold: float = 0.95
+    dedup_threshold: float | None = None  # None: calibrated on the evaluation set
+    dedup_fpr: float = 0.005
     hard: bool = False
     shard_size: int = 1000
     runner: str | None = None
@@ -105,11 +107,13 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         return done
     sidecars = expand_shards(args.input)
     header = shard_info(sidecars[0])
-    eval_dir = None
+    eval_dir, dedup_threshold = None, args.dedup_threshold
     if args.dedup_against:
         if not header.get("embed"):
             raise UsageError("--dedup-against needs embeddings: run `pipeline label` with --embed")
         eval_dir = _eval_embeddings(args, label_manifest, beam_args)
+        if dedup_threshold is None:
+            dedup_threshold = EvalIndex.from_sidecars(eval_dir, None, args.dedup_fpr).threshold
     started = time.monotonic()
     plan = FilterPlan(
         args.output,
@@ -119,7 +123,7 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         1,
         args.shard_size,
         eval_dir,
-        args.dedup_threshold,
+        dedup_threshold,
         header.get("teacher", ""),
     )
     hist = _histograms(sidecars, plan, options)
@@ -182,6 +186,7 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         class_counts=dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
         class_thresholds={str(c): rule.min_bin / BINS for c, rule in rules.items()},
         class_rates={str(c): round(rule.rate, 4) for c, rule in rules.items()},
+        dedup_threshold=dedup_threshold,
         output_shards=len(_shards_in(args.output)),
         seconds=round(time.monotonic() - started, 2),
     )
@@ -217,6 +222,8 @@ def summary(manifest: dict) -> str:
         if counts
         else "no classes"
     )
+    if manifest.get("dedup_threshold") is not None:
+        drops += f" (near-copy cosine >= {manifest['dedup_threshold']:.3f})"
     return (
         f"Filtered {manifest['samples_in']} pseudo-labels: kept {manifest['images_kept']} images as "
         f"{manifest['samples_written']} training samples ({spread}) in {manifest['output_shards']} shards "

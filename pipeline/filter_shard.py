@@ -44,7 +44,7 @@ class FilterPlan:
     groups: int
     shard_size: int
     eval_dir: str | None
-    dedup_threshold: float
+    dedup_threshold: float | None
     teacher: str
 
     def spill_url(self, group: int, sidecar_url: str) -> str:
