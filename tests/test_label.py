@@ -191,6 +191,26 @@ def test_dataflow_options_reach_the_runner_unchanged():
         beam_options(None, ["--temp_locaton=gs://typo"])
 
 
+@pytest.mark.parametrize(
+    ("runner", "args"),
+    [
+        ("FlinkRunner", ["--flink_master=flink-jm:8081", "--parallelism=64"]),
+        ("SparkRunner", ["--spark_master_url=spark://spark-master:7077"]),
+        ("PortableRunner", ["--job_endpoint=localhost:8099"]),
+    ],
+)
+def test_portable_runner_options_reach_the_runner_unchanged(runner: str, args: list[str]):
+    """The README's Flink, Spark and job-server commands: every option arrives as given, and
+    none of the DirectRunner defaults is added."""
+    image = ["--environment_type=DOCKER", "--environment_config=registry/rs/worker:0.1"]
+    given = beam_options(runner, [*args, *image]).get_all_options(drop_default=True)
+    expected = {"runner": runner}
+    for arg in [*args, *image]:
+        key, value = arg.removeprefix("--").split("=", 1)
+        expected[key] = int(value) if value.isdigit() else value
+    assert given == expected
+
+
 def test_model_name_without_weights_is_one_line_exit_2(corpus: Path, tmp_path: Path):
     result = run_cli(
         "label", "--teacher", "rs-50", "--input", str(corpus), "--output", str(tmp_path)
