@@ -1,5 +1,5 @@
-# Two commands a newcomer needs: `make demo` and `make test`. Each sets up .venv itself
-# and is fast when it already is.
+# Two commands a newcomer needs: `make demo` and `make test`; `make bench` for the figures.
+# Each sets up .venv itself and is fast when it already is.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -26,6 +26,16 @@ lint: $(VENV)/.installed-dev
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Every benchmark, one after the other on a quiet machine (about 45 minutes on 2 cores);
+# each appends a dated section to BENCHMARKS.md, and cost.py projects them to 130M images.
+bench: $(VENV)/.installed
+	$(BIN)/python bench/bench_label.py
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_filter.py
+	$(BIN)/python bench/bench_stats.py
+	$(BIN)/python bench/bench_demo.py
+	$(BIN)/python bench/cost.py
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -23,15 +23,22 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.corpus import photo_jpeg  # noqa: E402
 from bench.record import append, timed  # noqa: E402
 from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header  # noqa: E402
 from data.write import write_json, write_shard  # noqa: E402
 
 
 def write_labeled_corpus(
-    root: Path, records: int, classes: int, shard_size: int = 1000, seed: int = 0
+    root: Path,
+    records: int,
+    classes: int,
+    shard_size: int = 1000,
+    seed: int = 0,
+    photos: bool = False,
 ) -> None:
-    """Source shards and their sidecars, as `pipeline label` would leave them."""
+    """Source shards and their sidecars, as `pipeline label` would leave them. The images are
+    small distinct PNGs, or with `photos` 224-px photo-like JPEGs (real sizes, slower)."""
     rng = np.random.default_rng(seed)
     palette = []
     for _ in range(64):
@@ -42,12 +49,14 @@ def write_labeled_corpus(
         name = f"part-{shard // shard_size:06d}.tar"
         n = min(shard_size, records - shard)
         keys = [f"img{shard + i:08d}" for i in range(n)]
+        # Distinct bytes each: a valid PNG followed by the key, or a fresh photo.
         images = [
-            palette[i % 64] + keys[i].encode() for i in range(n)
-        ]  # distinct bytes, valid PNG prefix
+            photo_jpeg(rng) if photos else palette[i % 64] + keys[i].encode() for i in range(n)
+        ]
+        ext = "jpg" if photos else "png"
         write_shard(
             str(root / "src" / name),
-            [{"__key__": k, "png": b} for k, b in zip(keys, images, strict=True)],
+            [{"__key__": k, ext: b} for k, b in zip(keys, images, strict=True)],
         )
         top = rng.integers(0, classes, n)
         conf = rng.beta(5, 2, n)
@@ -110,6 +119,12 @@ def main() -> None:
             f"| {f1['samples_in']:,} | {s1:.1f} | {f1['samples_in'] / s1:,.0f} | {f1['samples_written']:,} | {m1 / 1024:.0f} MiB |",
             f"| {f4['samples_in']:,} | {s4:.1f} | {f4['samples_in'] / s4:,.0f} | {f4['samples_written']:,} | {m4 / 1024:.0f} MiB ({m4 / m1 - 1:+.1%}) |",
         ],
+        "filter",
+        {
+            "records": [f1["samples_in"], f4["samples_in"]],
+            "records_per_s": [f1["samples_in"] / s1, f4["samples_in"] / s4],
+            "peak_rss_mib": [m1 / 1024, m4 / 1024],
+        },
     )
 
 

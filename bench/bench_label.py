@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import write_corpus  # noqa: E402
 from bench.record import append, timed  # noqa: E402
-from teachers import create_model, export_run  # noqa: E402
+from teachers import create_model, export_run, get_config  # noqa: E402
 
 
 def main() -> None:
@@ -108,6 +108,16 @@ def main() -> None:
             f"| peak RSS label, {args.images} images | {mem_1x / 1024:.0f} MiB |",
             f"| peak RSS label, {4 * args.images} images | {mem_4x / 1024:.0f} MiB ({mem_4x / mem_1x - 1:+.1%}) |",
         ],
+        "label",
+        {
+            "model": args.model,
+            "train_size": get_config(args.model).train_size,
+            "ratio_plain_over_label": ratio,
+            "images_per_s": args.images / statistics.median(label_s),
+            "payload_bytes_per_record": payload,
+            "sidecar_bytes_per_record": on_disk,
+            "peak_rss_mib": [mem_1x / 1024, mem_4x / 1024],
+        },
     )
 
 

@@ -105,7 +105,15 @@ def main() -> None:
             f"| step s with in-memory batches (runs) | {', '.join(f'{s:.2f}' for s in memory_s)} |",
             f"| **loader / in-memory, ratio of medians** | **{ratio:.3f}** (target <= 1.05) |",
             f"| loader workers | {args.workers} (JPEG decode, random-resized crop, flip, RandAugment) |",
+            f"| images/s with the shard loader | {args.batch_size / statistics.median(loader_s):.2f} |",
         ],
+        "train",
+        {
+            "model": args.model,
+            "train_size": table.train_size,
+            "ratio_loader_over_memory": ratio,
+            "images_per_s": args.batch_size / statistics.median(loader_s),
+        },
     )
 
 

@@ -23,11 +23,20 @@ def photo_jpeg(rng: np.random.Generator, size: int = 224, quality: int = 90) -> 
 
 
 def write_corpus(
-    out_dir: str, images: int, shard_size: int = 96, size: int = 224, seed: int = 0
+    out_dir: str,
+    images: int,
+    shard_size: int = 96,
+    size: int = 224,
+    seed: int = 0,
+    classes: int = 0,
 ) -> list[str]:
-    """`images` unlabeled JPEGs of `size` px in shards of `shard_size`."""
+    """`images` JPEGs of `size` px in shards of `shard_size`; with `classes`, each also has a
+    random `.cls` label, as in ImageNet training shards."""
     rng = np.random.default_rng(seed)
     with ShardSequence(out_dir, "photos", shard_size) as shards:
         for i in range(images):
-            shards.write({"__key__": f"photo{i:07d}", "jpg": photo_jpeg(rng, size)})
+            sample = {"__key__": f"photo{i:07d}", "jpg": photo_jpeg(rng, size)}
+            if classes:
+                sample["cls"] = str(int(rng.integers(classes))).encode()
+            shards.write(sample)
     return shards.urls

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -38,8 +39,9 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
-def append(title: str, command: str, lines: list[str]) -> None:
-    """Add a dated section to BENCHMARKS.md: what was measured, where, and how to redo it."""
+def append(title: str, command: str, lines: list[str], name: str, figures: dict) -> None:
+    """Add a dated section to BENCHMARKS.md: what was measured, where, and how to redo it;
+    and keep the figures as bench/results/NAME.json, where the cost table reads them."""
     block = [
         f"### {title} ({time.strftime('%Y-%m-%d')})",
         "",
@@ -51,4 +53,8 @@ def append(title: str, command: str, lines: list[str]) -> None:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(block))
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": command}
+    (results / f"{name}.json").write_text(json.dumps(record | figures, indent=1) + "\n")
     print("\n".join(block))
