@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import fsspec
 from webdataset import TarWriter
@@ -19,6 +20,19 @@ def shard_name(prefix: str, index: int) -> str:
 
 def join(directory: str, name: str) -> str:
     return directory.rstrip("/") + "/" + name
+
+
+@contextmanager
+def naming(url: str) -> Iterator[None]:
+    """Give a write error the name of the file being written: a full disk (ENOSPC) or a size
+    limit (EFBIG) surfaces from a buffered write or close with no path, which tells the
+    user nothing about where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, url) from exc
 
 
 def shard_exists(url: str) -> bool:
@@ -44,22 +58,30 @@ class AtomicShard:
         self.count = 0
 
     def write(self, sample: dict) -> None:
-        self.writer.write(sample)
+        with naming(self.url):
+            self.writer.write(sample)
         self.count += 1
 
     def commit(self) -> None:
-        self.writer.tarstream.close()
-        self.file.flush()
-        if hasattr(self.file, "fileno"):
-            os.fsync(self.file.fileno())
-        self.file.close()
+        with naming(self.url):
+            self.writer.tarstream.close()
+            self.file.flush()
+            if hasattr(self.file, "fileno"):
+                os.fsync(self.file.fileno())
+            self.file.close()
         self.fs.mv(self.tmp_path, self.path)
 
     def abort(self) -> None:
+        """Drop the temporary file. Closing can fail again (a full disk fails the flush of
+        the tar's end blocks too); that must not keep the file from being removed, nor hide
+        the error that made us abort."""
         try:
-            self.writer.tarstream.close()
-        finally:
-            self.file.close()
+            try:
+                self.writer.tarstream.close()
+            finally:
+                self.file.close()
+        except OSError:
+            pass
         if self.fs.exists(self.tmp_path):
             self.fs.rm(self.tmp_path)
 
@@ -84,11 +106,16 @@ def write_atomic(url: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0] if "/" in path else "."
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if hasattr(f, "fileno"):
-            os.fsync(f.fileno())
+    try:
+        with naming(url), fs.open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if hasattr(f, "fileno"):
+                os.fsync(f.fileno())
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
     fs.mv(tmp, path)
 
 

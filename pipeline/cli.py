@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import builtins
+import contextlib
+import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 from pipeline.cli_errors import UsageError
 
 EXIT_USAGE = 2
+USER_ERRORS = (UsageError, ValueError, OSError)  # reported in one line, exit status 2
+
+# Beam's note on an error raised inside a transform: "... [while running 'LabelShards']".
+_BEAM_STEP = re.compile(r" \[while running '[^']*'\]$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -243,22 +252,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_class(name: str) -> type | None:
+    """The exception class a traceback's last line names (`OSError`, `pkg.mod.Error`), looked
+    up among builtins and modules already imported; nothing is imported to find it."""
+    module, _, attr = name.rpartition(".")
+    found = getattr(sys.modules.get(module) if module else builtins, attr, None)
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+def worker_error(exc: BaseException) -> str | None:
+    """The message of a user error that a Beam worker raised, or None.
+
+    Beam's portable runners give a failed transform back to the launcher as a RuntimeError
+    whose text is the worker's whole traceback, ending in `Type: message [while running
+    'Step']` (Type itself prefixed with `RuntimeError: ` when Beam could not rebuild it, as
+    for an OSError with a path). The original exception object does not cross over, so its
+    type and message are read back from that last line.
+    """
+    if not isinstance(exc, RuntimeError):
+        return None
+    lines = str(exc).strip().splitlines()
+    if not lines or not _BEAM_STEP.search(lines[-1]):
+        return None
+    text = _BEAM_STEP.sub("", lines[-1]).removeprefix("RuntimeError: ")
+    name, sep, message = text.partition(": ")
+    cls = _error_class(name) if sep else None
+    return message if cls is not None and issubclass(cls, USER_ERRORS) else None
+
+
+class _WithoutWorkerTracebacks(io.TextIOBase):
+    """stderr while a Beam job runs in this process. Beam's in-process worker prints the
+    whole traceback of a failed bundle to stderr (one write) before the launcher re-raises
+    it; `main` reports that error itself, in one line. Everything else passes through."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.dropped = False
+
+    def write(self, text: str) -> int:
+        whole_traceback = text.startswith("Traceback (most recent call last):") and (
+            text.count("\n") > 1
+        )
+        if whole_traceback or (self.dropped and text == "\n"):
+            self.dropped = whole_traceback
+            return len(text)
+        self.dropped = False
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    # Beam logs import-time warnings about optional cloud clients to the root logger; the
-    # user sees our one-line errors and summaries unless they ask for the runner's logs.
-    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "ERROR").upper())
+    # Beam logs import-time warnings about optional cloud clients to the root logger, and a
+    # failed transform's whole traceback at ERROR before the launcher re-raises it; the user
+    # sees our one-line errors and summaries unless they ask for the runner's logs.
+    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "CRITICAL").upper())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "beam", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.beam_args = extra
     func: Callable[[argparse.Namespace], None] = args.func
+    quiet = getattr(args, "beam", False) and not (
+        os.environ.get("PIPELINE_DEBUG") or os.environ.get("PIPELINE_LOG_LEVEL")
+    )
+    stderr = _WithoutWorkerTracebacks(sys.stderr) if quiet else sys.stderr
     try:
-        func(args)
-    except (UsageError, ValueError, OSError) as exc:
-        if os.environ.get("PIPELINE_DEBUG"):
+        with contextlib.redirect_stderr(stderr):
+            func(args)
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, USER_ERRORS) else worker_error(exc)
+        if message is None or os.environ.get("PIPELINE_DEBUG"):
             raise
-        print(f"pipeline {args.command}: error: {exc}", file=sys.stderr)
+        print(f"pipeline {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(
@@ -267,3 +340,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     return 0
+
+
+def entry() -> None:
+    """The `pipeline` command and `python -m pipeline`: run `main` and exit with its status.
+
+    After a failure, leave without tearing the interpreter down: a failed Beam job can leave
+    worker threads in the middle of a forward pass, and finalizing under them aborts in C++
+    ("terminate called without an active exception"), replacing the exit status. The error
+    has been printed; output is flushed first.
+    """
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

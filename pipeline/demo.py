@@ -22,6 +22,7 @@ from pipeline.filter import FilterArgs
 from pipeline.filter import run as filter_run
 from pipeline.label import LabelArgs
 from pipeline.label import run as label_run
+from students.config import yaml_problem
 from students.eval import evaluate_run
 from students.train import train
 from students.utils import has_checkpoint, read_log
@@ -50,10 +51,22 @@ def _train(
     )
 
 
+def _read_recipe(path: Path) -> dict:
+    """The demo recipe, read with the safe loader; a tag that would build a Python object
+    (`!!python/object/apply:...`) is a YAML error here, reported in one line like any other."""
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+    return recipe
+
+
 def run(
     out: str = "demo-out", seed: int = 0, rounds: int = 1, recipe_path: str | None = None
 ) -> dict:
-    recipe = yaml.safe_load(Path(recipe_path or DEFAULT_RECIPE).read_text())
+    recipe = _read_recipe(Path(recipe_path or DEFAULT_RECIPE))
     trainer_recipe = str(Path(DEFAULT_RECIPE).parent.parent / recipe["recipe"])
     started, timings = time.monotonic(), {}
 

@@ -8,6 +8,7 @@ pass 3: output groups -> training shards of even size, copies spread, shuffled
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ import numpy as np
 from data.manifest import read_manifest
 from data.records import shard_info
 from data.specs import expand_shards
-from data.write import join
+from data.write import join, write_atomic
 from pipeline.beam_options import beam_options
 from pipeline.cli_errors import UsageError
 from pipeline.dedup import EvalIndex
@@ -66,8 +67,9 @@ def _save_histograms(pairs: list[tuple[int, np.ndarray]], url: str) -> None:
     hist = np.zeros((classes, BINS), np.int64)
     for cls, counts in pairs:
         hist[cls] = counts
-    with fsspec.open(url, "wb") as f:
-        np.savez(f, hist=hist)
+    buffer = io.BytesIO()
+    np.savez(buffer, hist=hist)
+    write_atomic(url, buffer.getvalue())  # whole or absent: a full disk leaves no torn file
 
 
 def _eval_embeddings(args: FilterArgs, label_manifest: dict, options_args: list[str]) -> str:

@@ -111,8 +111,11 @@ class _Aligned:
     """Finds each pseudo-label's source sample: the sidecar keeps the source's order, less
     the samples labeling dropped, so one forward walk over the source shard suffices."""
 
-    def __init__(self, source: str, report: ShardReport) -> None:
-        self.samples = iter_shard(source, report.drops.append)
+    def __init__(self, source: str) -> None:
+        # What cannot be read from the source (a cut, an unsafe member name) was listed by
+        # `pipeline label`, and never became a pseudo-label; listing it again here would count
+        # a drop against no input record. A record whose source is gone is `missing_source`.
+        self.samples = iter_shard(source, lambda drop: None)
 
     def find(self, key: str) -> dict | None:
         for sample in self.samples:
@@ -164,7 +167,7 @@ class SelectShardFn(beam.DoFn):
         try:
             for chunk in batched(read_pseudo_shard(url, report.drops.append), 256):
                 report.samples_in += len(chunk)
-                aligned = aligned or _Aligned(chunk[0].source, report)
+                aligned = aligned or _Aligned(chunk[0].source)
                 for label, match in zip(chunk, _eval_matches(self.eval_index, chunk), strict=True):
                     self._select(label, match, aligned, url, spills, report)
             report.groups = {str(g): s.count for g, s in sorted(spills.items())}

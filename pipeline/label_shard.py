@@ -108,7 +108,12 @@ def label_shard(
             counted.append(1)
             yield sample
 
-    samples = counting(iter_shard(url, report.drops.append))
+    def read_error(drop: Drop) -> None:
+        report.drops.append(drop)
+        if drop.key is not None:  # a sample read from the shard but never yielded (unsafe name)
+            counted.append(1)
+
+    samples = counting(iter_shard(url, read_error))
     batches = prefetch(batched(_decoded(samples, teacher.transform, report.drops), batch_size))
     shard = AtomicShard(out_url)
     try:

@@ -50,6 +50,16 @@ def _check_keys(values: Mapping[str, object], source: str) -> None:
             raise ValueError(f"unknown config key {key!r} in {source}; known keys: {known}")
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: what is wrong and where, without the quoted snippet and
+    caret it prints below (the CLI reports errors in one line)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return (f"{context}: " if context else "") + problem + where
+
+
 def read_recipe(path: str | Path) -> dict[str, object]:
     """The keys of a YAML recipe, checked against the defaults."""
     path = Path(path)
@@ -58,7 +68,7 @@ def read_recipe(path: str | Path) -> dict[str, object]:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ValueError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values")
     _check_keys(values, str(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import random
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import yaml
 from webdataset.utils import make_seed
 
 from data.write import join, write_atomic
+from teachers.weights import unpickler_reason
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
@@ -130,7 +132,16 @@ def load_checkpoint(run_dir: str) -> dict | None:
     if not _exists(url):
         return None
     with fsspec.open(url, "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"{url} was refused by torch's weights-only loader ({unpickler_reason(exc)}): "
+                "a checkpoint holds only tensors and plain values, and anything else could run "
+                "code. Start a new run with another --out"
+            ) from exc
+        except (RuntimeError, EOFError) as exc:
+            raise ValueError(f"{url} is not a readable training checkpoint: {exc}") from exc
 
 
 def has_checkpoint(run_dir: str) -> bool:

@@ -54,7 +54,7 @@ def parse_weights(data: bytes, name: str) -> StateDict:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise WeightsError(
-            f"{name} was refused by torch's weights-only loader ({_unpickler_reason(exc)}): "
+            f"{name} was refused by torch's weights-only loader ({unpickler_reason(exc)}): "
             "only tensors and plain containers are loaded, since anything else could run "
             "code. Re-save the state dict alone, or as .safetensors"
         ) from exc
@@ -63,7 +63,7 @@ def parse_weights(data: bytes, name: str) -> StateDict:
     return clean_state_dict(obj, name)
 
 
-def _unpickler_reason(exc: Exception) -> str:
+def unpickler_reason(exc: Exception) -> str:
     """The one line of torch's long message that says what was found (a global, an opcode),
     without its advice to allow-list globals, which is what we must not do."""
     text = str(exc)
