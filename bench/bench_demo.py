@@ -1,6 +1,6 @@
 """`pipeline demo` over several seeds: its wall time, and the student's gain over its teacher.
 
-    python bench/bench_demo.py [--seeds 0 1 2]
+    python bench/bench_demo.py [--seeds 0 1 2] [--keep DIR]
 
 Each seed is a whole `pipeline demo` process in a fresh folder (data split, teacher,
 label, filter, student, eval); the table has both models' held-out top-1 per seed, the
@@ -27,8 +27,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--keep", help="keep each seed's demo folder under this directory")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-demo-"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-demo-"))
+    if any((work / f"seed{seed}").exists() for seed in args.seeds):
+        parser.error(f"{work} already holds a seed folder: a resumed demo would not be timed")
     reports, walls = [], []
     for seed in args.seeds:
         out = work / f"seed{seed}"
@@ -38,7 +41,8 @@ def main() -> None:
             )[0]
         )
         reports.append(json.loads((out / "report.json").read_text()))
-    shutil.rmtree(work)
+    if not args.keep:
+        shutil.rmtree(work)
 
     gains = [100 * r["rounds"][0]["gain"] for r in reports]
     rows = [
