@@ -34,8 +34,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_stats.py
-	$(BIN)/python bench/bench_demo.py
+	rm -rf bench-out && $(BIN)/python bench/bench_demo.py --keep bench-out/demo
 	$(BIN)/python bench/cost.py
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out bench-out
