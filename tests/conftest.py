@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data.digits import write_digits
@@ -69,6 +70,20 @@ def image_bytes(mode: str = "RGB", size: tuple[int, int] = (40, 30), fmt: str = 
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """rs-mini with random weights as a run directory: labels as fast as a trained teacher,
+    for every test of the stages' mechanics rather than of accuracy."""
+    from teachers import create_model, export_run
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("random-teacher")
+    export_run(
+        str(out), create_model("rs-mini", num_classes=10), "rs-mini", [str(i) for i in range(10)]
+    )
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from data.read import iter_samples
 from data.records import decode_pseudo
@@ -27,7 +26,6 @@ from pipeline.filter import FilterArgs
 from pipeline.filter import run as filter_run
 from pipeline.label import LabelArgs
 from pipeline.label import run as label_run
-from teachers import create_model, export_run
 from tests.conftest import DIGITS_RECIPE, assert_same_shards, image_bytes
 
 # A whole temporary name as AtomicShard and write_atomic make it: hidden from every reader,
@@ -77,14 +75,8 @@ def _files(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """rs-mini with random weights as a run directory: labels as fast as any teacher."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("teacher")
-    export_run(
-        str(out), create_model("rs-mini", num_classes=10), "rs-mini", [str(i) for i in range(10)]
-    )
-    return out
+def teacher(random_teacher: Path) -> Path:
+    return random_teacher
 
 
 @pytest.fixture(scope="module")

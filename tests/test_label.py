@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from apache_beam.options.pipeline_options import GoogleCloudOptions, WorkerOptions
 
 from data.digits import write_digits
@@ -15,18 +14,7 @@ from data.write import write_shard
 from pipeline.beam_options import beam_options
 from pipeline.cli_errors import UsageError
 from pipeline.label import LabelArgs, run
-from teachers import create_model, export_run
 from tests.conftest import assert_same_shards, image_bytes, kill_midway, run_cli
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("teacher")
-    export_run(
-        str(out), create_model("rs-mini", num_classes=10), "rs-mini", [str(i) for i in range(10)]
-    )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +36,9 @@ def _sidecar(url: str) -> tuple[dict, list]:
 
 
 def test_labels_every_sample_one_sidecar_per_shard_in_order(
-    teacher_dir: Path, corpus: Path, tmp_path: Path
+    random_teacher: Path, corpus: Path, tmp_path: Path
 ):
-    manifest = _label(teacher_dir, str(corpus), tmp_path, batch_size=16, embed=True)
+    manifest = _label(random_teacher, str(corpus), tmp_path, batch_size=16, embed=True)
     sources = expand_shards(str(corpus))
     assert [Path(u).name for u in expand_shards(str(tmp_path))] == [Path(u).name for u in sources]
     assert manifest["samples_in"] == manifest["samples_out"] == 1300 and manifest["dropped"] == 0
@@ -68,14 +56,14 @@ def test_labels_every_sample_one_sidecar_per_shard_in_order(
 
 
 def test_rerun_is_a_no_op_and_output_does_not_depend_on_worker_count(
-    teacher_dir: Path, corpus: Path, tmp_path: Path
+    random_teacher: Path, corpus: Path, tmp_path: Path
 ):
     one = tmp_path / "one"
     two = tmp_path / "two"
-    _label(teacher_dir, str(corpus), one, "--direct_num_workers=1")
-    _label(teacher_dir, str(corpus), two, "--direct_num_workers=2")
+    _label(random_teacher, str(corpus), one, "--direct_num_workers=1")
+    _label(random_teacher, str(corpus), two, "--direct_num_workers=2")
     before = {p.name: p.stat().st_mtime_ns for p in one.glob("*.tar")}
-    again = _label(teacher_dir, str(corpus), one)
+    again = _label(random_teacher, str(corpus), one)
     assert again["shards_done_before"] == len(expand_shards(str(corpus))) == 17
     assert {p.name: p.stat().st_mtime_ns for p in one.glob("*.tar")} == before
     for shard in one.glob("*.tar"):
@@ -83,17 +71,17 @@ def test_rerun_is_a_no_op_and_output_does_not_depend_on_worker_count(
 
 
 def test_pipeline_pickles_and_runs_under_multi_processing(
-    teacher_dir: Path, corpus: Path, tmp_path: Path
+    random_teacher: Path, corpus: Path, tmp_path: Path
 ):
     src = str(corpus / "unlabeled-00000{0..3}.tar")
     manifest = _label(
-        teacher_dir,
+        random_teacher,
         src,
         tmp_path / "mp",
         "--direct_running_mode=multi_processing",
         "--direct_num_workers=2",
     )
-    _label(teacher_dir, src, tmp_path / "inline", "--direct_num_workers=1")
+    _label(random_teacher, src, tmp_path / "inline", "--direct_num_workers=1")
     assert manifest["samples_out"] == 320
     for shard in (tmp_path / "mp").glob("*.tar"):
         assert shard.read_bytes() == (tmp_path / "inline" / shard.name).read_bytes()
@@ -124,11 +112,13 @@ def _hostile_corpus(root: Path) -> str:
 
 
 def test_hostile_corpus_every_sample_labeled_or_listed_with_a_reason(
-    teacher_dir: Path, tmp_path: Path
+    random_teacher: Path, tmp_path: Path
 ):
     src = _hostile_corpus(tmp_path / "src")
     out = tmp_path / "out"
-    result = run_cli("label", "--teacher", str(teacher_dir), "--input", src, "--output", str(out))
+    result = run_cli(
+        "label", "--teacher", str(random_teacher), "--input", src, "--output", str(out)
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -149,9 +139,9 @@ def test_hostile_corpus_every_sample_labeled_or_listed_with_a_reason(
 
 
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(
-    teacher_dir: Path, corpus: Path, tmp_path: Path
+    random_teacher: Path, corpus: Path, tmp_path: Path
 ):
-    args = ["label", "--teacher", str(teacher_dir), "--input", str(corpus), "--batch-size", "8"]
+    args = ["label", "--teacher", str(random_teacher), "--input", str(corpus), "--batch-size", "8"]
     run_cli(*args, "--output", str(tmp_path / "whole"), check=True)
     killed = tmp_path / "killed"
     kill_midway(
@@ -220,7 +210,7 @@ def test_model_name_without_weights_is_one_line_exit_2(corpus: Path, tmp_path: P
 
 
 def test_imagenet_cls_and_img2dataset_shards_are_labeled_as_they_are(
-    teacher_dir: Path, tmp_path: Path
+    random_teacher: Path, tmp_path: Path
 ):
     src = tmp_path / "src"
     write_shard(
@@ -246,7 +236,7 @@ def test_imagenet_cls_and_img2dataset_shards_are_labeled_as_they_are(
             for i in range(4)
         ],
     )
-    manifest = _label(teacher_dir, str(src), tmp_path / "out")
+    manifest = _label(random_teacher, str(src), tmp_path / "out")
     assert manifest["samples_in"] == manifest["samples_out"] == 9
     keys = [lab.key for url in expand_shards(str(tmp_path / "out")) for lab in _sidecar(url)[1]]
     assert keys == [f"n01440764_{i}" for i in range(5)] + [f"{i:09d}" for i in range(4)]
