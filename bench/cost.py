@@ -81,7 +81,9 @@ def main() -> None:
         f"{n:,} samples (1,000 classes x 130,000), images at the benchmark's JPEG size; real "
         "web images are larger, so scale the raw and training rows by your mean file size. "
         "GPU-hours: no GPU was lent to the machine these figures come from; "
-        "`bench/bench_label.py` run on a GPU machine gives the label rate to put here.",
+        "`bench/bench_label.py` run on a GPU machine gives the label rate to put here. The "
+        "stats rate includes the command's start-up (about 5 s at the benchmark's 8,000 "
+        "samples), so its row is an upper bound.",
     ]
     append(
         f"Projected cost of {n / 1e6:.0f}M images",
