@@ -72,6 +72,21 @@ def image_bytes(mode: str = "RGB", size: tuple[int, int] = (40, 30), fmt: str = 
     return buf.getvalue()
 
 
+def hostile_samples() -> list[dict]:
+    """One sample of every kind a scraped corpus throws at the decoder: odd modes, broken
+    or empty bytes, no image at all."""
+    return [
+        {"__key__": "cmyk", "jpg": image_bytes("CMYK", fmt="JPEG")},
+        {"__key__": "gray16", "png": image_bytes("I;16")},
+        {"__key__": "alpha", "png": image_bytes("RGBA")},
+        {"__key__": "tiny", "png": image_bytes(size=(1, 1))},
+        {"__key__": "empty", "jpg": b""},
+        {"__key__": "text", "jpg": b"just some text"},
+        {"__key__": "cut", "jpg": image_bytes(size=(300, 300), fmt="JPEG")[:4000]},
+        {"__key__": "noimage", "txt": b"caption only"},
+    ]
+
+
 @pytest.fixture(scope="session")
 def random_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """rs-mini with random weights as a run directory: labels as fast as a trained teacher,

@@ -26,7 +26,7 @@ from pipeline.filter import FilterArgs
 from pipeline.filter import run as filter_run
 from pipeline.label import LabelArgs
 from pipeline.label import run as label_run
-from tests.conftest import DIGITS_RECIPE, assert_same_shards, image_bytes
+from tests.conftest import DIGITS_RECIPE, assert_same_shards, hostile_samples, image_bytes
 
 # A whole temporary name as AtomicShard and write_atomic make it: hidden from every reader,
 # since shard specs only pick up names ending in .tar.
@@ -172,17 +172,7 @@ def _hostile_corpus(src: Path, digits: Path) -> dict[str, list[str]]:
     short; returns the keys written to each."""
     good = list(iter_samples(expand_shards(str(digits / "unlabeled")), print))[:26]
     strip = [{k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")} for s in good]
-    hostile = [
-        {"__key__": "cmyk", "jpg": image_bytes("CMYK", fmt="JPEG")},
-        {"__key__": "gray16", "png": image_bytes("I;16")},
-        {"__key__": "alpha", "png": image_bytes("RGBA")},
-        {"__key__": "tiny", "png": image_bytes(size=(1, 1))},
-        {"__key__": "empty", "jpg": b""},
-        {"__key__": "text", "jpg": b"just some text"},
-        {"__key__": "cut", "jpg": image_bytes(size=(300, 300), fmt="JPEG")[:4000]},
-        {"__key__": "noimage", "txt": b"caption only"},
-        {"__key__": "../../escape", "png": image_bytes(size=(20, 20))},
-    ]
+    hostile = hostile_samples() + [{"__key__": "../../escape", "png": image_bytes(size=(20, 20))}]
     mixed = strip[:10] + hostile + strip[10:20]
     write_shard(str(src / "mixed-000000.tar"), mixed)
     write_shard(str(src / "mixed-000001.tar"), strip[20:26])

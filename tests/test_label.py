@@ -14,7 +14,13 @@ from data.write import write_shard
 from pipeline.beam_options import beam_options
 from pipeline.cli_errors import UsageError
 from pipeline.label import LabelArgs, run
-from tests.conftest import assert_same_shards, image_bytes, kill_midway, run_cli
+from tests.conftest import (
+    assert_same_shards,
+    hostile_samples,
+    image_bytes,
+    kill_midway,
+    run_cli,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +97,7 @@ def _hostile_corpus(root: Path) -> str:
     good = [
         {"__key__": f"ok{i}", "jpg": image_bytes(size=(30 + i, 20), fmt="JPEG")} for i in range(5)
     ]
-    hostile = [
-        {"__key__": "cmyk", "jpg": image_bytes("CMYK", fmt="JPEG")},
-        {"__key__": "gray16", "png": image_bytes("I;16")},
-        {"__key__": "alpha", "png": image_bytes("RGBA")},
-        {"__key__": "tiny", "png": image_bytes(size=(1, 1))},
-        {"__key__": "empty", "jpg": b""},
-        {"__key__": "text", "jpg": b"just some text"},
-        {"__key__": "cut", "jpg": image_bytes(size=(300, 300), fmt="JPEG")[:4000]},
-        {"__key__": "noimage", "txt": b"caption only"},
-    ]
-    write_shard(str(root / "a-000000.tar"), good + hostile)
+    write_shard(str(root / "a-000000.tar"), good + hostile_samples())
     write_shard(
         str(root / "a-000001.tar"),
         [{"__key__": f"t{i}", "jpg": image_bytes(size=(200, 200), fmt="JPEG")} for i in range(6)],
