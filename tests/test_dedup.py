@@ -84,7 +84,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory, trained_teacher: Path) -> 
             input=str(root / "labels"),
             output=str(root / "train"),
             threshold=0.0,
-            per_class=10_000,
+            per_class=150,
             dedup_against=str(root / "eval"),
         ),
         [],

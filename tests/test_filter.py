@@ -106,26 +106,25 @@ def test_topk_strategy_keeps_k_per_class_with_hard_labels(labels: Path, tmp_path
     assert all(len(decode_pseudo(s["__key__"], s["pl"]).indices) == 1 for s in samples)
 
 
+RERUN_ARGS = ["filter", "--threshold", "0", "--per-class", "200", "--shard-size", "50"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(labels: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One filter run from the command line, and a rerun that must equal it byte for byte."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    for run_dir in ("a", "b"):
+        run_cli(*RERUN_ARGS, "--input", str(labels), "--output", str(out / run_dir), check=True)
+    assert len(assert_same_shards(out / "a", out / "b")) >= 30
+    return out / "a"
+
+
 @pytest.mark.parametrize("kill_in", ["_work/select/_reports/*.json", "train-*.tar"])
 def test_rerun_is_byte_identical_and_sigkill_then_rerun_matches(
-    labels: Path, tmp_path: Path, kill_in: str
+    labels: Path, uninterrupted: Path, tmp_path: Path, kill_in: str
 ):
-    args = [
-        "filter",
-        "--input",
-        str(labels),
-        "--threshold",
-        "0",
-        "--per-class",
-        "200",
-        "--shard-size",
-        "50",
-    ]
-    run_cli(*args, "--output", str(tmp_path / "a"), check=True)
-    run_cli(*args, "--output", str(tmp_path / "b"), check=True)
-    killed = tmp_path / "killed"
-    kill_midway([*args, "--output", str(killed)], lambda: any(killed.glob(kill_in)))
-    assert not (killed / "manifest.json").exists()
-    run_cli(*args, "--output", str(killed), check=True)
-    assert len(assert_same_shards(tmp_path / "a", tmp_path / "b")) >= 30
-    assert_same_shards(tmp_path / "a", killed)
+    args = [*RERUN_ARGS, "--input", str(labels), "--output", str(tmp_path)]
+    kill_midway(args, lambda: any(tmp_path.glob(kill_in)))
+    assert not (tmp_path / "manifest.json").exists()
+    run_cli(*args, check=True)
+    assert_same_shards(uninterrupted, tmp_path)
