@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
     filt.set_defaults(func=_cmd_filter, beam=True)
 
-    from students.train import add_arguments
+    from students.config import add_arguments
 
     train = commands.add_parser(
         "train-student",

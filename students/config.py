@@ -8,6 +8,7 @@ RandAugment magnitude, resolution) is left `null` here and read from the model t
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -170,3 +171,28 @@ def recipe_value(config: dict[str, object], key: str, table_value: object) -> ob
     """The recipe's value for a per-model key, or the model table's when the recipe has null."""
     value = config[key]
     return table_value if value is None else value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `pipeline train-student` (and of `python -m students.train`); here, away
+    from torch, so that `pipeline --help` and argument errors answer at once."""
+    parser.add_argument("--model", help="model name from `pipeline models` (or the config's)")
+    parser.add_argument("--labeled", required=True, help="labeled shards: dir, glob or braces")
+    parser.add_argument("--pseudo", help="pseudo-labeled training shards from `pipeline filter`")
+    parser.add_argument("--val", help="labeled validation shards, evaluated every epoch")
+    parser.add_argument("--out", required=True, help="run directory (the next round's teacher)")
+    parser.add_argument("--epochs", type=int, help="epochs (overrides the config)")
+    parser.add_argument(
+        "--batch-size", type=int, help="global labeled batch (overrides the config)"
+    )
+    parser.add_argument("--config", help="YAML recipe, e.g. configs/rs-50.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set lr=0.2 --set flip=false",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data.specs import expand_shards
 from students import utils
-from students.config import recipe_value, resolve_config
+from students.config import add_arguments, recipe_value, resolve_config
 from students.data import (
     LabeledDecoder,
     PseudoDecoder,
@@ -418,30 +418,6 @@ def train(
     finally:
         if created:
             utils.close_distributed()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `pipeline train-student` (and of `python -m students.train`)."""
-    parser.add_argument("--model", help="model name from `pipeline models` (or the config's)")
-    parser.add_argument("--labeled", required=True, help="labeled shards: dir, glob or braces")
-    parser.add_argument("--pseudo", help="pseudo-labeled training shards from `pipeline filter`")
-    parser.add_argument("--val", help="labeled validation shards, evaluated every epoch")
-    parser.add_argument("--out", required=True, help="run directory (the next round's teacher)")
-    parser.add_argument("--epochs", type=int, help="epochs (overrides the config)")
-    parser.add_argument(
-        "--batch-size", type=int, help="global labeled batch (overrides the config)"
-    )
-    parser.add_argument("--config", help="YAML recipe, e.g. configs/rs-50.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable), e.g. --set lr=0.2 --set flip=false",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
