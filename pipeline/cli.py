@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from pipeline.cli_errors import UsageError
+from students.config import add_arguments
 
 EXIT_USAGE = 2
 USER_ERRORS = (UsageError, ValueError, OSError)  # reported in one line, exit status 2
@@ -209,8 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--shard-size", type=_positive, default=1000, help="samples per output shard")
     filt.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
     filt.set_defaults(func=_cmd_filter, beam=True)
-
-    from students.config import add_arguments
 
     train = commands.add_parser(
         "train-student",

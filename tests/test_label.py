@@ -14,13 +14,7 @@ from data.write import write_shard
 from pipeline.beam_options import beam_options
 from pipeline.cli_errors import UsageError
 from pipeline.label import LabelArgs, run
-from tests.conftest import (
-    assert_same_shards,
-    hostile_samples,
-    image_bytes,
-    kill_midway,
-    run_cli,
-)
+from tests.conftest import assert_same_shards, hostile_samples, image_bytes, kill_midway, run_cli
 
 
 @pytest.fixture(scope="module")
