@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.corpus import photo_jpeg  # noqa: E402
 from bench.record import append, timed  # noqa: E402
 from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header  # noqa: E402
-from data.write import write_json, write_shard  # noqa: E402
+from data.storage import write_json  # noqa: E402
+from data.write import write_shard  # noqa: E402
 
 
 def write_labeled_corpus(

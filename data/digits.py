@@ -14,7 +14,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from data.records import labeled_sample
-from data.write import ShardSequence, join, write_json
+from data.storage import join, write_json
+from data.write import ShardSequence
 
 VAL_SIZE = 297
 IMAGE_SIZE = 32

@@ -1,4 +1,4 @@
-"""Drop records: every sample a stage does not write is accounted for with a reason."""
+"""What goes wrong: a dropped sample (a reason, never a crash), or a mistake the user can fix."""
 
 from __future__ import annotations
 
@@ -16,3 +16,9 @@ class Drop:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs that the user can fix: reported as one
+    line and exit status 2, wherever it is raised (the launcher, or a worker through its
+    failure record)."""

@@ -1,9 +1,12 @@
 """`pipeline data ingest`: bring a user's images into the project's shard layout.
 
-Accepted sources: an ImageFolder / ImageNet-train tree (one folder per class), a flat
+Accepted sources, local or at any fsspec URL: an ImageFolder / ImageNet-train tree (one
+folder per class, images anywhere below it, as torchvision's ImageFolder reads it), a flat
 folder of images (unlabeled), or existing shards (the project's, img2dataset output,
-ImageNet WebDataset shards with `.cls`). Every image is checked to decode; what does not
-is listed in errors.jsonl with a reason, so later stages start from clean shards.
+ImageNet WebDataset shards with `.cls`, plain or compressed). Every image is checked to
+decode; what does not, and every file that is not used (an image beside the class folders,
+a stray archive in an image folder, a file that is no image), is listed in errors.jsonl
+with a reason, so later stages start from clean shards and nothing goes missing unseen.
 """
 
 from __future__ import annotations
@@ -12,18 +15,18 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from tqdm import tqdm
 
 from data.decode import IMAGE_EXTS, decode_image, find_image
 from data.errors import Drop
+from data.progress import progress_bar
 from data.read import iter_samples
 from data.records import read_cls
-from data.specs import ShardSpecError, expand_shards
-from data.write import ShardSequence, join, write_json
+from data.specs import ShardSpecError, expand_shards, is_shard_name
+from data.storage import Entry, absolute, is_dir, join, read_bytes, walk_entries, write_json
+from data.write import ShardSequence
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+CLASSES_FILE = "classes.json"
 
 
 def safe_key(text: str) -> str:
@@ -31,10 +34,8 @@ def safe_key(text: str) -> str:
     return _UNSAFE.sub("_", text).strip("_") or "sample"
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
-    )
+def _is_image(name: str) -> bool:
+    return "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTS
 
 
 @dataclass
@@ -43,32 +44,59 @@ class IngestResult:
     samples_out: int = 0
     drops: list[Drop] = field(default_factory=list)
     classes: list[str] | None = None
+    empty_classes: list[str] = field(default_factory=list)
     source_kind: str = ""
     shards: list[str] = field(default_factory=list)
 
 
-def _folder_samples(src: Path, result: IngestResult, seed: int) -> Iterator[dict]:
-    class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and _image_files(p))
-    if class_dirs:
-        result.source_kind = "imagefolder"
-        result.classes = [d.name for d in class_dirs]
-        files = [(i, f) for i, d in enumerate(class_dirs) for f in _image_files(d)]
+@dataclass(frozen=True)
+class SourceLayout:
+    """What a source folder holds, decided from one recursive listing."""
+
+    kind: str  # "imagefolder", "folder" or "shards"
+    files: list[tuple[int | None, Entry, str]]  # (class id, file, path below the root)
+    classes: list[str] | None
+    skipped: list[tuple[Entry, str, str]]  # (file, path below the root, reason)
+
+
+def read_layout(src: str, entries: list[Entry], class_dirs: list[str]) -> SourceLayout:
+    """Class folders make an ImageFolder (class ids by sorted name, empty ones kept, so ids
+    agree between splits); else images make a flat folder; else the shards are the source."""
+    root = src.rstrip("/") + "/"
+    relative = [(e, e.url[len(root) :]) for e in entries if e.url.startswith(root)]
+    classes = sorted(set(class_dirs) | {rel.split("/", 1)[0] for _, rel in relative if "/" in rel})
+    if classes:
+        ids = {name: i for i, name in enumerate(classes)}
+        files, skipped = [], []
+        for entry, rel in relative:
+            if "/" not in rel:
+                skipped.append((entry, rel, "outside_class_folders"))
+            elif _is_image(rel):
+                files.append((ids[rel.split("/", 1)[0]], entry, rel))
+            else:
+                skipped.append((entry, rel, "not_an_image"))
+        return SourceLayout("imagefolder", files, classes, skipped)
+    images = [(None, e, rel) for e, rel in relative if _is_image(rel)]
+    if images:
+        others = [(e, rel, "not_an_image") for e, rel in relative if not _is_image(rel)]
+        return SourceLayout("folder", images, None, others)
+    return SourceLayout("shards", [], None, [])
+
+
+def _folder_samples(layout: SourceLayout, result: IngestResult, seed: int) -> Iterator[dict]:
+    files = list(layout.files)
+    if layout.kind == "imagefolder":
         # Shards in class order would feed a loader worker one class at a time: spread the
         # classes over all shards, in an order fixed by the seed so reruns match.
         random.Random(seed).shuffle(files)
-    else:
-        result.source_kind = "folder"
-        files = [(None, f) for f in _image_files(src)]
-    if not files:
-        raise ShardSpecError(f"no images or shards found in {src}")
     seen: set[str] = set()
-    for cls, path in files:
-        key = safe_key(str(path.relative_to(src).with_suffix("")))
+    for cls, entry, rel in files:
+        key = safe_key(rel.rsplit(".", 1)[0])
         while key in seen:
             key += "_"
         seen.add(key)
-        ext = path.suffix.lower().lstrip(".")
-        sample = {"__key__": key, "__url__": str(path), ext: path.read_bytes()}
+        ext = rel.rsplit(".", 1)[1].lower()
+        sample = {"__key__": key, "__url__": entry.url, ext: read_bytes(entry.url)}
         if cls is not None:
             sample["cls"] = str(cls).encode()
         yield sample
@@ -96,28 +124,53 @@ def _checked(samples: Iterator[dict], result: IngestResult) -> Iterator[dict]:
         yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
 
 
+def source_entries(src: str) -> tuple[list[Entry], list[str]]:
+    """Every file below a source folder (one recursive listing) and its immediate
+    subfolders, or ([], []) when the source is not a folder."""
+    if not is_dir(src):
+        return [], []
+    return walk_entries(src)
+
+
 def ingest(
     src: str, out_dir: str, shard_size: int = 1000, prefix: str = "part", seed: int = 0
 ) -> IngestResult:
     """Re-shard a source into `out_dir/prefix-NNNNNN.tar`, keys unique and stable."""
     result = IngestResult()
-    local = Path(src)
-    if local.is_dir() and not any(p.suffix == ".tar" for p in local.iterdir()):
-        samples = _folder_samples(local, result, seed)
-    else:
-        urls = expand_shards(src)
-        result.source_kind = "shards"
+    src = absolute(src)
+    entries, class_dirs = source_entries(src)
+    layout = read_layout(src, entries, class_dirs)
+    if layout.kind == "shards":
+        root = src.rstrip("/") + "/"
+        shards = [e.url for e in entries if is_shard_name(e.name) and "/" not in e.url[len(root) :]]
+        urls = shards if entries else expand_shards(src)
+        if not urls:
+            raise ShardSpecError(f"no images or shards found in {src}")
         samples = iter_samples(urls, result.drops.append)
+    else:
+        samples = _folder_samples(layout, result, seed)
+    result.source_kind = layout.kind
+    result.classes = layout.classes
+    for entry, rel, reason in layout.skipped:
+        result.samples_in += 1
+        result.drops.append(Drop(entry.url, rel, reason))
+    if layout.classes:
+        used = {cls for cls, _, _ in layout.files}
+        result.empty_classes = [c for i, c in enumerate(layout.classes) if i not in used]
     seen: set[str] = set()
-    with ShardSequence(out_dir, prefix, shard_size) as shards:
-        for sample in tqdm(_checked(samples, result), desc="ingest", unit="img", leave=False):
+    with (
+        ShardSequence(out_dir, prefix, shard_size) as out,
+        progress_bar(desc="ingest", unit="img") as bar,
+    ):
+        for sample in _checked(samples, result):
+            bar.update()
             if sample["__key__"] in seen:
                 result.drops.append(Drop("", sample["__key__"], "duplicate_key"))
                 result.samples_out -= 1
                 continue
             seen.add(sample["__key__"])
-            shards.write(sample)
-    result.shards = shards.urls
+            out.write(sample)
+    result.shards = out.urls
     if result.classes is not None:
-        write_json(join(out_dir, "classes.json"), result.classes)
+        write_json(join(out_dir, CLASSES_FILE), result.classes)
     return result

@@ -1,11 +1,17 @@
-"""Shard specifications: a directory, a glob, brace notation, local or any fsspec URL."""
+"""Shard specifications: a directory, a glob, brace notation, local or any fsspec URL.
+
+A spec is resolved with listings only, one per folder it names, never a call per shard: at
+130,000 shards on a bucket, per-shard existence checks would cost hours before a job starts.
+Local paths come back absolute, so what a stage records means the same from any folder.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import braceexpand
-import fsspec
+
+from data.storage import Entry, absolute, basename, glob, is_dir, list_dir, parent
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -14,50 +20,72 @@ class ShardSpecError(ValueError):
     """A shard argument that names no readable shard."""
 
 
+def is_shard_name(name: str) -> bool:
+    return name.endswith(SHARD_SUFFIXES)
+
+
 def _is_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
 
 
-def _with_protocol(fs: fsspec.AbstractFileSystem, original: str, found: str) -> str:
-    """fsspec strips the protocol from listings; put it back so the URL reopens anywhere."""
-    if "://" in original and "://" not in found:
-        protocol = original.split("://", 1)[0]
-        return f"{protocol}://{found}"
+def _shards(entries: list[Entry]) -> list[Entry]:
+    return [e for e in entries if is_shard_name(e.name)]
+
+
+def _expand_one(spec: str) -> list[Entry]:
+    if _is_glob(spec):
+        found = _shards(glob(spec))
+        if not found:
+            raise ShardSpecError(f"no shards match {spec}")
+        return found
+    inside = list_dir(spec)
+    if inside or is_dir(spec):
+        found = _shards(inside)
+        if not found:
+            raise ShardSpecError(f"no .tar shards in directory {spec}")
+        return found
+    return _named([spec])
+
+
+def _named(urls: list[str]) -> list[Entry]:
+    """Shards named one by one (brace notation, single files): one listing per folder."""
+    listings: dict[str, dict[str, Entry]] = {}
+    found = []
+    for url in urls:
+        folder = parent(url)
+        if folder not in listings:
+            listings[folder] = {e.name: e for e in list_dir(folder)}
+        entry = listings[folder].get(basename(url))
+        if entry is None:
+            raise ShardSpecError(f"shard not found: {url}")
+        found.append(Entry(url, entry.size))
     return found
 
 
-def _expand_one(spec: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(spec)
-    if _is_glob(path):
-        found = sorted(p for p in fs.glob(path) if p.endswith(SHARD_SUFFIXES))
-        if not found:
-            raise ShardSpecError(f"no shards match {spec}")
-        return [_with_protocol(fs, spec, p) for p in found]
-    if fs.isdir(path):
-        found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(SHARD_SUFFIXES))
-        if not found:
-            raise ShardSpecError(f"no .tar shards in directory {spec}")
-        return [_with_protocol(fs, spec, p) for p in found]
-    if not fs.exists(path):
-        raise ShardSpecError(f"shard not found: {spec}")
-    return [spec]
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Turn shard arguments into the ordered list of shard URLs every stage iterates over.
+def shard_entries(spec: str | Sequence[str]) -> list[Entry]:
+    """The shards a spec names, with their sizes, in the order every stage iterates them.
 
     Order matters: sidecar shards are matched to their sources by position and name, so
     the list is sorted within a directory or glob and kept as written otherwise.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
+    entries: list[Entry] = []
     for item in specs:
-        for expanded in braceexpand.braceexpand(item):
-            urls.extend(_expand_one(expanded))
-    if not urls:
+        expanded = [absolute(u) for u in braceexpand.braceexpand(item)]
+        if len(expanded) > 1:
+            entries.extend(_named(expanded))
+        else:
+            entries.extend(_expand_one(expanded[0]))
+    if not entries:
         raise ShardSpecError("no shards given")
     seen: set[str] = set()
-    duplicates = [u for u in urls if u in seen or seen.add(u)]
-    if duplicates:
-        raise ShardSpecError(f"shard listed twice: {duplicates[0]}")
-    return urls
+    for entry in entries:
+        if entry.url in seen:
+            raise ShardSpecError(f"shard listed twice: {entry.url}")
+        seen.add(entry.url)
+    return entries
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """The URLs of the shards a spec names (see `shard_entries`)."""
+    return [e.url for e in shard_entries(spec)]

@@ -1,12 +1,23 @@
-"""Beam pipeline options: ours are parsed by the CLI, every other option goes to the runner."""
+"""Beam pipeline options and runs: ours are parsed by the CLI, every other option goes to the
+runner; a Dataflow dry run (`--dry_run=True`) builds the real job offline and describes it."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
-from apache_beam.options.pipeline_options import PipelineOptions
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+    TestOptions,
+    WorkerOptions,
+)
+from apache_beam.runners.runner import PipelineResult
 
-from pipeline.cli_errors import UsageError
+from data.errors import UsageError
 
 DEFAULT_RUNNER = "DirectRunner"
 
@@ -32,3 +43,62 @@ def beam_options(runner: str | None, beam_args: list[str]) -> PipelineOptions:
     if unknown:
         raise UsageError(f"unknown pipeline option --{sorted(unknown)[0]}")
     return options
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+    """Beam's own `--dry_run=True`: DataflowRunner builds the job and returns unsubmitted."""
+    return bool(options.view_as(TestOptions).dry_run)
+
+
+def run_pipeline(
+    options: PipelineOptions, build: Callable[[beam.Pipeline], object]
+) -> PipelineResult:
+    """Build a pipeline with `build` and run it to the end (or, in a dry run, build only)."""
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
+def describe_job(result: PipelineResult, options: PipelineOptions) -> dict:
+    """What a runner was given: the steps, the worker image(s), the service options and
+    experiments; from the Dataflow job itself when the runner built one."""
+    description: dict = {
+        "runner": options.view_as(StandardOptions).runner,
+        "dry_run": is_dry_run(options),
+    }
+    job = getattr(result, "job", None)
+    if job is not None:
+        from apache_beam.portability.api import beam_runner_api_pb2
+
+        proto = job.proto_pipeline
+        top = [
+            proto.components.transforms[child].unique_name
+            for root in proto.root_transform_ids
+            for child in proto.components.transforms[root].subtransforms
+        ]
+        description["steps"] = top
+        description["worker_images"] = sorted(
+            {
+                beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image
+                for env in proto.components.environments.values()
+                if env.urn == "beam:env:docker:v1"
+            }
+        )
+        options = job.options
+    cloud = options.view_as(GoogleCloudOptions)
+    worker = options.view_as(WorkerOptions)
+    description.update(
+        {
+            "project": cloud.project,
+            "region": cloud.region,
+            "temp_location": cloud.temp_location,
+            "sdk_container_image": worker.sdk_container_image,
+            "machine_type": worker.machine_type,
+            "max_num_workers": worker.max_num_workers,
+            "dataflow_service_options": list(cloud.dataflow_service_options or []),
+            "experiments": list(options.view_as(DebugOptions).experiments or []),
+        }
+    )
+    return description

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import builtins
-import contextlib
-import io
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
 
-from pipeline.cli_errors import UsageError
+from data.errors import UsageError
 from students.config import add_arguments
 
-EXIT_USAGE = 2
-USER_ERRORS = (UsageError, ValueError, OSError)  # reported in one line, exit status 2
+DEVICES = ("auto", "cpu", "cuda")
 
-# Beam's note on an error raised inside a transform: "... [while running 'LabelShards']".
-_BEAM_STEP = re.compile(r" \[while running '[^']*'\]$")
+EXIT_USAGE = 2
+# Mistakes a user can fix, wherever they are detected (a worker's are recorded in its
+# job's _failures/ and raised by the launcher): one line, exit status 2. Anything else is a
+# bug in this project and keeps its traceback.
+USER_ERRORS = (UsageError, ValueError, OSError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,13 +40,21 @@ def _positive(text: str) -> int:
 def _cmd_data_digits(args: argparse.Namespace) -> None:
     from pipeline.data_commands import run_digits
 
-    run_digits(args.out, labeled=args.labeled, seed=args.seed, shard_size=args.shard_size)
+    run_digits(
+        args.out,
+        labeled=args.labeled,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+    )
 
 
 def _cmd_data_ingest(args: argparse.Namespace) -> None:
     from pipeline.data_commands import run_ingest
 
-    run_ingest(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix)
+    run_ingest(
+        args.src, args.out, shard_size=args.shard_size, prefix=args.prefix, overwrite=args.overwrite
+    )
 
 
 def _cmd_label(args: argparse.Namespace) -> None:
@@ -79,7 +84,15 @@ def _fraction(text: str) -> float:
 def _cmd_stats(args: argparse.Namespace) -> None:
     from pipeline.stats import run
 
-    run(args.shards, json_path=args.json, plot_path=args.plot, workers=args.workers)
+    beam_args = args.beam_args + ([f"--runner={args.runner}"] if args.runner else [])
+    run(
+        args.shards,
+        json_path=args.json,
+        plot_path=args.plot,
+        beam_args=beam_args,
+        sample=args.sample,
+        scan=args.scan,
+    )
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -108,7 +121,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         args.checkpoint, args.data, batch_size=args.batch_size, device=args.device
     )
     if args.json:
-        from data.write import write_json
+        from data.storage import write_json
 
         write_json(args.json, scores)
     print(
@@ -129,6 +142,25 @@ def _cmd_models(args: argparse.Namespace) -> None:
     print(format_table(models_table(args.name or None)))
 
 
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="clear an output folder made with other settings instead of refusing it",
+    )
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
+    parser.add_argument(
+        "--describe-job",
+        metavar="FILE",
+        help="write what the runner was given (steps, worker image, service options, "
+        "experiments) as JSON; with Beam's --dry_run=True that is all that happens",
+    )
+    _add_overwrite(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pipeline",
@@ -145,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--labeled", type=_positive, default=200, help="labeled images (200)")
     digits.add_argument("--seed", type=int, default=0, help="split seed (0)")
     digits.add_argument("--shard-size", type=_positive, default=256, help="samples per shard")
+    _add_overwrite(digits)
     digits.set_defaults(func=_cmd_data_digits)
 
     ingest = data_commands.add_parser(
@@ -154,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--out", required=True, help="output folder")
     ingest.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
     ingest.add_argument("--prefix", default="part", help="shard name prefix (part)")
+    _add_overwrite(ingest)
     ingest.set_defaults(func=_cmd_data_ingest)
 
     label = commands.add_parser(
@@ -168,8 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--batch-size", type=_positive, default=32, help="images per forward (32)")
     label.add_argument("--topk", type=_positive, default=16, help="classes kept per image (16)")
     label.add_argument("--embed", action="store_true", help="store an embedding for dedup")
-    label.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    label.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
+    label.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the teacher runs, decided on each worker (auto: CUDA if it has a GPU)",
+    )
+    _add_job_arguments(label)
     label.set_defaults(func=_cmd_label, beam=True)
 
     filt = commands.add_parser(
@@ -207,8 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with a calibrated threshold: share of distinct images dropped (0.005)",
     )
     filt.add_argument("--hard", action="store_true", help="one-hot labels instead of soft ones")
+    filt.add_argument(
+        "--max-copies",
+        type=_positive,
+        default=32,
+        help="at most this many copies of one image, for classes with too few images (32)",
+    )
     filt.add_argument("--shard-size", type=_positive, default=1000, help="samples per output shard")
-    filt.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
+    _add_job_arguments(filt)
     filt.set_defaults(func=_cmd_filter, beam=True)
 
     train = commands.add_parser(
@@ -226,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="labeled shards: dir, glob or braces")
     evaluate.add_argument("--json", help="write top1, top5, samples as JSON here")
     evaluate.add_argument("--batch-size", type=_positive, default=256)
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto")
     evaluate.set_defaults(func=_cmd_eval)
 
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded digits")
@@ -236,14 +281,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="demo recipe (configs/demo.yaml)")
     demo.set_defaults(func=_cmd_demo)
 
-    stats = commands.add_parser("stats", help="shard statistics: a table, --json and a --plot PNG")
+    stats = commands.add_parser(
+        "stats",
+        help="shard statistics: a table, --json and a --plot PNG",
+        epilog="Any other option (--temp_location, --project, ...) goes to the Beam runner.",
+    )
     stats.add_argument("shards", help="shards: dir, glob or braces (local or fsspec URL)")
     stats.add_argument("--json", help="write the statistics as JSON here")
     stats.add_argument("--plot", help="write histograms as a PNG here")
     stats.add_argument(
-        "--workers", type=_positive, default=os.cpu_count() or 1, help="parallel readers"
+        "--scan",
+        action="store_true",
+        help="read every shard even where the stage's manifest already has the answer",
     )
-    stats.set_defaults(func=_cmd_stats)
+    stats.add_argument(
+        "--sample",
+        type=_fraction,
+        metavar="FRACTION",
+        help="scan only this share of the shards (seeded), for a quick look",
+    )
+    stats.add_argument("--runner", help="Beam runner for a scan (DirectRunner, workers = cores)")
+    stats.set_defaults(func=_cmd_stats, beam=True)
 
     models = commands.add_parser("models", help="the ResNet-RS model table")
     models.add_argument("name", nargs="*", help="only these models")
@@ -251,86 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error_class(name: str) -> type | None:
-    """The exception class a traceback's last line names (`OSError`, `pkg.mod.Error`), looked
-    up among builtins and modules already imported; nothing is imported to find it."""
-    module, _, attr = name.rpartition(".")
-    found = getattr(sys.modules.get(module) if module else builtins, attr, None)
-    return found if isinstance(found, type) and issubclass(found, BaseException) else None
-
-
-def worker_error(exc: BaseException) -> str | None:
-    """The message of a user error that a Beam worker raised, or None.
-
-    Beam's portable runners give a failed transform back to the launcher as a RuntimeError
-    whose text is the worker's whole traceback, ending in `Type: message [while running
-    'Step']` (Type itself prefixed with `RuntimeError: ` when Beam could not rebuild it, as
-    for an OSError with a path). The original exception object does not cross over, so its
-    type and message are read back from that last line.
-    """
-    if not isinstance(exc, RuntimeError):
-        return None
-    lines = str(exc).strip().splitlines()
-    if not lines or not _BEAM_STEP.search(lines[-1]):
-        return None
-    text = _BEAM_STEP.sub("", lines[-1]).removeprefix("RuntimeError: ")
-    name, sep, message = text.partition(": ")
-    cls = _error_class(name) if sep else None
-    return message if cls is not None and issubclass(cls, USER_ERRORS) else None
-
-
-class _WithoutWorkerTracebacks(io.TextIOBase):
-    """stderr while a Beam job runs in this process. Beam's in-process worker prints the
-    whole traceback of a failed bundle to stderr (one write) before the launcher re-raises
-    it; `main` reports that error itself, in one line. Everything else passes through."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.dropped = False
-
-    def write(self, text: str) -> int:
-        whole_traceback = text.startswith("Traceback (most recent call last):") and (
-            text.count("\n") > 1
-        )
-        if whole_traceback or (self.dropped and text == "\n"):
-            self.dropped = whole_traceback
-            return len(text)
-        self.dropped = False
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    # Beam logs import-time warnings about optional cloud clients to the root logger, and a
-    # failed transform's whole traceback at ERROR before the launcher re-raises it; the user
-    # sees our one-line errors and summaries unless they ask for the runner's logs.
-    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "CRITICAL").upper())
+    # Beam logs import-time warnings about optional cloud clients to the root logger; the user
+    # sees our summaries and warnings unless they ask for the runner's logs.
+    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "ERROR").upper())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "beam", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.beam_args = extra
     func: Callable[[argparse.Namespace], None] = args.func
-    quiet = getattr(args, "beam", False) and not (
-        os.environ.get("PIPELINE_DEBUG") or os.environ.get("PIPELINE_LOG_LEVEL")
-    )
-    stderr = _WithoutWorkerTracebacks(sys.stderr) if quiet else sys.stderr
     try:
-        with contextlib.redirect_stderr(stderr):
-            func(args)
-    except Exception as exc:
-        message = str(exc) if isinstance(exc, USER_ERRORS) else worker_error(exc)
-        if message is None or os.environ.get("PIPELINE_DEBUG"):
+        func(args)
+    except USER_ERRORS as exc:
+        if os.environ.get("PIPELINE_DEBUG"):
             raise
-        print(f"pipeline {args.command}: error: {message}", file=sys.stderr)
+        print(f"pipeline {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(
@@ -342,16 +336,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `pipeline` command and `python -m pipeline`: run `main` and exit with its status.
-
-    After a failure, leave without tearing the interpreter down: a failed Beam job can leave
-    worker threads in the middle of a forward pass, and finalizing under them aborts in C++
-    ("terminate called without an active exception"), replacing the exit status. The error
-    has been printed; output is flushed first.
-    """
-    code = main()
-    if code:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    """The `pipeline` command and `python -m pipeline`."""
+    sys.exit(main())

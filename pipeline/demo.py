@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from data.write import join, write_json
+from data.storage import join, write_json
 from pipeline.data_commands import run_digits
 from pipeline.filter import FilterArgs
 from pipeline.filter import run as filter_run

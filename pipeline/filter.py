@@ -1,34 +1,54 @@
 """`pipeline filter`: pseudo-labels -> balanced, deduplicated, shuffled training shards.
 
-pass 1: sidecars -> per-class confidence histograms -> summed
+pass 1: sidecars -> per-class confidence histograms (sparse) -> summed
 rules:  per class a threshold and a copy rate (Noisy Student) or a top-K cut (Yalniz)
-pass 2: sidecars + source shards -> keep / cut / copy each image -> spill by output group
-pass 3: output groups -> training shards of even size, copies spread, shuffled
+pass 2: chunks of sidecars + their source shards -> keep / cut / copy each image (checked
+        against its content hash) -> the chunk's training shards, even sizes, shuffled
 """
 
 from __future__ import annotations
 
-import io
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 
 import apache_beam as beam
-import fsspec
-import numpy as np
 
-from data.manifest import read_manifest
-from data.records import shard_info
-from data.specs import expand_shards
-from data.write import join, write_atomic
-from pipeline.beam_options import beam_options
-from pipeline.cli_errors import UsageError
+from data.errors import UsageError
+from data.manifest import ErrorLog, StageOutput, finished_manifest, inputs_record
+from data.specs import is_shard_name, shard_entries
+from data.storage import absolute, join, list_dir, parent, read_json, write_json
+from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
 from pipeline.dedup import EvalIndex
-from pipeline.filter_rules import BINS, threshold_rules, topk_rules
-from pipeline.filter_shard import WORK, FilterPlan, HistogramFn, SelectShardFn, WriteGroupFn
-from pipeline.reports import ReportProgress, read_reports, write_stage_manifest
+from pipeline.filter_rules import (
+    BINS,
+    capped_classes,
+    dense,
+    expected_copies,
+    threshold_rules,
+    topk_rules,
+)
+from pipeline.filter_shard import (
+    WORK,
+    FilterPlan,
+    HistogramFn,
+    WriteChunkFn,
+    chunk_name,
+    merge_sparse,
+)
+from pipeline.label import CLASSES_FILE, LabelArgs
+from pipeline.label import run as label
+from pipeline.reports import (
+    ReportProgress,
+    clear_failures,
+    merge_reports,
+    raise_failures,
+    reported,
+)
 
-SHARDS_PER_GROUP = 16
+SHARDS_PER_CHUNK = 16  # training shards one chunk writes: copies of an image spread over them
+CHUNK_SEED = 0
 
 
 @dataclass
@@ -44,40 +64,32 @@ class FilterArgs:
     dedup_fpr: float = 0.005
     hard: bool = False
     shard_size: int = 1000
+    max_copies: float = 32.0
     runner: str | None = None
+    overwrite: bool = False
+    describe_job: str | None = None
 
 
-def _histograms(sidecars: list[str], plan: FilterPlan, options) -> np.ndarray:
-    with beam.Pipeline(options=options) as p:
-        hists = (
-            p
-            | "ListSidecars" >> beam.Create(sidecars)
-            | "SpreadShards" >> beam.Reshuffle()
-            | "CountConfidences" >> beam.ParDo(HistogramFn(plan))
-            | "SumPerClass" >> beam.CombinePerKey(sum)
-            | "Collect" >> beam.combiners.ToList()
+def _label_folder(args: FilterArgs) -> tuple[dict, list[str]]:
+    """The label output's finished manifest and its sidecars (one listing)."""
+    if any(c in args.input for c in "*?[{"):
+        raise UsageError(
+            f"--input {args.input}: filter reads the output folder of `pipeline label` "
+            "(it holds manifest.json), not a shard pattern; pass that folder"
         )
-        hists | "Save" >> beam.Map(_save_histograms, join(plan.out_dir, f"{WORK}/histograms.npz"))
-    with fsspec.open(join(plan.out_dir, f"{WORK}/histograms.npz"), "rb") as f:
-        return np.load(f)["hist"]
+    manifest = finished_manifest(args.input, "label")
+    sidecars = [e for e in list_dir(args.input) if is_shard_name(e.name)]
+    if len(sidecars) != manifest.get("shards"):
+        raise UsageError(
+            f"{args.input} holds {len(sidecars)} sidecar shards but its manifest counts "
+            f"{manifest.get('shards')}: the folder changed after labeling; relabel it"
+        )
+    return manifest, [e.url for e in sidecars]
 
 
-def _save_histograms(pairs: list[tuple[int, np.ndarray]], url: str) -> None:
-    classes = 1 + max((c for c, _ in pairs), default=-1)
-    hist = np.zeros((classes, BINS), np.int64)
-    for cls, counts in pairs:
-        hist[cls] = counts
-    buffer = io.BytesIO()
-    np.savez(buffer, hist=hist)
-    write_atomic(url, buffer.getvalue())  # whole or absent: a full disk leaves no torn file
-
-
-def _eval_embeddings(args: FilterArgs, label_manifest: dict, options_args: list[str]) -> str:
+def _eval_embeddings(args: FilterArgs, output: str, label_manifest: dict, beam_args) -> str:
     """Label the evaluation shards with the same teacher, with embeddings (resumable)."""
-    from pipeline.label import LabelArgs
-    from pipeline.label import run as label
-
-    eval_dir = join(args.output, f"{WORK}/eval")
+    eval_dir = join(output, WORK, "eval")
     teacher_args = label_manifest["args"]
     label(
         LabelArgs(
@@ -86,137 +98,213 @@ def _eval_embeddings(args: FilterArgs, label_manifest: dict, options_args: list[
             input=args.dedup_against,
             output=eval_dir,
             embed=True,
+            batch_size=teacher_args.get("batch_size", 32),
             device=teacher_args.get("device", "auto"),
             runner=args.runner,
         ),
-        options_args,
+        beam_args,
     )
     return eval_dir
+
+
+def _histograms(sidecars: list[str], plan: FilterPlan, options, url: str) -> dict:
+    """Pass 1, saved under _work/ so a rerun after a kill skips it."""
+    if read_json(url) is None:
+        run_pipeline(options, lambda p: _count(p, sidecars, plan, url))
+    saved = read_json(url)
+    return {int(c): {int(b): n for b, n in bins.items()} for c, bins in saved.items()}
+
+
+def _count(p: beam.Pipeline, sidecars: list[str], plan: FilterPlan, url: str):
+    return (
+        p
+        | "ListSidecars" >> beam.Create(sidecars)
+        | "SpreadShards" >> beam.Reshuffle()
+        | "CountConfidences" >> beam.ParDo(HistogramFn(plan))
+        | "SumPerClass" >> beam.CombinePerKey(merge_sparse)
+        | "Collect" >> beam.combiners.ToList()
+        | "Save" >> beam.Map(_save_histograms, url)
+    )
+
+
+def _write(p: beam.Pipeline, todo: list, plan: FilterPlan, size: float, rules: dict):
+    rule_table = p | "Rules" >> beam.Create([rules])
+    return (
+        p
+        | "ListChunks" >> beam.Create(todo)
+        | "SpreadChunks" >> beam.Reshuffle()
+        | "WriteTrainingShards"
+        >> beam.ParDo(WriteChunkFn(plan, size), beam.pvalue.AsSingleton(rule_table))
+    )
+
+
+def _save_histograms(pairs: list[tuple[int, dict[int, int]]], url: str) -> None:
+    write_json(url, {str(c): {str(b): n for b, n in bins.items()} for c, bins in sorted(pairs)})
+
+
+def chunks(sidecars: list[str], expected: float, shard_size: int, workers: int) -> list:
+    """Sidecars dealt into chunks of nearly equal size, in a seeded random order: each chunk
+    mixes images from all over the corpus, writes about SHARDS_PER_CHUNK training shards, and
+    there are enough chunks for every worker."""
+    wanted = max(workers, round(expected / (SHARDS_PER_CHUNK * shard_size)))
+    count = max(1, min(len(sidecars), wanted))
+    order = list(sidecars)
+    random.Random(CHUNK_SEED).shuffle(order)
+    return [(i, order[i::count]) for i in range(count)]
+
+
+def _workers(options) -> int:
+    values = options.get_all_options()
+    return int(values.get("direct_num_workers") or values.get("num_workers") or 1)
 
 
 def run(args: FilterArgs, beam_args: list[str]) -> dict:
     if not 0 <= args.threshold < 1:
         raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
+    if args.max_copies < 1:
+        raise UsageError(f"--max-copies must be at least 1, got {args.max_copies}")
     options = beam_options(args.runner, beam_args)
-    label_manifest = read_manifest(args.input)
-    if label_manifest is None or label_manifest.get("stage") != "label":
-        raise UsageError(
-            f"{args.input} holds no finished `pipeline label` output (no manifest.json)"
-        )
-    settings = {k: v for k, v in asdict(args).items() if k != "runner"}
-    done = read_manifest(args.output)
-    if done is not None and done.get("args") == settings:
-        return done
-    sidecars = expand_shards(args.input)
-    header = shard_info(sidecars[0])
+    label_manifest, sidecars = _label_folder(args)
+    teacher = label_manifest.get("teacher", "")
+    dedup_entries = shard_entries(args.dedup_against) if args.dedup_against else []
+    dedup = (
+        inputs_record(absolute(args.dedup_against), dedup_entries) if args.dedup_against else None
+    )
+    settings = {
+        k: v
+        for k, v in asdict(args).items()
+        if k not in ("runner", "overwrite", "describe_job", "input", "output")
+    }
+    out = StageOutput(
+        args.output,
+        "filter",
+        {
+            "labels": {
+                "folder": absolute(args.input),
+                "fingerprint": label_manifest["fingerprint"],
+            },
+            **settings,
+            "dedup_against": dedup,
+        },
+        inputs=[args.input, *sorted({parent(e.url) for e in dedup_entries})],
+        overwrite=args.overwrite,
+    )
+    if is_dry_run(options):
+        return _dry_run(args, options, sidecars, teacher)
+    done = out.open()
+    if done is not None:
+        return {**done, "already_done": True}
+    output = out.out_dir
+    started = time.monotonic()
     eval_dir, dedup_threshold = None, args.dedup_threshold
     if args.dedup_against:
-        if not header.get("embed"):
+        if not label_manifest["fingerprint"].get("embed"):
             raise UsageError("--dedup-against needs embeddings: run `pipeline label` with --embed")
-        eval_dir = _eval_embeddings(args, label_manifest, beam_args)
+        eval_dir = _eval_embeddings(args, output, label_manifest, beam_args)
         if dedup_threshold is None:
             dedup_threshold = EvalIndex.from_sidecars(eval_dir, None, args.dedup_fpr).threshold
-    started = time.monotonic()
     plan = FilterPlan(
-        args.output,
+        output,
         args.strategy,
         args.top_p if args.strategy == "topk" else 1,
         args.hard,
-        1,
-        args.shard_size,
         eval_dir,
         dedup_threshold,
-        header.get("teacher", ""),
+        teacher,
     )
-    hist = _histograms(sidecars, plan, options)
+    hist = dense(_histograms(sidecars, plan, options, join(output, WORK, "histograms.json")))
     if args.strategy == "topk":
         rules = topk_rules(hist, args.per_class)
-        expected = sum(min(args.per_class, int(hist[c].sum())) for c in rules)
     else:
-        rules = threshold_rules(hist, args.threshold, args.per_class)
-        expected = args.per_class * len(rules)
-    groups = max(1, math.ceil(expected / (args.shard_size * SHARDS_PER_GROUP)))
-    plan = FilterPlan(**{**asdict(plan), "groups": groups})
-
-    select_dir = join(args.output, f"{WORK}/select")
-    finished = {r.source for r in read_reports(select_dir)}
-    todo = [u for u in sidecars if u not in finished]
+        rules = threshold_rules(hist, args.threshold, args.per_class, args.max_copies)
+    if not rules:
+        out.abandon()
+        raise UsageError(_nothing_kept(hist, args.threshold))
+    expected = expected_copies(hist, rules)
+    size = expected / max(1, math.ceil(expected / args.shard_size))
+    work = chunks(sidecars, expected, args.shard_size, _workers(options))
+    clear_failures(output)
+    finished = reported(output)
+    todo = [c for c in work if chunk_name(c[0]) not in finished]
     if todo:
-        with (
-            ReportProgress(select_dir, len(todo), "filter: select"),
-            beam.Pipeline(options=options) as p,
-        ):
-            (
-                p
-                | "ListSidecars" >> beam.Create(todo)
-                | "SpreadShards" >> beam.Reshuffle()
-                | "SelectAndSpill" >> beam.ParDo(SelectShardFn(plan, rules))
-            )
-    selected = [r for r in read_reports(select_dir) if r.source in set(sidecars)]
-    totals = {g: sum(r.groups.get(str(g), 0) for r in selected) for g in range(groups)}
-    written = {r.source for r in read_reports(args.output)}
-    todo_groups = [
-        (g, n, m)
-        for g, (n, m) in _shard_counts(totals, args.shard_size).items()
-        if plan.group_name(g) not in written
-    ]
-    if todo_groups:
-        with (
-            ReportProgress(args.output, len(todo_groups), "filter: write"),
-            beam.Pipeline(options=options) as p,
-        ):
-            (
-                p
-                | "ListGroups" >> beam.Create(todo_groups)
-                | "SpreadGroups" >> beam.Reshuffle()
-                | "WriteTrainingShards" >> beam.ParDo(WriteGroupFn(plan))
-            )
-    out_reports = read_reports(args.output)
-    classes: dict[str, int] = {}
-    for r in selected:
-        for cls, n in r.classes.items():
-            classes[cls] = classes.get(cls, 0) + n
-    manifest = write_stage_manifest(
-        args.output,
-        "filter",
-        settings,
-        selected,
-        teacher=plan.teacher,
-        samples_written=sum(r.samples_out for r in out_reports),
-        images_kept=sum(r.samples_in for r in selected)
-        - sum(1 for r in selected for d in r.drops if d.key),
+        with ReportProgress(output, len(todo), "filter", done_before=len(finished)):
+            run_pipeline(options, lambda p: _write(p, todo, plan, size, rules))
+        raise_failures(output, "filter")
+    names = [chunk_name(i) for i, _ in work]
+    with ErrorLog(output) as log:
+        merged = merge_reports(output, names, log)
+    write_json(join(output, CLASSES_FILE), _class_names(args.input))
+    classes = merged.stats.get("classes", {})
+    kept_images = merged.samples_in - merged.drops.total()
+    return out.finish(
+        merged.samples_in,
+        merged.samples_out,
+        merged.drops,
+        merged.shard_faults,
+        {**asdict(args), "beam_args": beam_args},
+        teacher=teacher,
+        samples_written=merged.samples_out,
+        images_kept=kept_images,
         class_counts=dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
         class_thresholds={str(c): rule.min_bin / BINS for c, rule in rules.items()},
         class_rates={str(c): round(rule.rate, 4) for c, rule in rules.items()},
+        capped_classes=[str(c) for c in capped_classes(hist, rules, args.per_class)]
+        if args.strategy == "threshold"
+        else [],
         dedup_threshold=dedup_threshold,
-        output_shards=len(_shards_in(args.output)),
+        output_shards=len([e for e in list_dir(output) if is_shard_name(e.name)]),
+        chunks=len(work),
         seconds=round(time.monotonic() - started, 2),
+        summary={k: v for k, v in merged.stats.items() if k != "classes"},
     )
-    _remove(join(args.output, f"{WORK}/spill"))
-    return manifest
 
 
-def _shard_counts(totals: dict[int, int], shard_size: int) -> dict[int, tuple[int, int]]:
-    """Output shards per group so that every shard, in every group, holds about the same
-    number of samples: the corpus-wide size total / ceil(total / shard_size)."""
-    total = sum(totals.values())
-    size = total / max(1, math.ceil(total / shard_size))
-    return {g: (n, max(1, round(n / size))) for g, n in totals.items() if n}
+def _class_names(label_dir: str) -> list[str] | None:
+    return read_json(join(label_dir, CLASSES_FILE))
 
 
-def _shards_in(url: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.glob(path.rstrip("/") + "/*.tar")
+def _nothing_kept(hist: dict, threshold: float) -> str:
+    best = {c: (max(h.nonzero()[0]) + 1) / BINS for c, h in hist.items() if h.any()}
+    shown = ", ".join(f"class {c} {v:.3f}" for c, v in list(best.items())[:10])
+    return (
+        f"--threshold {threshold} keeps no pseudo-label: the highest confidence per class is "
+        f"{shown}{' ...' if len(best) > 10 else ''}; lower --threshold"
+    )
 
 
-def _remove(url: str) -> None:
-    """The spill is a full copy of the kept images: gone once the training shards are whole."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+def _dry_run(args: FilterArgs, options, sidecars: list[str], teacher: str) -> dict:
+    plan = FilterPlan(
+        absolute(args.output), args.strategy, args.top_p, args.hard, None, None, teacher
+    )
+    work = chunks(sidecars, 0, args.shard_size, _workers(options))
+    hist_url = join(plan.out_dir, WORK, "histograms.json")
+    steps, descriptions = [], []
+    for build in (
+        lambda p: _count(p, sidecars, plan, hist_url),
+        lambda p: _write(p, work, plan, args.shard_size, {}),
+    ):
+        description = describe_job(run_pipeline(options, build), options)
+        steps += description.get("steps", [])
+        descriptions.append(description)
+    job = {**descriptions[-1], "steps": steps, "stage": "filter", "input_shards": len(sidecars)}
+    if args.describe_job:
+        write_json(args.describe_job, job)
+    return {"dry_run": job}
 
 
 def summary(manifest: dict) -> str:
+    if "dry_run" in manifest:
+        job = manifest["dry_run"]
+        return (
+            f"Dry run: {job['runner']} built the filter jobs over {job['input_shards']} sidecars "
+            f"(steps {', '.join(job.get('steps', []))}; worker image "
+            f"{job['sdk_container_image']}) and submitted nothing; no output was written."
+        )
+    if manifest.get("already_done"):
+        return (
+            f"Nothing to do: {manifest['args']['output']} already holds this filter's output "
+            f"({manifest['samples_written']} training samples)."
+        )
     drops = ", ".join(f"{n} {reason}" for reason, n in manifest["drops"].items()) or "none"
     counts = list(manifest["class_counts"].values())
     spread = (
@@ -226,8 +314,16 @@ def summary(manifest: dict) -> str:
     )
     if manifest.get("dedup_threshold") is not None:
         drops += f" (near-copy cosine >= {manifest['dedup_threshold']:.3f})"
+    capped = manifest.get("capped_classes") or []
     return (
         f"Filtered {manifest['samples_in']} pseudo-labels: kept {manifest['images_kept']} images as "
         f"{manifest['samples_written']} training samples ({spread}) in {manifest['output_shards']} shards "
-        f"in {manifest['seconds']} s. Dropped: {drops}. Manifest and errors.jsonl are in {manifest['args']['output']}."
+        f"in {manifest['seconds']} s. Dropped: {drops}."
+        + (
+            f" {len(capped)} classes had too few images for --per-class and were capped at "
+            f"--max-copies {manifest['args']['max_copies']:g} copies per image."
+            if capped
+            else ""
+        )
+        + f" Manifest and errors.jsonl are in {manifest['args']['output']}."
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,31 +48,74 @@ class ClassRule:
         return whole + (unit_draw(key, "copies") < self.rate - whole)
 
 
-def threshold_rules(hist: np.ndarray, threshold: float, per_class: int) -> dict[int, ClassRule]:
+Histograms = Mapping[int, np.ndarray]  # class -> counts per confidence bin (BINS of them)
+
+
+def dense(sparse: Mapping[int, Mapping[int, int]]) -> dict[int, np.ndarray]:
+    """Per-class histograms from the sparse {bin: count} maps pass 1 collects."""
+    hists = {}
+    for cls, counts in sparse.items():
+        hist = np.zeros(BINS, np.int64)
+        hist[np.fromiter(counts.keys(), np.int64)] = np.fromiter(counts.values(), np.int64)
+        hists[int(cls)] = hist
+    return dict(sorted(hists.items()))
+
+
+def _above(counts: np.ndarray) -> np.ndarray:
+    """Images with confidence in each bin or higher."""
+    return np.cumsum(counts[::-1])[::-1]
+
+
+def threshold_rules(
+    hist: Histograms, threshold: float, per_class: int, max_copies: float = math.inf
+) -> dict[int, ClassRule]:
     """Noisy Student's rule: t_c is `threshold` or a 0.01 step above it, the highest that
-    leaves at least `per_class` images; a class with fewer keeps all above `threshold`."""
+    leaves at least `per_class` images; a class with fewer keeps all above `threshold`,
+    each image at most `max_copies` times."""
     start = math.ceil(threshold * BINS - 1e-9)
     if start >= BINS:
         return {}
     steps = [start] + [b for b in range(0, BINS, BINS // 100) if b > start]
     rules = {}
-    for cls, counts in enumerate(hist):
-        above = np.cumsum(counts[::-1])[::-1]  # images with confidence in this bin or higher
+    for cls, counts in hist.items():
+        above = _above(counts)
         if above[start] == 0:
             continue
         enough = [b for b in steps if above[b] >= per_class]
         min_bin = enough[-1] if enough else start
-        rules[cls] = ClassRule(min_bin=min_bin, rate=per_class / int(above[min_bin]))
+        rate = min(per_class / int(above[min_bin]), max_copies)
+        rules[cls] = ClassRule(min_bin=min_bin, rate=rate)
     return rules
 
 
-def topk_rules(hist: np.ndarray, per_class: int) -> dict[int, ClassRule]:
+def capped_classes(hist: Histograms, rules: Mapping[int, ClassRule], per_class: int) -> list[int]:
+    """Classes whose rate the copy cap lowered: too few images to reach `per_class`."""
+    return [
+        cls
+        for cls, rule in rules.items()
+        if rule.rate < per_class / int(_above(hist[cls])[rule.min_bin])
+    ]
+
+
+def expected_copies(hist: Histograms, rules: Mapping[int, ClassRule]) -> float:
+    """Training samples the rules make, in expectation: what sizes the output shards."""
+    total = 0.0
+    for cls, rule in rules.items():
+        above = _above(hist[cls])
+        kept = above[rule.min_bin] if rule.min_bin < BINS else 0
+        if rule.min_bin > 0:
+            kept += rule.edge_keep * hist[cls][rule.min_bin - 1]
+        total += rule.rate * float(kept)
+    return total
+
+
+def topk_rules(hist: Histograms, per_class: int) -> dict[int, ClassRule]:
     """Yalniz et al.: the K most confident per class, ties at the cut broken by the key."""
     rules = {}
-    for cls, counts in enumerate(hist):
+    for cls, counts in hist.items():
         if counts.sum() == 0:
             continue
-        above = np.cumsum(counts[::-1])[::-1]
+        above = _above(counts)
         full = np.nonzero(above <= per_class)[0]
         min_bin = int(full[0]) if full.size else BINS
         taken = int(above[min_bin]) if min_bin < BINS else 0

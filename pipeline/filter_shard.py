@@ -1,33 +1,38 @@
-"""The work of `pipeline filter` on one shard or one output group.
+"""The work of `pipeline filter` on one sidecar (pass 1) or one chunk of sidecars (pass 2).
 
-Pass 1 (`class_histograms`) counts confidences per class; pass 2 (`SelectShardFn`) decides
-for every pseudo-label whether and how often it is kept, and spills the kept copies, image
-bytes included, into one small tar per (input shard, output group); pass 3
-(`WriteGroupFn`) deals each group's copies over its output shards at even sizes, copies of
-one image on different shards where there are enough, shuffled within each shard. Every
-pass streams: memory depends on shard and buffer sizes, never on the corpus.
+Pass 1 (`HistogramFn`) counts confidences per class, sparsely: (class, {bin: count}).
+Pass 2 (`WriteChunkFn`) takes a chunk of sidecars (a seeded random draw of the input), decides
+for every pseudo-label whether and how often it is kept, walks the source shards for the
+images (checking each against the content hash the label stored), and deals the copies
+straight into the chunk's own training shards: sizes within one of each other, copies of
+one image on different shards, each shard shuffled through a small buffer. No spill, no
+second copy of the images: objects written are the training shards and one report per
+chunk, and memory depends on the chunk, never on the corpus.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 from apache_beam.utils.shared import Shared
 
 from data.decode import find_image
 from data.errors import Drop
-from data.read import iter_samples, iter_shard
-from data.records import PseudoLabel, encode_pseudo, read_pseudo_shard, shard_header
+from data.read import iter_shard
+from data.records import PseudoLabel, content_hash, encode_pseudo, read_pseudo_shard, shard_header
 from data.stages import batched
-from data.write import AtomicShard, join, open_shard, shard_name
+from data.storage import join
+from data.write import open_shard
 from pipeline.dedup import EvalIndex
-from pipeline.filter_rules import BINS, ClassRule, conf_bin, unit_draw
-from pipeline.reports import ShardReport, write_shard_report
+from pipeline.filter_rules import ClassRule, conf_bin, unit_draw
+from pipeline.label_shard import USER_ERRORS
+from pipeline.reports import ShardReport, record_failure, write_shard_report
+from pipeline.summaries import LabelSummary
 
 WORK = "_work"
 SHUFFLE_BUFFER = 64
@@ -41,19 +46,13 @@ class FilterPlan:
     strategy: str  # "threshold" or "topk"
     top_p: int
     hard: bool
-    groups: int
-    shard_size: int
     eval_dir: str | None
     dedup_threshold: float | None
     teacher: str
 
-    def spill_url(self, group: int, sidecar_url: str) -> str:
-        return join(
-            join(self.out_dir, f"{WORK}/spill/g{group:05d}"), sidecar_url.rsplit("/", 1)[-1]
-        )
 
-    def group_name(self, group: int) -> str:
-        return f"train-{group:05d}"
+def chunk_name(index: int) -> str:
+    return f"train-{index:05d}"
 
 
 _shared_eval = Shared()
@@ -87,8 +86,14 @@ def _entries(label: PseudoLabel, plan: FilterPlan) -> list[tuple[int, float]]:
     return [(label.top1, label.confidence)]
 
 
+def _labels_with_matches(url: str, index: EvalIndex | None, on_error) -> Iterator[tuple]:
+    for chunk in batched(read_pseudo_shard(url, on_error), 256):
+        yield from zip(chunk, _eval_matches(index, chunk), strict=True)
+
+
 class HistogramFn(beam.DoFn):
-    """Pass 1: per-class confidence histograms of one sidecar shard, eval duplicates left out."""
+    """Pass 1: per-class confidence histograms of one sidecar, evaluation copies left out,
+    as sparse {bin: count} maps (at 1,000 classes most bins of a shard are empty)."""
 
     def __init__(self, plan: FilterPlan) -> None:
         self.plan = plan
@@ -96,15 +101,21 @@ class HistogramFn(beam.DoFn):
     def setup(self) -> None:
         self.eval_index = load_eval_index(self.plan)
 
-    def process(self, url: str) -> Iterator[tuple[int, np.ndarray]]:
-        hists: dict[int, np.ndarray] = {}
-        for chunk in batched(read_pseudo_shard(url, lambda d: None), 256):
-            for label, match in zip(chunk, _eval_matches(self.eval_index, chunk), strict=True):
-                if match is not None:
-                    continue
+    def process(self, url: str) -> Iterator[tuple[int, dict[int, int]]]:
+        hists: dict[int, Counter] = {}
+        for label, match in _labels_with_matches(url, self.eval_index, lambda d: None):
+            if match is None:
                 for cls, prob in _entries(label, self.plan):
-                    hists.setdefault(cls, np.zeros(BINS, np.int64))[conf_bin(prob)] += 1
-        yield from hists.items()
+                    hists.setdefault(cls, Counter())[int(conf_bin(prob))] += 1
+        for cls, counts in hists.items():
+            yield cls, dict(counts)
+
+
+def merge_sparse(parts: list[dict[int, int]]) -> dict[int, int]:
+    total: Counter = Counter()
+    for part in parts:
+        total.update(part)
+    return dict(total)
 
 
 class _Aligned:
@@ -115,6 +126,7 @@ class _Aligned:
         # What cannot be read from the source (a cut, an unsafe member name) was listed by
         # `pipeline label`, and never became a pseudo-label; listing it again here would count
         # a drop against no input record. A record whose source is gone is `missing_source`.
+        self.source = source
         self.samples = iter_shard(source, lambda drop: None)
 
     def find(self, key: str) -> dict | None:
@@ -124,7 +136,7 @@ class _Aligned:
         return None
 
 
-def _training_label(label: PseudoLabel, cls: int, plan: FilterPlan) -> PseudoLabel:
+def training_label(label: PseudoLabel, cls: int, plan: FilterPlan) -> PseudoLabel:
     if plan.hard or plan.strategy == "topk":
         return PseudoLabel(
             label.key, np.array([cls]), np.array([1.0], np.float16), 1.0, 0.0, label.content_hash
@@ -134,17 +146,14 @@ def _training_label(label: PseudoLabel, cls: int, plan: FilterPlan) -> PseudoLab
     )
 
 
-class SelectShardFn(beam.DoFn):
-    """Pass 2: keep, cut or copy every pseudo-label of one sidecar; spill the copies by group."""
+class Selection:
+    """The filter's rules applied to one pseudo-label: the classes it is kept under, one
+    entry per copy, or the reason it is not kept."""
 
     def __init__(self, plan: FilterPlan, rules: dict[int, ClassRule]) -> None:
         self.plan, self.rules = plan, rules
 
-    def setup(self) -> None:
-        self.eval_index = load_eval_index(self.plan)
-
-    def _selections(self, label: PseudoLabel) -> tuple[list[int], str | None]:
-        """Classes the label is kept under (one entry per copy), or the reason it is not."""
+    def __call__(self, label: PseudoLabel) -> tuple[list[int], str | None]:
         kept: list[int] = []
         for cls, prob in _entries(label, self.plan):
             rule = self.rules.get(cls)
@@ -159,64 +168,6 @@ class SelectShardFn(beam.DoFn):
         if rule is None or not rule.keeps(int(conf_bin(label.confidence)), label.key):
             return [], "below_threshold"
         return [], "balanced_out"
-
-    def process(self, url: str) -> Iterator[dict]:
-        report = ShardReport(source=url, output=url.rsplit("/", 1)[-1])
-        spills: dict[int, AtomicShard] = {}
-        aligned = None
-        try:
-            for chunk in batched(read_pseudo_shard(url, report.drops.append), 256):
-                report.samples_in += len(chunk)
-                aligned = aligned or _Aligned(chunk[0].source)
-                for label, match in zip(chunk, _eval_matches(self.eval_index, chunk), strict=True):
-                    self._select(label, match, aligned, url, spills, report)
-            report.groups = {str(g): s.count for g, s in sorted(spills.items())}
-            for shard in spills.values():
-                shard.commit()
-        except BaseException:
-            for shard in spills.values():
-                shard.abort()
-            raise
-        write_shard_report(join(self.plan.out_dir, f"{WORK}/select"), report)
-        yield report.to_json()
-
-    def _select(
-        self, label, match, aligned: _Aligned, url: str, spills: dict, report: ShardReport
-    ) -> None:
-        source = label.source
-        if match is not None:
-            report.drops.append(Drop(source, label.key, match[0], f"matches {match[1]}"))
-            return
-        classes, reason = self._selections(label)
-        if reason is not None:
-            report.drops.append(Drop(source, label.key, reason))
-            return
-        sample = aligned.find(label.key)
-        if sample is None or find_image(sample) is None:
-            report.drops.append(Drop(source, label.key, "missing_source"))
-            return
-        self._spill(label, sample, classes, url, spills)
-        report.samples_out += len(classes)
-        for cls in classes:
-            report.classes[str(cls)] = report.classes.get(str(cls), 0) + 1
-
-    def _spill(
-        self, label: PseudoLabel, sample: dict, classes: list[int], url: str, spills: dict
-    ) -> None:
-        ext, image = find_image(sample)
-        first = int(unit_draw(label.key, "group") * self.plan.groups)
-        for copy, cls in enumerate(classes):
-            group = (first + copy) % self.plan.groups
-            if group not in spills:
-                spills[group] = AtomicShard(self.plan.spill_url(group, url))
-            spills[group].write(
-                {
-                    "__key__": f"{label.key}_c{copy:03d}",
-                    ext: image,
-                    "cls": str(cls).encode(),
-                    "pl": encode_pseudo(_training_label(label, cls, self.plan)),
-                }
-            )
 
 
 class _ShuffledShard:
@@ -243,72 +194,135 @@ class _ShuffledShard:
         i = self.rng.randrange(len(self.buffer))
         for step in range(len(self.buffer)):
             j = (i + step) % len(self.buffer)
-            if _image_of(self.buffer[j]) != self.last_image:
+            if self.buffer[j]["__image__"] != self.last_image:
                 i = j
                 break
         self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
         sample = self.buffer.pop()
-        self.last_image = _image_of(sample)
+        self.last_image = sample.pop("__image__")
         self.shard.write(sample)
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Commit the shard; returns its size in bytes."""
         while self.buffer:
             self._emit()
+        size = self.shard.close_tar()
         self.shard.commit()
+        return size
+
+    def abort(self) -> None:
+        self.shard.abort()
 
 
-def _image_of(sample: dict) -> str:
-    return sample["__key__"].rsplit("_c", 1)[0]
+class WriteChunkFn(beam.DoFn):
+    """Pass 2: one chunk of sidecars in, its training shards (`train-CHUNK-K.tar`) and one
+    report out. A rerun after a kill passes over the chunk's shards that were committed:
+    the chunk's choices are fixed by the keys, so it refills the rest exactly."""
 
+    def __init__(self, plan: FilterPlan, size: float) -> None:
+        self.plan, self.size = plan, size
 
-class WriteGroupFn(beam.DoFn):
-    """Pass 3: deal one group's spilled copies over its `count` output shards, sizes within
-    one of each other (the driver picks `count` so sizes match across groups too)."""
+    def setup(self) -> None:
+        self.eval_index = load_eval_index(self.plan)
 
-    def __init__(self, plan: FilterPlan) -> None:
-        self.plan = plan
+    def process(self, element: tuple[int, list[str]], rules: dict) -> Iterator[dict]:
+        index, sidecars = element
+        name = chunk_name(index)
+        try:
+            report = self._write(name, sidecars, Selection(self.plan, rules))
+        except USER_ERRORS as exc:
+            record_failure(self.plan.out_dir, name, exc)
+            return
+        yield {"chunk": name, "samples_out": report.samples_out}
 
-    def process(self, item: tuple[int, int, int]) -> Iterator[dict]:
-        group, total, count = item
-        name = self.plan.group_name(group)
-        report = ShardReport(source=name, output=name, samples_in=total)
-        spill_dir = join(self.plan.out_dir, f"{WORK}/spill/g{group:05d}")
-        fs, path = fsspec.core.url_to_fs(spill_dir)
-        spills = (
-            sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
-            if fs.exists(path)
-            else []
-        )
-        sizes = [total // count + (k < total % count) for k in range(count)]
-        shards = []
-        for k, size in enumerate(sizes):
-            target = open_shard(join(self.plan.out_dir, shard_name(name, k)))
-            target.write(shard_header(teacher=self.plan.teacher, group=group, index=k))
-            shards.append(_ShuffledShard(target, size, f"{name}/{k}"))
-        for sample in iter_samples(
-            [_with_protocol(spill_dir, p) for p in spills], report.drops.append
-        ):
-            first = int(unit_draw(_image_of(sample), "shard") * count)
-            copy = int(sample["__key__"].rsplit("_c", 1)[1])
-            for step in range(count):
-                shard = shards[(first + copy + step) % count]
-                if not shard.full:
-                    shard.add(
-                        {
-                            k: v
-                            for k, v in sample.items()
-                            if not k.startswith("__") or k == "__key__"
-                        }
+    def _choose(self, sidecars: list[str], select: Selection, report: ShardReport) -> list:
+        """Every kept label with its classes (one per copy), in sidecar order."""
+        kept = []
+        for url in sidecars:
+            for label, match in _labels_with_matches(url, self.eval_index, report.drops.append):
+                report.samples_in += 1
+                if match is not None:
+                    report.drops.append(
+                        Drop(label.source, label.key, match[0], f"matches {match[1]}")
                     )
-                    break
-        for shard in shards:
-            shard.close()
-        report.samples_out = sum(s.received for s in shards)
-        write_shard_report(self.plan.out_dir, report)
-        yield report.to_json()
+                    continue
+                classes, reason = select(label)
+                if reason is not None:
+                    report.drops.append(Drop(label.source, label.key, reason))
+                else:
+                    kept.append((label, classes))
+        return kept
 
+    def _write(self, name: str, sidecars: list[str], select: Selection) -> ShardReport:
+        report = ShardReport(source=name, output=name)
+        kept = self._choose(sidecars, select, report)
+        total = sum(len(classes) for _, classes in kept)
+        count = max(1, round(total / self.size)) if total else 0
+        sizes = [total // count + (k < total % count) for k in range(count)] if count else []
+        shards = []
+        try:
+            for k, size in enumerate(sizes):
+                target = open_shard(join(self.plan.out_dir, f"{name}-{k:03d}.tar"))
+                target.write(shard_header(teacher=self.plan.teacher, chunk=name, index=k))
+                shards.append(_ShuffledShard(target, size, f"{name}/{k}"))
+            stats = self._deal(kept, shards, report)
+            stats["bytes"] = sum(shard.close() for shard in shards)
+        except BaseException:
+            for shard in shards:
+                shard.abort()
+            raise
+        report.stats = stats
+        write_shard_report(self.plan.out_dir, report, name)
+        return report
 
-def _with_protocol(directory: str, path: str) -> str:
-    if "://" in directory and "://" not in path:
-        return directory.split("://", 1)[0] + "://" + path
-    return path
+    def _deal(self, kept: list, shards: list[_ShuffledShard], report: ShardReport) -> dict:
+        """Copies into the shards; returns what stats reads: classes, copies per image, and
+        the soft labels' confidence and entropy, as the training samples hold them."""
+        classes_out: Counter = Counter()
+        copies_per_image: Counter = Counter()
+        labels = LabelSummary()
+        aligned: _Aligned | None = None
+        for label, classes in kept:
+            source = label.source
+            if aligned is None or aligned.source != source:  # kept labels come source by source
+                aligned = _Aligned(source)
+            sample = aligned.find(label.key)
+            found = find_image(sample) if sample is not None else None
+            if found is None:
+                report.drops.append(Drop(source, label.key, "missing_source"))
+                continue
+            ext, image = found
+            if content_hash(image) != label.content_hash:
+                report.drops.append(
+                    Drop(source, label.key, "source_changed", "image differs from the labeled one")
+                )
+                continue
+            first = int(unit_draw(label.key, "shard") * len(shards))
+            written = 0
+            for copy, cls in enumerate(classes):
+                target = training_label(label, cls, self.plan)
+                for step in range(len(shards)):
+                    shard = shards[(first + copy + step) % len(shards)]
+                    if not shard.full:
+                        shard.add(
+                            {
+                                "__key__": f"{label.key}_c{copy:03d}",
+                                "__image__": label.key,
+                                ext: image,
+                                "cls": str(cls).encode(),
+                                "pl": encode_pseudo(target),
+                            }
+                        )
+                        written += 1
+                        classes_out[cls] += 1
+                        labels.add(
+                            target.top1, *np.float16([target.confidence, target.entropy]).tolist()
+                        )
+                        break
+            report.samples_out += written
+            copies_per_image[str(written)] += 1
+        return {
+            **labels.to_json(),
+            "classes": {str(c): n for c, n in classes_out.items()},
+            "copies": dict(copies_per_image),
+        }

@@ -2,22 +2,36 @@
 
 shards -> spread over workers -> label each shard (decode, eval transform, batched
 forward, top-k) -> one sidecar shard per input shard -> manifest
+
+The launcher lists the inputs and the output folder (a few listings, whatever the number of
+shards), reads only the teacher's metadata, and leaves the model, the device and the
+shards to the workers.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import apache_beam as beam
 
-from data.specs import expand_shards
-from pipeline.beam_options import beam_options
-from pipeline.cli_errors import UsageError
-from pipeline.label_shard import LabelShardFn, sidecar_url
-from pipeline.reports import ReportProgress, is_done, read_reports, write_stage_manifest
-from teachers import load_teacher
+from data.manifest import ErrorLog, StageOutput, inputs_record
+from data.specs import shard_entries
+from data.storage import absolute, join, parent, write_json
+from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
+from pipeline.label_shard import LabelShardFn, sidecar_names
+from pipeline.reports import (
+    ReportProgress,
+    clear_failures,
+    done_outputs,
+    merge_reports,
+    raise_failures,
+    reported,
+)
+from teachers import describe_teacher, is_run_dir
+
+CLASSES_FILE = "classes.json"
 
 
 @dataclass
@@ -31,16 +45,8 @@ class LabelArgs:
     embed: bool = False
     device: str = "auto"
     runner: str | None = None
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but no CUDA device is available")
-    return device
+    overwrite: bool = False
+    describe_job: str | None = None
 
 
 def _threads_per_worker(options) -> int | None:
@@ -52,55 +58,108 @@ def _threads_per_worker(options) -> int | None:
 
 
 def run(args: LabelArgs, beam_args: list[str]) -> dict:
-    if not os.path.isdir(args.teacher) and args.weights is None:
-        raise UsageError(
-            f"--weights FILE is required with a model name ({args.teacher}); "
-            "or pass a run directory as --teacher"
-        )
     options = beam_options(args.runner, beam_args)
-    device = resolve_device(args.device)
-    _, info = load_teacher(args.teacher, args.weights)  # bad weights fail here, not in a worker
-    shards = expand_shards(args.input)
-    todo = [u for u in shards if not is_done(args.output, sidecar_url(args.output, u))]
+    teacher = absolute(args.teacher) if is_run_dir(args.teacher) else args.teacher
+    weights = absolute(args.weights) if args.weights else None
+    teacher_id, class_names = describe_teacher(teacher, weights)
+    entries = shard_entries(args.input)
+    sources = [e.url for e in entries]
+    names = sidecar_names(sources)
     label = LabelShardFn(
-        args.teacher,
-        args.weights,
-        args.output,
+        teacher,
+        weights,
+        teacher_id,
+        absolute(args.output),
         args.batch_size,
         args.topk,
         args.embed,
-        device,
+        args.device,
         _threads_per_worker(options),
     )
-    started = time.monotonic()
-    if todo:
-        with ReportProgress(args.output, len(todo), "label"), beam.Pipeline(options=options) as p:
-            (
-                p
-                | "ListShards" >> beam.Create(todo)
-                | "SpreadShards" >> beam.Reshuffle()
-                | "LabelShards" >> beam.ParDo(label)
-            )
-    seconds = time.monotonic() - started
-    reports = [r for r in read_reports(args.output) if r.source in set(shards)]
-    manifest = write_stage_manifest(
+
+    def build(todo: list[tuple[str, str]]):
+        return lambda p: (
+            p
+            | "ListShards" >> beam.Create(todo)
+            | "SpreadShards" >> beam.Reshuffle()
+            | "LabelShards" >> beam.ParDo(label)
+        )
+
+    if is_dry_run(options):
+        result = run_pipeline(options, build(list(zip(sources, names, strict=True))))
+        return _dry_run(args, result, options, len(sources))
+
+    out = StageOutput(
         args.output,
         "label",
-        {**vars(args), "beam_args": beam_args},
-        reports,
-        teacher=info.teacher_id,
-        shards_done_before=len(shards) - len(todo),
-        seconds=round(seconds, 2),
-        images_per_second=round(
-            sum(r.samples_out for r in reports if r.source in todo) / max(seconds, 1e-9), 2
-        ),
+        {
+            "input": inputs_record(absolute(args.input), entries),
+            "teacher": teacher_id,
+            "topk": args.topk,
+            "embed": args.embed,
+            "batch_size": args.batch_size,
+            "device": args.device,
+        },
+        inputs=sorted({parent(u) for u in sources}) + ([teacher] if weights is None else []),
+        overwrite=args.overwrite,
     )
-    return manifest
+    done = out.open()
+    if done is not None:
+        return {**done, "already_done": True}
+    output = out.out_dir
+    clear_failures(output)
+    finished = done_outputs(output)
+    todo = [(u, n) for u, n in zip(sources, names, strict=True) if n not in finished]
+    started = time.monotonic()
+    if todo:
+        before = len(reported(output))
+        with ReportProgress(output, len(todo), "label", done_before=before):
+            run_pipeline(options, build(todo))
+        raise_failures(output, "label")
+    seconds = time.monotonic() - started
+    fresh = {n for _, n in todo}
+    with ErrorLog(output) as log:
+        merged = merge_reports(output, names, log, fresh)
+    if class_names is not None:
+        write_json(join(output, CLASSES_FILE), class_names)
+    return out.finish(
+        merged.samples_in,
+        merged.samples_out,
+        merged.drops,
+        merged.shard_faults,
+        {**asdict(args), "beam_args": beam_args},
+        teacher=teacher_id,
+        shards=merged.shards,
+        shards_done_before=len(names) - len(fresh),
+        seconds=round(seconds, 2),
+        images_per_second=round(merged.fresh_samples_out / max(seconds, 1e-9), 2) if fresh else 0.0,
+        summary=merged.stats,
+    )
+
+
+def _dry_run(args: LabelArgs, result, options, shards: int) -> dict:
+    description = {**describe_job(result, options), "stage": "label", "input_shards": shards}
+    if args.describe_job:
+        write_json(args.describe_job, description)
+    return {"dry_run": description}
 
 
 def summary(manifest: dict) -> str:
+    if "dry_run" in manifest:
+        job = manifest["dry_run"]
+        return (
+            f"Dry run: {job['runner']} built the label job over {job['input_shards']} shards "
+            f"(steps {', '.join(job.get('steps', []))}; worker image "
+            f"{job['sdk_container_image']}) and submitted nothing; no output was written."
+        )
     drops = ", ".join(f"{n} {reason}" for reason, n in manifest["drops"].items()) or "none"
     faults = ", ".join(f"{n} {r}" for r, n in manifest["shard_faults"].items())
+    if manifest.get("already_done"):
+        return (
+            f"Nothing to do: {manifest['args']['output']} already holds these labels "
+            f"({manifest['samples_out']} of {manifest['samples_in']} samples, teacher "
+            f"{manifest['teacher']})."
+        )
     return (
         f"Labeled {manifest['samples_out']} of {manifest['samples_in']} samples from "
         f"{manifest['shards']} shards with teacher {manifest['teacher']} in {manifest['seconds']} s "

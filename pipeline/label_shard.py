@@ -17,20 +17,52 @@ import torch
 from apache_beam.utils.shared import Shared
 
 from data.decode import decode_image, find_image
-from data.errors import Drop
+from data.errors import Drop, UsageError
 from data.read import iter_shard
 from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header
 from data.stages import batched, prefetch
-from data.write import AtomicShard, join
-from pipeline.reports import ShardReport, write_shard_report
-from teachers import Predictor, eval_transform, load_teacher
+from data.storage import basename, join
+from data.write import AtomicShard
+from pipeline.reports import ShardReport, record_failure, write_shard_report
+from pipeline.summaries import LabelSummary
+from teachers import Predictor, eval_transform, load_teacher, resolve_device
 
 EMBED_DIM = 256
+# What a worker reports instead of crashing: mistakes the user can fix (no GPU for --device
+# cuda, weights that do not load, an output it cannot write). Anything else is a bug.
+USER_ERRORS = (UsageError, ValueError, OSError)
 
 
-def sidecar_url(out_dir: str, source_url: str) -> str:
-    """One sidecar per source shard, under the same name, so the pair is found by name."""
-    return join(out_dir, source_url.rsplit("/", 1)[-1])
+def sidecar_names(sources: list[str]) -> list[str]:
+    """One sidecar name per source shard, in order: the shard's own name (as .tar), or, where
+    two input folders hold the same name, its path below their common folder with "/" as
+    "__". Names that would still collide are refused before anything is written."""
+    names = [_tar_name(basename(u)) for u in sources]
+    if len(set(names)) < len(names):
+        folders = [u.rsplit("/", 1)[0].split("/") for u in sources]
+        common = 0
+        while all(len(f) > common and f[common] == folders[0][common] for f in folders):
+            common += 1
+        names = [
+            _tar_name("__".join(folder[common:] + [basename(url)]))
+            for folder, url in zip(folders, sources, strict=True)
+        ]
+    first: dict[str, str] = {}
+    for name, url in zip(names, sources, strict=True):
+        if name in first:
+            raise UsageError(
+                f"{first[name]} and {url} would both be labeled into {name}; "
+                "rename one of them or label them in separate jobs"
+            )
+        first[name] = url
+    return names
+
+
+def _tar_name(name: str) -> str:
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".tar"
+    return name + ".tar"
 
 
 def embedding_projection(dim: int, out_dim: int = EMBED_DIM) -> torch.Tensor | None:
@@ -54,8 +86,16 @@ class Teacher:
     projection: torch.Tensor | None
 
     @classmethod
-    def load(cls, teacher: str, weights: str | None, device: str) -> Teacher:
+    def load(
+        cls, teacher: str, weights: str | None, device: str, expected_id: str | None = None
+    ) -> Teacher:
+        device = resolve_device(device)
         model, info = load_teacher(teacher, weights, device=device)
+        if expected_id is not None and info.teacher_id != expected_id:
+            raise UsageError(
+                f"the teacher's weights changed after the job started ({expected_id} then, "
+                f"{info.teacher_id} now): rerun the command"
+            )
         predictor = Predictor(model, device=device)
         with torch.inference_mode():
             size = info.eval_size
@@ -95,25 +135,36 @@ def summarise(
 
 
 def label_shard(
-    url: str, out_dir: str, teacher: Teacher, batch_size: int, topk: int, embed: bool
+    url: str, name: str, out_dir: str, teacher: Teacher, batch_size: int, topk: int, embed: bool
 ) -> ShardReport:
-    """Label one shard and commit its sidecar; returns the report of what went in and out."""
-    started = time.monotonic()
-    out_url = sidecar_url(out_dir, url)
-    report = ShardReport(source=url, output=out_url)
-    counted = []
+    """Label one shard into the sidecar `out_dir/name`; returns what went in and out.
 
-    def counting(samples: Iterator[dict]) -> Iterator[dict]:
+    Every sample read is counted once: labeled, or dropped with a reason. A key seen twice in
+    one shard keeps its first sample (a second label under the same key could never be told
+    apart from the first downstream)."""
+    started = time.monotonic()
+    out_url = join(out_dir, name)
+    report = ShardReport(source=url, output=out_url)
+    seen: set[str] = set()
+    summary = LabelSummary()
+
+    def first_of_each_key(samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
-            counted.append(1)
+            report.samples_in += 1
+            if sample["__key__"] in seen:
+                report.drops.append(
+                    Drop(url, sample["__key__"], "duplicate_key", "an earlier sample has it")
+                )
+                continue
+            seen.add(sample["__key__"])
             yield sample
 
     def read_error(drop: Drop) -> None:
         report.drops.append(drop)
         if drop.key is not None:  # a sample read from the shard but never yielded (unsafe name)
-            counted.append(1)
+            report.samples_in += 1
 
-    samples = counting(iter_shard(url, read_error))
+    samples = first_of_each_key(iter_shard(url, read_error))
     batches = prefetch(batched(_decoded(samples, teacher.transform, report.drops), batch_size))
     shard = AtomicShard(out_url)
     try:
@@ -135,10 +186,12 @@ def label_shard(
                     emb[j].astype(np.float16) if embed else None,
                 )
                 shard.write(pseudo_sample(label))
-        report.samples_in = len(counted)
+                # What the record holds (float16), so a scan of the sidecars agrees exactly.
+                summary.add(label.top1, *np.float16([label.confidence, label.entropy]).tolist())
         report.samples_out = shard.count - 1
         report.seconds = time.monotonic() - started
-        write_shard_report(out_dir, report)
+        report.stats = {**summary.to_json(), "bytes": shard.close_tar()}
+        write_shard_report(out_dir, report, name)
         shard.commit()
     except BaseException:
         shard.abort()
@@ -147,13 +200,15 @@ def label_shard(
 
 
 class LabelShardFn(beam.DoFn):
-    """Beam's unit of work: a shard URL in, its report out. The teacher is loaded once per
-    worker process and shared by the threads of that process."""
+    """Beam's unit of work: (shard URL, sidecar name) in, its report out. The teacher is
+    loaded once per worker process, on the worker's own device, and shared by the threads
+    of that process. A mistake the user can fix is recorded for the launcher, not raised."""
 
     def __init__(
         self,
         teacher: str,
         weights: str | None,
+        teacher_id: str,
         out_dir: str,
         batch_size: int,
         topk: int,
@@ -161,7 +216,7 @@ class LabelShardFn(beam.DoFn):
         device: str,
         threads: int | None,
     ) -> None:
-        self.spec = (teacher, weights, device)
+        self.spec = (teacher, weights, device, teacher_id)
         self.out_dir, self.batch_size, self.topk, self.embed = out_dir, batch_size, topk, embed
         self.threads = threads
         self.shared = Shared()
@@ -170,14 +225,22 @@ class LabelShardFn(beam.DoFn):
         if self.threads:
             torch.set_num_threads(self.threads)
         tag = hashlib.sha1(repr(self.spec).encode()).hexdigest()
-        self.teacher = self.shared.acquire(lambda: Teacher.load(*self.spec), tag=tag)
+        self.teacher, self.failure = None, None
+        try:
+            self.teacher = self.shared.acquire(lambda: Teacher.load(*self.spec), tag=tag)
+        except USER_ERRORS as exc:
+            self.failure = exc
 
-    def process(self, url: str) -> Iterator[dict]:
-        report = label_shard(
-            url, self.out_dir, self.teacher, self.batch_size, self.topk, self.embed
-        )
+    def process(self, element: tuple[str, str]) -> Iterator[dict]:
+        url, name = element
+        try:
+            if self.failure is not None:
+                raise self.failure
+            report = label_shard(
+                url, name, self.out_dir, self.teacher, self.batch_size, self.topk, self.embed
+            )
+        except USER_ERRORS as exc:
+            record_failure(self.out_dir, name, exc)
+            return
         beam.metrics.Metrics.counter("label", "images").inc(report.samples_out)
-        beam.metrics.Metrics.counter("label", "dropped").inc(
-            len([d for d in report.drops if d.key])
-        )
-        yield report.to_json()
+        yield {"output": name, "samples_out": report.samples_out}

@@ -1,26 +1,36 @@
-"""Per-shard reports: how a Beam stage accounts for every sample and knows what is done.
+"""Per-shard reports: how a Beam stage accounts for every sample, knows what is done, and
+hears of a worker's failure, on any runner.
 
-Each worker writes `OUTPUT/_reports/<shard>.json` just before it commits the shard itself.
-The driver treats a shard as done when both exist, shows progress by counting reports
-(this works the same on a laptop and on Dataflow with a gs:// output), and merges them
-into the stage's manifest.json and errors.jsonl at the end.
+Each worker writes `OUTPUT/_reports/<output>.json` just before it commits its output. The
+launcher lists `_reports/` (and the outputs) once to find what is done, counts reports to
+show progress, and at the end streams over them into manifest.json and errors.jsonl. A
+mistake the user must fix, met by a worker (no GPU for `--device cuda`, unreadable weights,
+an output it cannot write), is recorded in `OUTPUT/_failures/` instead of crashing the
+worker; the launcher raises the first one as one line. Storage calls are listings, a handful
+per job, plus one read per report: never a call per shard on the launcher before the job.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 import time
+from collections import Counter
+from collections.abc import Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-import fsspec
-from tqdm import tqdm
-
-from data.errors import Drop
-from data.manifest import write_report
-from data.write import join, shard_exists, write_atomic
+from data.errors import Drop, UsageError
+from data.manifest import ErrorLog
+from data.progress import progress_bar
+from data.storage import join, list_dir, read_bytes, read_json, remove, write_bytes
 
 REPORTS = "_reports"
+FAILURES = "_failures"
+READ_AHEAD = 32  # reports fetched at once while merging: latency hidden, memory bounded
+MAX_POLL_SHARE = 0.05  # a progress poll may cost at most this share of the time between polls
 
 
 @dataclass
@@ -32,8 +42,8 @@ class ShardReport:
     drops: list[Drop] = field(default_factory=list)
     seconds: float = 0.0
     forward_seconds: float = 0.0
-    groups: dict[str, int] = field(default_factory=dict)  # filter: copies per output group
-    classes: dict[str, int] = field(default_factory=dict)  # filter: copies per class
+    stats: dict = field(default_factory=dict)  # additive summaries: histograms, counts by class
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def to_json(self) -> dict:
         return {**asdict(self), "drops": [d.to_json() for d in self.drops]}
@@ -43,72 +53,131 @@ class ShardReport:
         return cls(**{**value, "drops": [Drop(**d) for d in value["drops"]]})
 
 
-def _name(output_url: str) -> str:
-    return output_url.rsplit("/", 1)[-1]
+def report_url(out_dir: str, output_name: str) -> str:
+    return join(out_dir, REPORTS, output_name + ".json")
 
 
-def report_url(out_dir: str, output_url: str) -> str:
-    return join(join(out_dir, REPORTS), _name(output_url) + ".json")
+def write_shard_report(out_dir: str, report: ShardReport, name: str) -> None:
+    write_bytes(report_url(out_dir, name), json.dumps(report.to_json()).encode())
 
 
-def write_shard_report(out_dir: str, report: ShardReport) -> None:
-    write_atomic(report_url(out_dir, report.output), json.dumps(report.to_json()).encode())
+def reported(out_dir: str) -> set[str]:
+    """Names of the outputs with a report: one listing."""
+    return {e.name.removesuffix(".json") for e in list_dir(join(out_dir, REPORTS))}
 
 
-def is_done(out_dir: str, output_url: str) -> bool:
-    return shard_exists(output_url) and shard_exists(report_url(out_dir, output_url))
+def done_outputs(out_dir: str) -> set[str]:
+    """Outputs whose report and file both exist: two listings, whatever the shard count."""
+    present = {e.name for e in list_dir(out_dir)}
+    return reported(out_dir) & present
 
 
-def read_reports(out_dir: str) -> list[ShardReport]:
-    fs, path = fsspec.core.url_to_fs(join(out_dir, REPORTS))
-    if not fs.exists(path):
-        return []
-    reports = []
-    for name in sorted(fs.ls(path, detail=False)):
-        if name.endswith(".json"):
-            with fs.open(name, "rb") as f:
-                reports.append(ShardReport.from_json(json.load(f)))
-    return reports
+def add_into(total: dict, part: dict) -> dict:
+    """Sum nested summaries: numbers add, lists add element-wise, dicts add key by key."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            add_into(total.setdefault(key, {}), value)
+        elif isinstance(value, list):
+            have = total.setdefault(key, [0] * len(value))
+            have.extend([0] * (len(value) - len(have)))
+            for i, v in enumerate(value):
+                have[i] += v
+        else:
+            total[key] = total.get(key, 0) + value
+    return total
 
 
-def write_stage_manifest(
-    out_dir: str, stage: str, args: dict, reports: list[ShardReport], **extra: object
-) -> dict:
-    drops = [d for r in sorted(reports, key=lambda r: r.source) for d in r.drops]
-    return write_report(
-        out_dir,
-        stage,
-        args,
-        samples_in=sum(r.samples_in for r in reports),
-        samples_out=sum(r.samples_out for r in reports),
-        drops=drops,
-        shards=len(reports),
-        **extra,
+@dataclass
+class Merged:
+    """What the reports of a job add up to; the drops themselves went to errors.jsonl."""
+
+    shards: int = 0
+    samples_in: int = 0
+    samples_out: int = 0
+    fresh_samples_out: int = 0  # of the units this run did (not an earlier one)
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    drops: Counter = field(default_factory=Counter)
+    shard_faults: Counter = field(default_factory=Counter)
+    stats: dict = field(default_factory=dict)
+
+
+def _fetch(urls: list[str]) -> Iterator[bytes]:
+    """The files in order, READ_AHEAD at a time: on a bucket each read is a round trip."""
+    with ThreadPoolExecutor(8) as pool:
+        for start in range(0, len(urls), READ_AHEAD):
+            yield from pool.map(read_bytes, urls[start : start + READ_AHEAD])
+
+
+def merge_reports(
+    out_dir: str, names: list[str], log: ErrorLog, fresh: Collection[str] = ()
+) -> Merged:
+    """Stream the named reports (in the given order) into `log` and one `Merged`; `fresh`
+    names the units this run did, for its rate."""
+    merged = Merged()
+    for name, data in zip(names, _fetch([report_url(out_dir, n) for n in names]), strict=True):
+        report = ShardReport.from_json(json.loads(data))
+        merged.shards += 1
+        merged.samples_in += report.samples_in
+        merged.samples_out += report.samples_out
+        if name in fresh:
+            merged.fresh_samples_out += report.samples_out
+        merged.seconds += report.seconds
+        merged.forward_seconds += report.forward_seconds
+        for drop in report.drops:
+            log.add(drop)
+        add_into(merged.stats, report.stats)
+    merged.drops, merged.shard_faults = log.drops, log.shard_faults
+    return merged
+
+
+def record_failure(out_dir: str, name: str, exc: BaseException) -> None:
+    """What a worker could not do for the user's sake: kept for the launcher to raise."""
+    write_bytes(
+        join(out_dir, FAILURES, name + ".json"),
+        json.dumps({"unit": name, "type": type(exc).__name__, "message": str(exc)}).encode(),
     )
 
 
-class ReportProgress:
-    """A progress bar fed by the reports workers write, whatever runner they run on."""
+def clear_failures(out_dir: str) -> None:
+    remove(join(out_dir, FAILURES))
 
-    def __init__(self, out_dir: str, total_shards: int, desc: str, interval: float = 1.0) -> None:
-        self.out_dir, self.interval = out_dir, interval
-        self.bar = tqdm(total=total_shards, desc=desc, unit="shard", dynamic_ncols=True)
-        self.start_reports = len([n for n in self._names() if n.endswith(".json")])
-        self.started = time.monotonic()
+
+def raise_failures(out_dir: str, stage: str) -> None:
+    """One line for the first failure workers recorded, with how many units failed."""
+    failed = list_dir(join(out_dir, FAILURES))
+    if not failed:
+        return
+    first = read_json(failed[0].url) or {}
+    others = f" (and {len(failed) - 1} more units failed; see {join(out_dir, FAILURES)})"
+    raise UsageError(first.get("message", "a worker failed") + (others if len(failed) > 1 else ""))
+
+
+class ReportProgress:
+    """A progress bar fed by the reports workers write, whatever runner they run on.
+
+    Each poll is a listing of `_reports/`, whose cost grows with the shard count; the
+    interval grows with it, so that polling never costs more than a small share of the
+    time (at 130,000 reports on a bucket, a poll every minute or so)."""
+
+    def __init__(
+        self, out_dir: str, total: int, desc: str, done_before: int, interval: float = 1.0
+    ) -> None:
+        self.out_dir, self.interval, self.done_before = out_dir, interval, done_before
+        self.bar = progress_bar(total=total, desc=desc, unit="shard")
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
-    def _names(self) -> list[str]:
-        fs, path = fsspec.core.url_to_fs(join(self.out_dir, REPORTS))
-        return fs.ls(path, detail=False) if fs.exists(path) else []
-
-    def _update(self) -> None:
-        done = len([n for n in self._names() if n.endswith(".json")]) - self.start_reports
-        self.bar.update(done - self.bar.n)
+    def _update(self) -> float:
+        started = time.monotonic()
+        done = len(list_dir(join(self.out_dir, REPORTS))) - self.done_before
+        self.bar.update(min(done, self.bar.total) - self.bar.n)
+        return time.monotonic() - started
 
     def _poll(self) -> None:
-        while not self.stop.wait(self.interval):
-            self._update()
+        wait = self.interval
+        while not self.stop.wait(wait):
+            wait = max(self.interval, self._update() / MAX_POLL_SHARE)
 
     def __enter__(self) -> ReportProgress:
         self.thread.start()

@@ -1,167 +1,256 @@
 """`pipeline stats`: what is in a set of shards, as a table, JSON and a PNG.
 
-Works on every shard the project reads or writes: raw images, labeled shards (class
-histogram), pseudo-label sidecars (confidence, entropy, top-1 classes) and training shards
-(copies per image). Shards are read in parallel, one task per shard, and merged.
+Two ways to know, and the report says which it used:
+- the stage's own record: `pipeline label` and `pipeline filter` summarise every shard they
+  write into its report and add the reports up in manifest.json, so stats on their output
+  folder reads one file, in seconds at any scale;
+- a scan: every shard read, as a Beam job (the DirectRunner by default, any runner with the
+  same options as label and filter), or a seeded `--sample` fraction of the shards for a
+  quick look. Raw images, labeled shards (class histogram), pseudo-label sidecars
+  (confidence, entropy, top-1 classes) and training shards (copies per image).
 """
 
 from __future__ import annotations
 
-import json
+import io
+import random
+import tempfile
+import uuid
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 
-import fsspec
+import apache_beam as beam
 import numpy as np
+from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
 from PIL import Image
-from tqdm import tqdm
 
 from data.decode import find_image
-from data.errors import Drop
-from data.manifest import read_manifest
+from data.errors import Drop, UsageError
+from data.manifest import DONE, read_manifest
 from data.read import iter_shard
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
-from data.specs import expand_shards
-from data.write import write_json
+from data.specs import shard_entries
+from data.storage import AtomicFile, absolute, join, parent, read_json, write_json
+from pipeline.beam_options import beam_options, run_pipeline
+from pipeline.reports import add_into
+from pipeline.summaries import CONF_BINS, ENTROPY_STEP, LabelSummary
 
-CONF_BINS = 20
-ENTROPY_STEP = 0.1
-
-
-@dataclass
-class ShardStats:
-    """Counts of one shard (or, merged, of many): everything additive."""
-
-    samples: int = 0
-    shards: int = 0
-    bytes: int = 0
-    images: int = 0
-    formats: Counter = field(default_factory=Counter)
-    widths: list[int] = field(default_factory=list)
-    heights: list[int] = field(default_factory=list)
-    classes: Counter = field(default_factory=Counter)
-    top1: Counter = field(default_factory=Counter)
-    confidence: np.ndarray = field(default_factory=lambda: np.zeros(CONF_BINS, np.int64))
-    entropy: Counter = field(default_factory=Counter)
-    hashes: list[bytes] = field(default_factory=list)
-    faults: Counter = field(default_factory=Counter)
-
-    def merge(self, other: ShardStats) -> None:
-        for name in ("samples", "shards", "bytes", "images"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("formats", "classes", "top1", "entropy", "faults"):
-            getattr(self, name).update(getattr(other, name))
-        self.widths += other.widths
-        self.heights += other.heights
-        self.confidence += other.confidence
-        self.hashes += other.hashes
+SAMPLE_SEED = 0
 
 
 def _image_size(data: bytes) -> tuple[int, int] | None:
-    import io
-
     try:
         return Image.open(io.BytesIO(data)).size
     except Exception:  # a stats pass describes bad images, it does not reject them
         return None
 
 
-def shard_stats(url: str) -> ShardStats:
-    stats = ShardStats(shards=1)
-    fs, path = fsspec.core.url_to_fs(url)
-    stats.bytes = fs.size(path)
+def shard_summary(url: str, size: int) -> tuple[dict, list[str]]:
+    """One shard's additive counts, and the content hashes of its training samples (copies
+    of one image share a hash, wherever they landed)."""
     faults: list[Drop] = []
+    labels = LabelSummary()
+    formats, widths, heights, classes = Counter(), Counter(), Counter(), Counter()
+    samples = images = 0
+    hashes = []
     for sample in iter_shard(url, faults.append):
         if sample["__key__"] == SHARD_HEADER_KEY:
             continue
-        stats.samples += 1
+        samples += 1
         found = find_image(sample)
         if found is not None:
-            stats.images += 1
-            stats.formats[found[0]] += 1
-            size = _image_size(found[1])
-            if size is not None:
-                stats.widths.append(size[0])
-                stats.heights.append(size[1])
+            images += 1
+            formats[found[0]] += 1
+            dims = _image_size(found[1])
+            if dims is not None:
+                widths[str(dims[0])] += 1
+                heights[str(dims[1])] += 1
         try:
             cls = read_cls(sample)
         except ValueError:
             cls = None
         if cls is not None:
-            stats.classes[cls] += 1
+            classes[str(cls)] += 1
         if PSEUDO_EXT in sample:
             label = decode_pseudo(sample["__key__"], sample[PSEUDO_EXT])
-            stats.top1[label.top1] += 1
-            stats.confidence[min(int(label.confidence * CONF_BINS), CONF_BINS - 1)] += 1
-            stats.entropy[int(label.entropy / ENTROPY_STEP)] += 1
+            labels.add(label.top1, label.confidence, label.entropy)
             if found is not None:
-                stats.hashes.append(label.content_hash)
-    stats.faults.update(d.reason for d in faults)
-    return stats
+                hashes.append(label.content_hash.hex())
+    summary = {
+        "samples": samples,
+        "shards": 1,
+        "bytes": size,
+        "images": images,
+        "formats": dict(formats),
+        "widths": dict(widths),
+        "heights": dict(heights),
+        "classes": dict(classes),
+        **labels.to_json(),
+        "faults": dict(Counter(d.reason for d in faults)),
+    }
+    return summary, hashes
 
 
-def _class_names(urls: list[str]) -> list[str] | None:
-    """classes.json beside the shards (data digits, ingest) or model.json of a teacher run."""
-    folder = urls[0].rsplit("/", 1)[0]
-    for name, field_name in (("classes.json", None), ("model.json", "class_names")):
-        fs, path = fsspec.core.url_to_fs(f"{folder}/{name}")
-        if fs.exists(path):
-            with fs.open(path) as f:
-                value = json.load(f)
-            return value if field_name is None else value.get(field_name)
-    return None
+def add_all(parts: Iterable[dict]) -> dict:
+    total: dict = {}
+    for part in parts:
+        add_into(total, part)
+    return total
 
 
-def collect(spec: str, workers: int = 2) -> tuple[dict, list[str] | None]:
-    urls = expand_shards(spec)
-    total = ShardStats()
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for stats in tqdm(
-            pool.map(shard_stats, urls), total=len(urls), desc="stats", unit="shard", leave=False
-        ):
-            total.merge(stats)
-    manifest = read_manifest(urls[0].rsplit("/", 1)[0]) or {}
-    return summarise(total, manifest), _class_names(urls)
+class ScanShardFn(beam.DoFn):
+    """A shard in; its summary out, and its training samples' content hashes on the side."""
+
+    def process(self, element: tuple[str, int]) -> Iterator:
+        summary, hashes = shard_summary(*element)
+        yield summary
+        for digest in hashes:
+            yield beam.pvalue.TaggedOutput("hashes", digest)
 
 
-def summarise(stats: ShardStats, manifest: dict) -> dict:
-    """The JSON of SPEC section 5: samples, shards, bytes, class_counts, histograms, drops."""
-    copies = Counter(Counter(stats.hashes).values())
-    top_entropy = max(stats.entropy, default=-1) + 1
-    class_source = stats.classes or stats.top1
+def _save(summary: dict, copies: list[tuple[int, int]], url: str) -> None:
+    write_json(url, {**summary, "copies": {str(k): n for k, n in sorted(copies)}})
+
+
+def _scan(entries: list, options, result_url: str) -> dict:
+    def build(p):
+        scanned = (
+            p
+            | "ListShards" >> beam.Create([(e.url, e.size) for e in entries])
+            | "SpreadShards" >> beam.Reshuffle()
+            | "ScanShards" >> beam.ParDo(ScanShardFn()).with_outputs("hashes", main="summaries")
+        )
+        total = scanned.summaries | "AddUp" >> beam.CombineGlobally(add_all)
+        copies = (
+            scanned.hashes
+            | "PerImage" >> beam.combiners.Count.PerElement()
+            | "CopiesOf" >> beam.Map(lambda kv: kv[1])
+            | "ImagesPerCopies" >> beam.combiners.Count.PerElement()
+            | "Collect" >> beam.combiners.ToList()
+        )
+        return total | "Save" >> beam.Map(_save, beam.pvalue.AsSingleton(copies), result_url)
+
+    run_pipeline(options, build)
+    return read_json(result_url)
+
+
+def _result_url(options) -> str:
+    """Where the scan's workers leave the sum: a local file for the local runner, else under
+    the job's --temp_location, which every worker of a remote runner can write."""
+    runner = options.view_as(StandardOptions).runner
+    if runner in ("DirectRunner", "direct", None):
+        return join(tempfile.mkdtemp(prefix="pipeline-stats-"), "scan.json")
+    temp = options.view_as(GoogleCloudOptions).temp_location
+    if not temp:
+        raise UsageError(f"a stats scan on {runner} needs --temp_location, where it leaves its sum")
+    return join(temp, f"pipeline-stats-{uuid.uuid4().hex[:12]}.json")
+
+
+def _median(counts: dict) -> float | None:
+    if not counts:
+        return None
+    values = sorted((int(v), n) for v, n in counts.items())
+    half, seen = sum(n for _, n in values) / 2, 0
+    for i, (value, n) in enumerate(values):
+        seen += n
+        if seen > half:
+            return float(value)
+        if seen == half:
+            return (value + values[i + 1][0]) / 2
+    return float(values[-1][0])
+
+
+def _spread(counts: dict) -> dict | None:
+    if not counts:
+        return None
+    values = [int(v) for v in counts]
+    return {"min": min(values), "median": _median(counts), "max": max(values)}
+
+
+def _histograms(summary: dict) -> dict:
+    entropy = {int(k): v for k, v in summary.get("entropy", {}).items()}
+    top = max(entropy, default=-1) + 1
     return {
-        "samples": stats.samples,
-        "shards": stats.shards,
-        "bytes": stats.bytes,
-        "bytes_per_sample": round(stats.bytes / stats.samples, 1) if stats.samples else None,
-        "images": stats.images,
-        "formats": dict(stats.formats),
-        "image_size": {
-            "width": _spread(stats.widths),
-            "height": _spread(stats.heights),
-        },
-        "class_counts": {str(c): n for c, n in sorted(class_source.items())},
-        "class_source": "cls" if stats.classes else ("top1" if stats.top1 else None),
         "confidence_hist": {
             "edges": [round(i / CONF_BINS, 3) for i in range(CONF_BINS + 1)],
-            "counts": stats.confidence.tolist(),
+            "counts": list(summary.get("confidence", [0] * CONF_BINS)),
         },
         "entropy_hist": {
-            "edges": [round(i * ENTROPY_STEP, 3) for i in range(top_entropy + 1)],
-            "counts": [stats.entropy.get(i, 0) for i in range(top_entropy)],
+            "edges": [round(i * ENTROPY_STEP, 3) for i in range(top + 1)],
+            "counts": [entropy.get(i, 0) for i in range(top)],
         },
-        "copies_hist": {str(k): v for k, v in sorted(copies.items())},
-        "drops": manifest.get("drops", {}),
-        "shard_faults": dict(stats.faults) | manifest.get("shard_faults", {}),
     }
 
 
-def _spread(values: list[int]) -> dict | None:
-    if not values:
-        return None
-    arr = np.asarray(values)
-    return {"min": int(arr.min()), "median": float(np.median(arr)), "max": int(arr.max())}
+def _by_class(counts: dict) -> dict:
+    return {str(c): counts[c] for c in sorted(counts, key=int)}
+
+
+def report_from_scan(summary: dict, manifest: dict, how: str) -> dict:
+    """The JSON of SPEC section 5: samples, shards, bytes, class_counts, histograms, drops."""
+    classes = summary.get("classes") or {}
+    top1 = summary.get("top1") or {}
+    samples = summary.get("samples", 0)
+    return {
+        "source": how,
+        "samples": samples,
+        "shards": summary.get("shards", 0),
+        "bytes": summary.get("bytes", 0),
+        "bytes_per_sample": round(summary.get("bytes", 0) / samples, 1) if samples else None,
+        "images": summary.get("images", 0),
+        "formats": summary.get("formats", {}),
+        "image_size": {
+            "width": _spread(summary.get("widths", {})),
+            "height": _spread(summary.get("heights", {})),
+        },
+        "class_counts": _by_class(classes or top1),
+        "class_source": "cls" if classes else ("top1" if top1 else None),
+        **_histograms(summary),
+        "copies_hist": {
+            k: summary["copies"][k] for k in sorted(summary.get("copies", {}), key=int)
+        },
+        "drops": manifest.get("drops", {}),
+        "shard_faults": summary.get("faults", {}) | manifest.get("shard_faults", {}),
+    }
+
+
+def report_from_manifest(manifest: dict) -> dict:
+    """What label and filter recorded of every shard they wrote, without reading one."""
+    summary = dict(manifest["summary"])
+    if manifest["stage"] == "filter":
+        summary |= {"samples": manifest["samples_written"], "shards": manifest["output_shards"]}
+        summary["classes"] = manifest["class_counts"]
+    else:
+        summary |= {"samples": manifest["samples_out"], "shards": manifest["shards"]}
+    return report_from_scan(summary, manifest, "manifest")
+
+
+def collect(
+    spec: str, beam_args: list[str] | None = None, sample: float | None = None, scan: bool = False
+) -> tuple[dict, list[str] | None]:
+    """The report and the class names; from the stage's manifest when it has the answer."""
+    folder = absolute(spec)
+    manifest = read_manifest(folder) if not any(c in spec for c in "*?[{") else None
+    names = read_json(join(folder if manifest else parent(folder), "classes.json"))
+    if (
+        manifest
+        and manifest.get("state") == DONE
+        and "summary" in manifest
+        and not (scan or sample)
+    ):
+        return report_from_manifest(manifest), names
+    entries = shard_entries(spec)
+    names = names or read_json(join(parent(entries[0].url), "classes.json"))
+    how = "scan of all shards"
+    if sample is not None:
+        count = max(1, round(sample * len(entries)))
+        entries = sorted(random.Random(SAMPLE_SEED).sample(entries, count), key=lambda e: e.url)
+        how = f"scan of a {sample:g} sample: {count} of {len(shard_entries(spec))} shards"
+    options = beam_options(None, beam_args or [])
+    summary = _scan(entries, options, _result_url(options))
+    return report_from_scan(
+        summary, manifest or read_manifest(parent(entries[0].url)) or {}, how
+    ), names
 
 
 def format_report(report: dict, class_names: list[str] | None) -> str:
@@ -169,6 +258,7 @@ def format_report(report: dict, class_names: list[str] | None) -> str:
         return class_names[int(cls)] if class_names and int(cls) < len(class_names) else cls
 
     rows = [
+        ("read from", report["source"]),
         ("samples", f"{report['samples']:,}"),
         ("shards", f"{report['shards']:,}"),
         ("bytes", f"{report['bytes']:,} ({report['bytes_per_sample']} per sample)"),
@@ -265,15 +355,20 @@ def plot(report: dict, class_names: list[str] | None, path: str) -> None:
         )
     fig.suptitle(f"{report['samples']:,} samples in {report['shards']:,} shards")
     fig.tight_layout()
-    with fsspec.open(path, "wb") as f:
+    with AtomicFile(path) as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
 def run(
-    spec: str, json_path: str | None = None, plot_path: str | None = None, workers: int = 2
+    spec: str,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    beam_args: list[str] | None = None,
+    sample: float | None = None,
+    scan: bool = False,
 ) -> dict:
-    report, class_names = collect(spec, workers)
+    report, class_names = collect(spec, beam_args, sample=sample, scan=scan)
     print(format_report(report, class_names))
     if json_path:
         write_json(json_path, report)

@@ -1,7 +1,7 @@
 """The trainer's plumbing: distributed set-up, seeding, the run log and atomic checkpoints.
 
 A run directory may be local or any fsspec URL; every file in it is written whole under a
-temporary name and renamed (`data.write.write_atomic`), so a run killed at any moment leaves
+temporary name and renamed (`data.storage.write_bytes`), so a run killed at any moment leaves
 the previous checkpoint and log intact.
 """
 
@@ -14,13 +14,12 @@ import pickle
 import random
 from dataclasses import dataclass
 
-import fsspec
 import torch
 import torch.distributed as dist
 import yaml
 from webdataset.utils import make_seed
 
-from data.write import join, write_atomic
+from data.storage import exists, join, open_read, read_bytes, write_bytes
 from teachers.weights import unpickler_reason
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -114,24 +113,21 @@ def seed_everything(*parts: int) -> None:
 # --- the run directory -------------------------------------------------------------------
 
 
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
 
 
 def save_checkpoint(run_dir: str, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_atomic(join(run_dir, CHECKPOINT_FILE), buffer.getbuffer())
+    write_bytes(join(run_dir, CHECKPOINT_FILE), buffer.getbuffer())
 
 
 def load_checkpoint(run_dir: str) -> dict | None:
     """The run's checkpoint (tensors and plain values only: loaded with weights_only=True),
     or None when the run has none yet."""
     url = join(run_dir, CHECKPOINT_FILE)
-    if not _exists(url):
+    if not exists(url):
         return None
-    with fsspec.open(url, "rb") as f:
+    with open_read(url) as f:
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
@@ -145,25 +141,25 @@ def load_checkpoint(run_dir: str) -> dict | None:
 
 
 def has_checkpoint(run_dir: str) -> bool:
-    return _exists(join(run_dir, CHECKPOINT_FILE))
+    return exists(join(run_dir, CHECKPOINT_FILE))
 
 
 def write_config(run_dir: str, config: dict) -> None:
-    write_atomic(join(run_dir, CONFIG_FILE), yaml.safe_dump(config, sort_keys=False).encode())
+    write_bytes(join(run_dir, CONFIG_FILE), yaml.safe_dump(config, sort_keys=False).encode())
 
 
 def read_log(run_dir: str) -> list[dict]:
     url = join(run_dir, LOG_FILE)
-    if not _exists(url):
+    if not exists(url):
         return []
-    with fsspec.open(url, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = read_bytes(url).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def write_log(run_dir: str, records: list[dict]) -> None:
     """The whole log, rewritten atomically each epoch: small, and valid after any kill."""
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    write_atomic(join(run_dir, LOG_FILE), text.encode())
+    write_bytes(join(run_dir, LOG_FILE), text.encode())
 
 
 class Average:

@@ -1,7 +1,13 @@
 """The ResNet-RS family: one table, one builder, safe weights, run directories, inference."""
 
-from teachers.checkpoint import TeacherInfo, export_run, is_run_dir, load_teacher
-from teachers.inference import Predictor, eval_transform
+from teachers.checkpoint import (
+    TeacherInfo,
+    describe_teacher,
+    export_run,
+    is_run_dir,
+    load_teacher,
+)
+from teachers.inference import Predictor, eval_transform, resolve_device
 from teachers.registry import ModelConfig, create_model, get_config, list_models
 from teachers.table import format_table, models_table
 from teachers.weights import WeightsError, read_weights
@@ -12,6 +18,7 @@ __all__ = [
     "TeacherInfo",
     "WeightsError",
     "create_model",
+    "describe_teacher",
     "eval_transform",
     "export_run",
     "format_table",
@@ -21,4 +28,5 @@ __all__ = [
     "load_teacher",
     "models_table",
     "read_weights",
+    "resolve_device",
 ]

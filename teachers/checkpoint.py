@@ -14,13 +14,18 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import fsspec
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from data.write import join, write_atomic, write_json
+from data.storage import exists, join, open_read, read_json, write_bytes, write_json
 from teachers.registry import MODELS, create_model, get_config
-from teachers.weights import classifier_classes, clean_state_dict, parse_weights, read_bytes
+from teachers.weights import (
+    WeightsError,
+    classifier_classes,
+    clean_state_dict,
+    parse_weights,
+    read_bytes,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -45,6 +50,17 @@ class TeacherInfo:
 
 def _teacher_id(model_name: str, weights: bytes) -> str:
     return f"{model_name}@{hashlib.sha256(weights).hexdigest()[:8]}"
+
+
+def _streamed_sha256(url: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open_read(url) as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    except FileNotFoundError as exc:
+        raise WeightsError(f"file not found: {url}") from exc
+    return digest.hexdigest()
 
 
 def _info(model_name: str, weights: bytes, num_classes: int, meta: dict) -> TeacherInfo:
@@ -85,17 +101,43 @@ def export_run(
         model_name, weights, num_classes, {"class_names": class_names, "extra": extra or {}}
     )
     run_dir = str(run_dir)
-    write_atomic(join(run_dir, WEIGHTS_FILE), weights)
+    write_bytes(join(run_dir, WEIGHTS_FILE), weights)
     meta = asdict(info)
     meta["model"] = meta.pop("model_name")
     del meta["teacher_id"]  # derived from the weights file on every load
+    meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()  # the id, without the weights
     write_json(join(run_dir, META_FILE), meta)
     return info
 
 
 def is_run_dir(path: str | Path) -> bool:
-    fs, root = fsspec.core.url_to_fs(str(path))
-    return fs.exists(join(root, META_FILE))
+    return exists(join(str(path), META_FILE))
+
+
+def describe_teacher(
+    teacher: str | Path, weights: str | Path | None = None
+) -> tuple[str, list[str] | None]:
+    """(teacher id, class names) without loading the model, for the machine that launches a
+    job: a run directory's model.json records both; a weights file given with a model name
+    is hashed as a stream. Fails like `load_teacher` on a teacher that names nothing."""
+    teacher = str(teacher)
+    if teacher in MODELS:
+        if weights is None:
+            raise ValueError(
+                f"--weights FILE is required with a model name ({teacher}): a .safetensors or "
+                ".pth state dict; or pass a run directory as --teacher"
+            )
+        return f"{teacher}@{_streamed_sha256(str(weights))[:8]}", None
+    meta = read_json(join(teacher, META_FILE))
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"teacher {teacher!r} is neither a model name ({', '.join(MODELS)}) "
+            f"nor a run directory holding {META_FILE}"
+        )
+    if weights is not None:
+        raise ValueError(f"{teacher} is a run directory with its own weights; drop weights")
+    digest = meta.get("weights_sha256") or _streamed_sha256(join(teacher, WEIGHTS_FILE))
+    return f"{meta['model']}@{digest[:8]}", meta.get("class_names")
 
 
 def load_teacher(

@@ -17,7 +17,18 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from data.errors import UsageError
 from teachers.checkpoint import TeacherInfo
+
+def resolve_device(device: str) -> str:
+    """`--device` (auto, cpu, cuda) decided where the model runs (a Beam worker, a training
+    process), never on the machine that only launches the job: "auto" is CUDA when this
+    process sees a GPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but this worker sees no CUDA device")
+    return device
 
 
 def _transform(

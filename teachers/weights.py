@@ -13,11 +13,12 @@ import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
-import fsspec
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
+
+from data import storage
 
 StateDict = dict[str, torch.Tensor]
 WeightsSource = str | Path | Mapping[str, torch.Tensor]
@@ -35,8 +36,7 @@ def read_bytes(url: str | Path) -> bytes:
     """A whole file, local or at any fsspec URL (gs://, s3://), so remote Beam workers can
     load the teacher from where the launcher points them."""
     try:
-        with fsspec.open(str(url), "rb") as f:
-            return f.read()
+        return storage.read_bytes(str(url))
     except FileNotFoundError as exc:
         raise WeightsError(f"file not found: {url}") from exc
 

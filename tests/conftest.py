@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+# Cloud clients talk only to the servers the tests start on 127.0.0.1, with anonymous or
+# dummy credentials: never to a metadata server or a real account. Set before any client
+# (fsspec reads FSSPEC_* at import, gcsfs the emulator address when first imported), and
+# inherited by every `pipeline` process a test starts.
+os.environ.update(
+    NO_GCE_CHECK="True",
+    GCE_METADATA_HOST="127.0.0.1:9",
+    FSSPEC_GS_TOKEN="anon",
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 
 import numpy as np
 import pytest
@@ -117,3 +133,23 @@ def trained_teacher(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         overrides=["epoch_samples=640"],
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory):
+    """fake-gcs-server on 127.0.0.1 for the whole session (see tests/servers.py)."""
+    from tests.servers import start_gcs
+
+    server = start_gcs(tmp_path_factory.mktemp("gcs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """moto's S3 server on 127.0.0.1 for the whole session (see tests/servers.py)."""
+    from tests.servers import start_s3
+
+    server = start_s3(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()

