@@ -52,6 +52,8 @@ def _named(urls: list[str]) -> list[Entry]:
     listings: dict[str, dict[str, Entry]] = {}
     found = []
     for url in urls:
+        if not is_shard_name(url):
+            raise ShardSpecError(f"{url} is not a tar shard (.tar, .tar.gz or .tgz)")
         folder = parent(url)
         if folder not in listings:
             listings[folder] = {e.name: e for e in list_dir(folder)}

@@ -229,7 +229,7 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     if todo:
         with ReportProgress(output, len(todo), "filter", done_before=len(finished)):
             run_pipeline(options, lambda p: _write(p, todo, plan, size, rules))
-        raise_failures(output, "filter")
+        raise_failures(output)
     names = [chunk_name(i) for i, _ in work]
     with ErrorLog(output) as log:
         merged = merge_reports(output, names, log)

@@ -115,7 +115,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         before = len(reported(output))
         with ReportProgress(output, len(todo), "label", done_before=before):
             run_pipeline(options, build(todo))
-        raise_failures(output, "label")
+        raise_failures(output)
     seconds = time.monotonic() - started
     fresh = {n for _, n in todo}
     with ErrorLog(output) as log:

@@ -143,14 +143,17 @@ def clear_failures(out_dir: str) -> None:
     remove(join(out_dir, FAILURES))
 
 
-def raise_failures(out_dir: str, stage: str) -> None:
+def raise_failures(out_dir: str) -> None:
     """One line for the first failure workers recorded, with how many units failed."""
     failed = list_dir(join(out_dir, FAILURES))
     if not failed:
         return
-    first = read_json(failed[0].url) or {}
-    others = f" (and {len(failed) - 1} more units failed; see {join(out_dir, FAILURES)})"
-    raise UsageError(first.get("message", "a worker failed") + (others if len(failed) > 1 else ""))
+    message = (read_json(failed[0].url) or {}).get("message", "a worker failed")
+    if len(failed) > 1:
+        message = (
+            f"{len(failed)} units failed (see {join(out_dir, FAILURES)}); the first: {message}"
+        )
+    raise UsageError(message)
 
 
 class ReportProgress:

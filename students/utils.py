@@ -113,8 +113,6 @@ def seed_everything(*parts: int) -> None:
 # --- the run directory -------------------------------------------------------------------
 
 
-
-
 def save_checkpoint(run_dir: str, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as F
 from data.errors import UsageError
 from teachers.checkpoint import TeacherInfo
 
+
 def resolve_device(device: str) -> str:
     """`--device` (auto, cpu, cuda) decided where the model runs (a Beam worker, a training
     process), never on the machine that only launches the job: "auto" is CUDA when this

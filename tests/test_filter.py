@@ -64,7 +64,9 @@ def test_every_class_ends_near_n_cut_or_duplicated(labels: Path, tmp_path: Path,
     assert {int(k): v for k, v in manifest["class_counts"].items()} == dict(counts)
     assert manifest["images_kept"] + manifest["dropped"] == manifest["samples_in"] == 1300
     sizes = [len(list(iter_samples([u], lambda d: None))) for u in expand_shards(str(tmp_path))]
-    assert max(sizes) - min(sizes) <= 0.05 * sum(sizes) / len(sizes) + 1
+    # Each chunk deals its copies over its own shards to within one; chunks differ by the
+    # rounding of their shard count (a few percent at 16 shards a chunk, more on this toy).
+    assert max(sizes) - min(sizes) <= 0.1 * sum(sizes) / len(sizes) + 1
     for s in samples:
         label = decode_pseudo(s["__key__"], s["pl"])
         assert (
@@ -85,14 +87,14 @@ def test_copies_of_an_image_are_spread_and_never_side_by_side(labels: Path, tmp_
 
 
 def test_default_threshold_drops_and_counts_what_is_under_it(labels: Path, tmp_path: Path):
-    manifest = _filter(labels, tmp_path, threshold=0.999, per_class=100)
+    manifest = _filter(labels, tmp_path, threshold=0.98, per_class=100)
     errors = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
     assert (
         manifest["drops"]["below_threshold"]
         == sum(e["reason"] == "below_threshold" for e in errors)
         > 0
     )
-    assert all(t >= 0.999 for t in manifest["class_thresholds"].values())
+    assert all(t >= 0.98 for t in manifest["class_thresholds"].values())
     assert manifest["images_kept"] + manifest["dropped"] == 1300
 
 
@@ -119,12 +121,12 @@ def uninterrupted(labels: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out / "a"
 
 
-@pytest.mark.parametrize("kill_in", ["_work/select/_reports/*.json", "train-*.tar"])
+@pytest.mark.parametrize("kill_in", ["_work/histograms.json", "train-*.tar"])
 def test_rerun_is_byte_identical_and_sigkill_then_rerun_matches(
     labels: Path, uninterrupted: Path, tmp_path: Path, kill_in: str
 ):
     args = [*RERUN_ARGS, "--input", str(labels), "--output", str(tmp_path)]
     kill_midway(args, lambda: any(tmp_path.glob(kill_in)))
-    assert not (tmp_path / "manifest.json").exists()
+    assert json.loads((tmp_path / "manifest.json").read_text())["state"] == "running"
     run_cli(*args, check=True)
     assert_same_shards(uninterrupted, tmp_path)

@@ -63,7 +63,7 @@ def test_unreadable_shard_is_reported_and_reading_goes_on(tmp_path: Path):
     junk.write_bytes(b"this is not a tar file at all" * 40)
     samples, drops = _read([str(junk), good])
     assert len(samples) == 2
-    assert [d.shard for d in drops] == [str(junk)]
+    assert [(d.shard, d.reason) for d in drops] == [(str(junk), "not_a_tar")]
 
 
 def test_failed_write_leaves_no_visible_shard(tmp_path: Path):
