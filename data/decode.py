@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -64,3 +65,46 @@ def decode_image(
         return None, "undecodable_image"
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         return None, "truncated_image" if "truncated" in str(exc) else "undecodable_image"
+
+
+RESAMPLING = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class EvalCrop:
+    """A teacher's eval preprocessing before normalisation: shorter side resized to `resize`,
+    center crop `crop` x `crop`. Pixel for pixel what torchvision's v2 `resize` (antialiased)
+    and `center_crop` do to a PIL image, in Pillow and numpy alone, so that decode processes
+    start without importing torch."""
+
+    resize: int
+    crop: int
+    interpolation: str = "bicubic"
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        width, height = img.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        size = (new_short, new_long) if width <= height else (new_long, new_short)
+        if size != (width, height):
+            img = img.resize(size, RESAMPLING[self.interpolation])
+        left = int(round((size[0] - self.crop) / 2.0))
+        top = int(round((size[1] - self.crop) / 2.0))
+        return img.crop((left, top, left + self.crop, top + self.crop))
+
+    def pixels(self, data: bytes) -> tuple[np.ndarray | None, str | None]:
+        """Image bytes -> (crop x crop x 3 uint8 array, None), or (None, drop reason)."""
+        img, reason = decode_image(data)
+        if img is None:
+            return None, reason
+        return np.asarray(self(img)), None
+
+
+def eval_chunk(crop: EvalCrop, images: list[bytes]) -> list[tuple[np.ndarray | None, str | None]]:
+    """`crop.pixels` of each image: the unit of work a decode process is handed."""
+    return [crop.pixels(data) for data in images]

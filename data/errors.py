@@ -22,3 +22,9 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs that the user can fix: reported as one
     line and exit status 2, wherever it is raised (the launcher, or a worker through its
     failure record)."""
+
+
+# Mistakes a user can fix, wherever they are detected: one line and exit status 2 at the
+# command line; a Beam worker records them for its launcher instead of crashing. Anything
+# else is a bug in this project and keeps its traceback.
+USER_ERRORS = (UsageError, ValueError, OSError)

@@ -8,16 +8,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from data.errors import UsageError
+from data.errors import USER_ERRORS
 from students.config import add_arguments
 
 DEVICES = ("auto", "cpu", "cuda")
 
 EXIT_USAGE = 2
-# Mistakes a user can fix, wherever they are detected (a worker's are recorded in its
-# job's _failures/ and raised by the launcher): one line, exit status 2. Anything else is a
-# bug in this project and keeps its traceback.
-USER_ERRORS = (UsageError, ValueError, OSError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,6 +65,16 @@ def _cmd_filter(args: argparse.Namespace) -> None:
 
     fields = {k: getattr(args, k) for k in FilterArgs.__dataclass_fields__}
     print(summary(run(FilterArgs(**fields), args.beam_args)))
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -207,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DEVICES,
         default="auto",
         help="where the teacher runs, decided on each worker (auto: CUDA if it has a GPU)",
+    )
+    label.add_argument(
+        "--decode",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where JPEGs are decoded: gpu is nvJPEG on the teacher's GPU (auto: on CUDA)",
+    )
+    label.add_argument(
+        "--decode-processes",
+        type=_non_negative,
+        help="decode processes per worker (default: its cores; 0 decodes in the worker)",
     )
     _add_job_arguments(label)
     label.set_defaults(func=_cmd_label, beam=True)

@@ -22,7 +22,7 @@ import numpy as np
 from apache_beam.utils.shared import Shared
 
 from data.decode import find_image
-from data.errors import Drop
+from data.errors import USER_ERRORS, Drop
 from data.read import iter_shard
 from data.records import PseudoLabel, content_hash, encode_pseudo, read_pseudo_shard, shard_header
 from data.stages import batched
@@ -30,7 +30,6 @@ from data.storage import join
 from data.write import open_shard
 from pipeline.dedup import EvalIndex
 from pipeline.filter_rules import ClassRule, conf_bin, unit_draw
-from pipeline.label_shard import USER_ERRORS
 from pipeline.reports import ShardReport, record_failure, write_shard_report
 from pipeline.summaries import LabelSummary
 

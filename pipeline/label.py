@@ -10,23 +10,30 @@ shards to the workers.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import apache_beam as beam
+import torch
+from apache_beam.utils.shared import Shared
 
+from data.errors import USER_ERRORS
 from data.manifest import ErrorLog, StageOutput, inputs_record
 from data.specs import shard_entries
 from data.storage import absolute, join, parent, write_json
 from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
-from pipeline.label_shard import LabelShardFn, sidecar_names
+from pipeline.label_decode import default_processes
+from pipeline.label_shard import Teacher, label_shard, sidecar_names
 from pipeline.reports import (
     ReportProgress,
     clear_failures,
     done_outputs,
     merge_reports,
     raise_failures,
+    record_failure,
     reported,
 )
 from teachers import describe_teacher, is_run_dir
@@ -44,9 +51,61 @@ class LabelArgs:
     topk: int = 16
     embed: bool = False
     device: str = "auto"
+    decode: str = "auto"
+    decode_processes: int | None = None  # None: the worker's cores
     runner: str | None = None
     overwrite: bool = False
     describe_job: str | None = None
+
+
+class LabelShardFn(beam.DoFn):
+    """Beam's unit of work: (shard URL, sidecar name) in, its report out. The teacher and its
+    decode processes are set up once per worker process, on the worker's own device, and
+    shared by the threads of that process. A mistake the user can fix is recorded for the
+    launcher, not raised: one line for the user, instead of a retried, failing job."""
+
+    def __init__(self, args: LabelArgs, teacher_id: str, threads: int | None) -> None:
+        self.spec = (
+            args.teacher,
+            args.weights,
+            args.device,
+            teacher_id,
+            args.decode,
+            args.decode_processes,
+        )
+        self.out_dir, self.batch_size = args.output, args.batch_size
+        self.topk, self.embed, self.threads = args.topk, args.embed, threads
+        self.shared = Shared()
+
+    def _load(self) -> Teacher:
+        teacher, weights, device, teacher_id, decode, processes = self.spec
+        if processes is None:
+            processes = default_processes()
+        return Teacher.load(teacher, weights, device, teacher_id, decode, processes)
+
+    def setup(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        tag = hashlib.sha1(repr(self.spec).encode()).hexdigest()
+        self.teacher, self.failure = None, None
+        try:
+            self.teacher = self.shared.acquire(self._load, tag=tag)
+        except USER_ERRORS as exc:
+            self.failure = exc
+
+    def process(self, element: tuple[str, str]) -> Iterator[dict]:
+        url, name = element
+        try:
+            if self.failure is not None:
+                raise self.failure
+            report = label_shard(
+                url, name, self.out_dir, self.teacher, self.batch_size, self.topk, self.embed
+            )
+        except USER_ERRORS as exc:
+            record_failure(self.out_dir, name, exc)
+            return
+        beam.metrics.Metrics.counter("label", "images").inc(report.samples_out)
+        yield {"output": name, "samples_out": report.samples_out}
 
 
 def _threads_per_worker(options) -> int | None:
@@ -65,17 +124,9 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     entries = shard_entries(args.input)
     sources = [e.url for e in entries]
     names = sidecar_names(sources)
-    label = LabelShardFn(
-        teacher,
-        weights,
-        teacher_id,
-        absolute(args.output),
-        args.batch_size,
-        args.topk,
-        args.embed,
-        args.device,
-        _threads_per_worker(options),
-    )
+    resolved = LabelArgs(**{**asdict(args), "teacher": teacher, "weights": weights})
+    resolved.output = absolute(args.output)
+    label = LabelShardFn(resolved, teacher_id, _threads_per_worker(options))
 
     def build(todo: list[tuple[str, str]]):
         return lambda p: (
@@ -99,6 +150,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
             "embed": args.embed,
             "batch_size": args.batch_size,
             "device": args.device,
+            "decode": args.decode,
         },
         inputs=sorted({parent(u) for u in sources}) + ([teacher] if weights is None else []),
         overwrite=args.overwrite,

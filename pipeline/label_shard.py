@@ -1,36 +1,34 @@
 """The work of `pipeline label` on one shard: decode, transform, batched forward, sidecar out.
 
 A shard is the unit of work, of resumption and of atomic output. Batches are cut at fixed
-positions within a shard, so a rerun writes the same bytes whatever the number of workers.
+positions within a shard, so a rerun writes the same bytes whatever the number of workers
+or decode processes. Nothing here imports Beam: the Beam job (pipeline/label.py) wraps it,
+and so can a plain script on a GPU machine (bench/gpu_label.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import apache_beam as beam
 import numpy as np
 import torch
-from apache_beam.utils.shared import Shared
 
-from data.decode import decode_image, find_image
+from data.decode import find_image
 from data.errors import Drop, UsageError
 from data.read import iter_shard
 from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header
-from data.stages import batched, prefetch
+from data.stages import batched
 from data.storage import basename, join
 from data.write import AtomicShard
-from pipeline.reports import ShardReport, record_failure, write_shard_report
+from pipeline.label_decode import make_decoder
+from pipeline.reports import ShardReport, write_shard_report
 from pipeline.summaries import LabelSummary
-from teachers import Predictor, eval_transform, load_teacher, resolve_device
+from teachers import Predictor, load_teacher, resolve_device
+from teachers.inference import eval_crop, normalize
 
 EMBED_DIM = 256
-# What a worker reports instead of crashing: mistakes the user can fix (no GPU for --device
-# cuda, weights that do not load, an output it cannot write). Anything else is a bug.
-USER_ERRORS = (UsageError, ValueError, OSError)
 
 
 def sidecar_names(sources: list[str]) -> list[str]:
@@ -77,17 +75,24 @@ def embedding_projection(dim: int, out_dim: int = EMBED_DIM) -> torch.Tensor | N
 
 @dataclass
 class Teacher:
-    """What a worker process holds once: the model and how to feed it."""
+    """What a worker process holds once: the model, how to feed it, and its decoder."""
 
-    model: torch.nn.Module
     predictor: Predictor
-    transform: Callable
+    decoder: Callable
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     teacher_id: str
     projection: torch.Tensor | None
 
     @classmethod
     def load(
-        cls, teacher: str, weights: str | None, device: str, expected_id: str | None = None
+        cls,
+        teacher: str,
+        weights: str | None,
+        device: str,
+        expected_id: str | None = None,
+        decode: str = "auto",
+        processes: int = 0,
     ) -> Teacher:
         device = resolve_device(device)
         model, info = load_teacher(teacher, weights, device=device)
@@ -101,26 +106,18 @@ class Teacher:
             size = info.eval_size
             _, feats = predictor.predict(torch.zeros(1, 3, size, size))
         return cls(
-            model,
             predictor,
-            eval_transform(info),
+            make_decoder(eval_crop(info), decode, device, processes),
+            info.mean,
+            info.std,
             info.teacher_id,
             embedding_projection(feats.shape[1]),
         )
 
-
-def _decoded(samples: Iterator[dict], transform: Callable, drops: list[Drop]) -> Iterator[tuple]:
-    for sample in samples:
-        key, shard = sample["__key__"], sample["__url__"]
-        found = find_image(sample)
-        if found is None:
-            drops.append(Drop(shard, key, "no_image"))
-            continue
-        img, reason = decode_image(found[1])
-        if reason is not None:
-            drops.append(Drop(shard, key, reason))
-            continue
-        yield key, transform(img), content_hash(found[1])
+    def predict(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and features of a batch of HWC uint8 crops, normalised where they
+        lie (on the GPU when they were decoded there)."""
+        return self.predictor.predict(normalize(torch.stack(pixels), self.mean, self.std))
 
 
 def summarise(
@@ -164,15 +161,29 @@ def label_shard(
         if drop.key is not None:  # a sample read from the shard but never yielded (unsafe name)
             report.samples_in += 1
 
-    samples = first_of_each_key(iter_shard(url, read_error))
-    batches = prefetch(batched(_decoded(samples, teacher.transform, report.drops), batch_size))
+    def images() -> Iterator[tuple[str, bytes]]:
+        for sample in first_of_each_key(iter_shard(url, read_error)):
+            found = find_image(sample)
+            if found is None:
+                report.drops.append(Drop(url, sample["__key__"], "no_image"))
+            else:
+                yield sample["__key__"], found[1]
+
+    def decodable() -> Iterator[tuple[str, torch.Tensor, bytes]]:
+        for chunk in teacher.decoder(batched(images(), batch_size)):
+            for key, data, pixels, reason in chunk:
+                if reason is not None:
+                    report.drops.append(Drop(url, key, reason))
+                else:
+                    yield key, pixels, content_hash(data)
+
     shard = AtomicShard(out_url)
     try:
         shard.write(shard_header(teacher=teacher.teacher_id, source=url, topk=topk, embed=embed))
-        for batch in batches:
-            keys, tensors, hashes = zip(*batch, strict=True)
+        for batch in batched(decodable(), batch_size):
+            keys, pixels, hashes = zip(*batch, strict=True)
             tick = time.monotonic()
-            probs, features = teacher.predictor.predict(torch.stack(tensors))
+            probs, features = teacher.predict(list(pixels))
             report.forward_seconds += time.monotonic() - tick
             top_i, top_p, conf, ent, emb = summarise(probs, features, topk, teacher.projection)
             for j, key in enumerate(keys):
@@ -197,50 +208,3 @@ def label_shard(
         shard.abort()
         raise
     return report
-
-
-class LabelShardFn(beam.DoFn):
-    """Beam's unit of work: (shard URL, sidecar name) in, its report out. The teacher is
-    loaded once per worker process, on the worker's own device, and shared by the threads
-    of that process. A mistake the user can fix is recorded for the launcher, not raised."""
-
-    def __init__(
-        self,
-        teacher: str,
-        weights: str | None,
-        teacher_id: str,
-        out_dir: str,
-        batch_size: int,
-        topk: int,
-        embed: bool,
-        device: str,
-        threads: int | None,
-    ) -> None:
-        self.spec = (teacher, weights, device, teacher_id)
-        self.out_dir, self.batch_size, self.topk, self.embed = out_dir, batch_size, topk, embed
-        self.threads = threads
-        self.shared = Shared()
-
-    def setup(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        tag = hashlib.sha1(repr(self.spec).encode()).hexdigest()
-        self.teacher, self.failure = None, None
-        try:
-            self.teacher = self.shared.acquire(lambda: Teacher.load(*self.spec), tag=tag)
-        except USER_ERRORS as exc:
-            self.failure = exc
-
-    def process(self, element: tuple[str, str]) -> Iterator[dict]:
-        url, name = element
-        try:
-            if self.failure is not None:
-                raise self.failure
-            report = label_shard(
-                url, name, self.out_dir, self.teacher, self.batch_size, self.topk, self.embed
-            )
-        except USER_ERRORS as exc:
-            record_failure(self.out_dir, name, exc)
-            return
-        beam.metrics.Metrics.counter("label", "images").inc(report.samples_out)
-        yield {"output": name, "samples_out": report.samples_out}

@@ -70,6 +70,17 @@ def test_rerun_is_a_no_op_and_output_does_not_depend_on_worker_count(
         assert shard.read_bytes() == (two / shard.name).read_bytes()
 
 
+def test_output_does_not_depend_on_the_number_of_decode_processes(
+    random_teacher: Path, corpus: Path, tmp_path: Path
+):
+    src = str(corpus / "unlabeled-00000{0..2}.tar")
+    for processes in (0, 1, 3):
+        _label(random_teacher, src, tmp_path / str(processes), decode_processes=processes)
+    for shard in (tmp_path / "0").glob("*.tar"):
+        for processes in (1, 3):
+            assert shard.read_bytes() == (tmp_path / str(processes) / shard.name).read_bytes()
+
+
 def test_pipeline_pickles_and_runs_under_multi_processing(
     random_teacher: Path, corpus: Path, tmp_path: Path
 ):
