@@ -9,6 +9,7 @@ line per request, which is how the tests count requests.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+
+
+_REQUEST = re.compile(r'\\?"([A-Z]+) (\S+) HTTP/1\.[01]\\?"')
 
 
 def free_port() -> int:
@@ -49,10 +53,12 @@ class Server:
     log: Path
     proc: subprocess.Popen
 
+    def calls(self) -> list[tuple[str, str]]:
+        """(method, path) of every request served so far, from the server's access log."""
+        return _REQUEST.findall(self.log.read_text())
+
     def requests(self) -> int:
-        """Requests served so far (one log line each)."""
-        marker = '"' if self.protocol == "gs" else '" '
-        return sum(1 for line in self.log.read_text().splitlines() if marker in line)
+        return len(self.calls())
 
     def make_bucket(self, name: str) -> str:
         fsspec.filesystem(self.protocol, use_listings_cache=False).mkdir(name)
