@@ -46,7 +46,7 @@ def main() -> None:
     for scale in (1, 4):
         root = work / f"x{scale}"
         images = scale * args.images
-        write_labeled_corpus(root, images, args.classes, shard_size=200, photos=True)
+        write_labeled_corpus(root, images, args.classes, shard_size=200, photo_size=224)
         filter_cmd = ["filter", "--input", str(root / "labels"), "--output", str(root / "train")]
         per_class = str(images // args.classes)
         timed([sys.executable, "-m", "pipeline", *filter_cmd, "--per-class", per_class])
