@@ -42,6 +42,7 @@ class ShardReport:
     drops: list[Drop] = field(default_factory=list)
     seconds: float = 0.0
     forward_seconds: float = 0.0
+    first_forward_at: float = 0.0  # wall clock at the end of the first forward pass
     stats: dict = field(default_factory=dict)  # additive summaries: histograms, counts by class
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
