@@ -19,7 +19,6 @@ from pathlib import Path
 
 import fsspec
 
-
 _REQUEST = re.compile(r'\\?"([A-Z]+) (\S+) HTTP/1\.[01]\\?"')
 
 
