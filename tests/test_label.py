@@ -241,3 +241,22 @@ def test_imagenet_cls_and_img2dataset_shards_are_labeled_as_they_are(
     assert manifest["samples_in"] == manifest["samples_out"] == 9
     keys = [lab.key for url in expand_shards(str(tmp_path / "out")) for lab in _sidecar(url)[1]]
     assert keys == [f"n01440764_{i}" for i in range(5)] + [f"{i:09d}" for i in range(4)]
+
+
+def test_cuda_asked_of_a_worker_without_a_gpu_is_one_line_from_that_worker(
+    random_teacher: Path, corpus: Path, tmp_path: Path
+):
+    """The launcher needs no GPU and takes `--device cuda` as it is; the worker that loads
+    the teacher finds none, records it, and the launcher says so in one line."""
+    out = tmp_path / "out"
+    result = run_cli(
+        "label", "--teacher", str(random_teacher), "--input", str(corpus / "unlabeled-000000.tar"),
+        "--output", str(out), "--device", "cuda",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert lines == [
+        "pipeline label: error: --device cuda was asked for, but this worker sees no CUDA device"
+    ]
+    assert "Traceback" not in result.stderr
+    assert len(list((out / "_failures").iterdir())) == 1
