@@ -42,6 +42,7 @@ from pipeline.label import run as label
 from pipeline.reports import (
     ReportProgress,
     clear_failures,
+    finish_stage,
     merge_reports,
     raise_failures,
     reported,
@@ -236,11 +237,9 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     write_json(join(output, CLASSES_FILE), _class_names(args.input))
     classes = merged.stats.get("classes", {})
     kept_images = merged.samples_in - merged.drops.total()
-    return out.finish(
-        merged.samples_in,
-        merged.samples_out,
-        merged.drops,
-        merged.shard_faults,
+    return finish_stage(
+        out,
+        merged,
         {**asdict(args), "beam_args": beam_args},
         teacher=teacher,
         samples_written=merged.samples_out,

@@ -31,6 +31,7 @@ from pipeline.reports import (
     ReportProgress,
     clear_failures,
     done_outputs,
+    finish_stage,
     merge_reports,
     raise_failures,
     record_failure,
@@ -174,11 +175,9 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         merged = merge_reports(output, names, log, fresh)
     if class_names is not None:
         write_json(join(output, CLASSES_FILE), class_names)
-    return out.finish(
-        merged.samples_in,
-        merged.samples_out,
-        merged.drops,
-        merged.shard_faults,
+    return finish_stage(
+        out,
+        merged,
         {**asdict(args), "beam_args": beam_args},
         teacher=teacher_id,
         shards=merged.shards,

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from data.errors import Drop, UsageError
-from data.manifest import ErrorLog
+from data.manifest import ErrorLog, StageOutput
 from data.progress import progress_bar
 from data.storage import join, list_dir, read_bytes, read_json, remove, write_bytes
 
@@ -130,6 +130,13 @@ def merge_reports(
         add_into(merged.stats, report.stats)
     merged.drops, merged.shard_faults = log.drops, log.shard_faults
     return merged
+
+
+def finish_stage(out: StageOutput, merged: Merged, args: dict, **extra: object) -> dict:
+    """The stage's finished manifest: the merged counts, the arguments, what else it keeps."""
+    return out.finish(
+        merged.samples_in, merged.samples_out, merged.drops, merged.shard_faults, args, **extra
+    )
 
 
 def record_failure(out_dir: str, name: str, exc: BaseException) -> None:

@@ -36,6 +36,17 @@ from pipeline.reports import add_into
 from pipeline.summaries import CONF_BINS, ENTROPY_STEP, LabelSummary
 
 SAMPLE_SEED = 0
+# What `--json` always holds (SPEC section 5), whichever way the answer was found.
+SPEC_KEYS = (
+    "samples",
+    "shards",
+    "bytes",
+    "class_counts",
+    "confidence_hist",
+    "entropy_hist",
+    "copies_hist",
+    "drops",
+)
 
 
 def _image_size(data: bytes) -> tuple[int, int] | None:

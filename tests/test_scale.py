@@ -14,7 +14,7 @@ from pipeline.filter import FilterArgs
 from pipeline.filter import run as filter_run
 from pipeline.label import LabelArgs
 from pipeline.label import run as label_run
-from pipeline.stats import collect
+from pipeline.stats import SPEC_KEYS, collect
 from tests.conftest import image_bytes, run_cli
 
 SHARDS = 200
@@ -90,21 +90,11 @@ def test_stats_from_the_manifest_equals_a_full_scan(
         FilterArgs(input=str(labels), output=str(train), threshold=0, per_class=60, shard_size=40),
         [],
     )
-    keys = (
-        "samples",
-        "shards",
-        "bytes",
-        "class_counts",
-        "confidence_hist",
-        "entropy_hist",
-        "copies_hist",
-        "drops",
-    )
     for folder in (labels, train):
         recorded, _ = collect(str(folder))
         scanned, _ = collect(str(folder), ["--direct_num_workers=2"], scan=True)
         assert recorded["source"] == "manifest" and scanned["source"] == "scan of all shards"
-        for key in keys:
+        for key in SPEC_KEYS:
             assert recorded[key] == scanned[key], (folder.name, key)
     quick = run_cli("stats", str(labels), "--sample", "0.1")
     assert quick.returncode == 0 and "scan of a 0.1 sample: 20 of 200 shards" in quick.stdout
