@@ -16,12 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data.classes import write_class_names
 from data.decode import IMAGE_EXTS, decode_image, find_image
 from data.errors import Drop
 from data.read import iter_samples
 from data.records import read_cls
 from data.specs import ShardSpecError, expand_shards
-from data.write import ShardSequence, join, write_json
+from data.write import ShardSequence
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -119,5 +120,5 @@ def ingest(
             shards.write(sample)
     result.shards = shards.urls
     if result.classes is not None:
-        write_json(join(out_dir, "classes.json"), result.classes)
+        write_class_names(out_dir, result.classes)
     return result

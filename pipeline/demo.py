@@ -26,6 +26,7 @@ from students.config import yaml_problem
 from students.eval import evaluate_run
 from students.train import train
 from students.utils import has_checkpoint, read_log
+from teachers import is_run_dir
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -34,7 +35,7 @@ def _train(
     run_dir: str, labeled: str, val: str, part: dict, recipe: str, pseudo: str | None = None
 ) -> None:
     """Train unless this run already finished; continue it if it was cut short."""
-    log = read_log(run_dir) if Path(run_dir, "model.json").exists() else []
+    log = read_log(run_dir) if is_run_dir(run_dir) else []
     if log and log[-1].get("epoch") == part["epochs"]:
         return
     overrides = [f"{k}={v}" for k, v in part.get("set", {}).items()]

@@ -7,7 +7,6 @@ histogram), pseudo-label sidecars (confidence, entropy, top-1 classes) and train
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from data.classes import read_class_names
 from data.decode import find_image
 from data.errors import Drop
 from data.manifest import read_manifest
@@ -101,18 +101,6 @@ def shard_stats(url: str) -> ShardStats:
     return stats
 
 
-def _class_names(urls: list[str]) -> list[str] | None:
-    """classes.json beside the shards (data digits, ingest) or model.json of a teacher run."""
-    folder = urls[0].rsplit("/", 1)[0]
-    for name, field_name in (("classes.json", None), ("model.json", "class_names")):
-        fs, path = fsspec.core.url_to_fs(f"{folder}/{name}")
-        if fs.exists(path):
-            with fs.open(path) as f:
-                value = json.load(f)
-            return value if field_name is None else value.get(field_name)
-    return None
-
-
 def collect(spec: str, workers: int = 2) -> tuple[dict, list[str] | None]:
     urls = expand_shards(spec)
     total = ShardStats()
@@ -122,7 +110,7 @@ def collect(spec: str, workers: int = 2) -> tuple[dict, list[str] | None]:
         ):
             total.merge(stats)
     manifest = read_manifest(urls[0].rsplit("/", 1)[0]) or {}
-    return summarise(total, manifest), _class_names(urls)
+    return summarise(total, manifest), read_class_names(urls)
 
 
 def summarise(stats: ShardStats, manifest: dict) -> dict:

@@ -8,7 +8,6 @@ once. Both split shards by node (disjoint across ranks) and then by loader worke
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import tarfile
@@ -288,16 +287,3 @@ def count_samples(urls: Sequence[str], threads: int = 16) -> int:
 def has_samples(urls: Sequence[str]) -> bool:
     """Whether any shard holds an image sample; stops at the first that does."""
     return any(_count_shard(url) for url in urls)
-
-
-def read_class_names(urls: Sequence[str]) -> list[str] | None:
-    """`classes.json` beside the first shard (written by `pipeline data`), if there is one."""
-    url = urls[0].rsplit("/", 1)[0] + "/classes.json" if "/" in urls[0] else "classes.json"
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        names = json.load(f)
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{url} should hold a list of class names")
-    return names

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from data.classes import read_class_names
 from data.specs import expand_shards
 from students import utils
 from students.config import add_arguments, recipe_value, resolve_config
@@ -34,7 +35,6 @@ from students.data import (
     count_samples,
     eval_loader,
     has_samples,
-    read_class_names,
     train_loader,
 )
 from students.ema import ModelEma

@@ -21,11 +21,8 @@ import yaml
 from webdataset.utils import make_seed
 
 from data.write import join, write_atomic
+from teachers.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
 from teachers.weights import unpickler_reason
-
-CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "log.jsonl"
-CONFIG_FILE = "config.yaml"
 
 
 @dataclass(frozen=True)

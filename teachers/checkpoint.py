@@ -22,8 +22,13 @@ from data.write import join, write_atomic, write_json
 from teachers.registry import MODELS, create_model, get_config
 from teachers.weights import classifier_classes, clean_state_dict, parse_weights, read_bytes
 
+# The files of a run directory, named here only: the exported model, which every later stage
+# reads, and the trainer's own record (students/utils.py), which `--resume` reads.
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.yaml"
 
 
 @dataclass(frozen=True)
