@@ -80,7 +80,6 @@ def main() -> None:
         steps=args.steps,
         config=config,
         device=torch.device("cpu"),
-        progress=False,
     )
 
     real = mixed_batches(iter(loader), None)

@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from data.classes import write_class_names
 from data.decode import IMAGE_EXTS, decode_image, find_image
 from data.errors import Drop
+from data.progress import progress_bar
 from data.read import iter_samples
 from data.records import read_cls
 from data.specs import ShardSpecError, expand_shards
@@ -111,7 +110,9 @@ def ingest(
         samples = iter_samples(urls, result.drops.append)
     seen: set[str] = set()
     with ShardSequence(out_dir, prefix, shard_size) as shards:
-        for sample in tqdm(_checked(samples, result), desc="ingest", unit="img", leave=False):
+        for sample in progress_bar(
+            _checked(samples, result), desc="ingest", unit="img", leave=False
+        ):
             if sample["__key__"] in seen:
                 result.drops.append(Drop("", sample["__key__"], "duplicate_key"))
                 result.samples_out -= 1

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from data.classes import read_class_names
 from data.decode import find_image
 from data.errors import Drop
 from data.manifest import read_manifest
+from data.progress import progress_bar
 from data.read import iter_shard
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
 from data.specs import expand_shards
@@ -105,7 +105,7 @@ def collect(spec: str, workers: int = 2) -> tuple[dict, list[str] | None]:
     urls = expand_shards(spec)
     total = ShardStats()
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for stats in tqdm(
+        for stats in progress_bar(
             pool.map(shard_stats, urls), total=len(urls), desc="stats", unit="shard", leave=False
         ):
             total.merge(stats)

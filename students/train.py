@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.classes import read_class_names
+from data.progress import progress_bar
 from data.specs import expand_shards
 from students import utils
 from students.config import add_arguments, recipe_value, resolve_config
@@ -119,17 +120,16 @@ def train_one_epoch(
     device: torch.device,
     first_step: int = 0,
     world: int = 1,
-    desc: str = "train",
-    progress: bool = True,
+    bar: tqdm | None = None,
 ) -> dict:
     """`steps` optimizer steps over any iterable of batches (the shard loaders, or batches held
-    in memory for a benchmark); returns this process's mean losses, the LR and images/s."""
+    in memory for a benchmark), advancing the run's progress `bar` if there is one; returns this
+    process's mean losses, the LR and images/s."""
     model.train()
     on_cuda = device.type == "cuda"
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
     losses = {name: utils.Average() for name in ("loss", "loss_labeled", "loss_pseudo")}
     images_seen, lr, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     for i, (images, labels, pseudo_images, targets) in enumerate(batches):
         if i == steps:
             break
@@ -162,10 +162,10 @@ def train_one_epoch(
         losses["loss_labeled"].add(labeled_loss.item(), n)
         losses["loss_pseudo"].add(pseudo_loss.item(), n)
         images_seen += images.shape[0] * world
-        rate = images_seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{losses['loss'].mean:.3f}", img_s=f"{rate:.0f}", refresh=False)
-        bar.update()
-    bar.close()
+        if bar is not None:
+            rate = images_seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{losses['loss'].mean:.3f}", img_s=f"{rate:.0f}", refresh=False)
+            bar.update()
     utils.broadcast_buffers(unwrapped, ema.module)
     elapsed = time.perf_counter() - start
     stats = {name: avg.mean for name, avg in losses.items()}
@@ -303,6 +303,13 @@ def main(args: TrainArgs, env: utils.Distributed) -> dict:
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
         )
 
+    bar = progress_bar(
+        total=total_steps,
+        initial=start_epoch * steps_per_epoch,
+        desc="train",
+        unit="step",
+        disable=not env.is_main,
+    )
     for epoch in range(start_epoch, config["epochs"]):
         utils.seed_everything(config["seed"], epoch, env.rank)
         labeled = stream(
@@ -326,8 +333,7 @@ def main(args: TrainArgs, env: utils.Distributed) -> dict:
             env.device,
             first_step=epoch * steps_per_epoch,
             world=env.world,
-            desc=f"epoch {epoch + 1}/{config['epochs']}",
-            progress=env.is_main,
+            bar=bar,
         )
         record = {
             "epoch": epoch + 1,
@@ -356,6 +362,7 @@ def main(args: TrainArgs, env: utils.Distributed) -> dict:
                 },
             )
             tqdm.write(_summary(record))
+    bar.close()
 
     if env.is_main:
         export_run(args.out, ema.module, table.name, class_names, extra={"recipe": config})

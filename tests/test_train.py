@@ -320,9 +320,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
             labels_seen.append(batch[1])
             yield batch
 
-    train_one_epoch(
-        ddp, optimizer, scheduler, ema, batches(), 4, config, env.device, progress=False
-    )
+    train_one_epoch(ddp, optimizer, scheduler, ema, batches(), 4, config, env.device)
     torch.save(
         {
             "model": model.state_dict(),
