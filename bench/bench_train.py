@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import write_corpus  # noqa: E402
 from bench.record import append  # noqa: E402
-from students.config import resolve_config  # noqa: E402
+from students.config import resolve_recipe  # noqa: E402
 from students.data import LabeledDecoder, train_loader  # noqa: E402
 from students.ema import ModelEma  # noqa: E402
 from students.presets import train_preset  # noqa: E402
@@ -47,15 +47,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     urls = write_corpus(str(work / "shards"), 512, shard_size=64, classes=CLASSES)
-    config = resolve_config(
-        Path(__file__).resolve().parent.parent / "configs" / f"{args.model}.yaml",
+    recipe = resolve_recipe(
+        "imagenet",
         [f"workers={args.workers}", "shuffle_buffer=256"],
+        model=args.model,
         batch_size=args.batch_size,
     )
     table = get_config(args.model)
     loader = train_loader(
         urls,
-        LabeledDecoder(train_preset(table, config), CLASSES),
+        LabeledDecoder(train_preset(table, recipe), CLASSES),
         args.batch_size,
         rank=0,
         world=1,
@@ -66,11 +67,11 @@ def main() -> None:
     )
     torch.manual_seed(0)
     model = create_model(args.model, CLASSES)
-    optimizer = torch.optim.SGD(param_groups(model, config["weight_decay"]), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, warmup_steps=1, total_steps=10**6)
     )
-    ema = ModelEma(model, config["ema_decay"])
+    ema = ModelEma(model, recipe.ema_decay)
     step = partial(
         train_one_epoch,
         model,
@@ -78,7 +79,7 @@ def main() -> None:
         scheduler,
         ema,
         steps=args.steps,
-        config=config,
+        recipe=recipe,
         device=torch.device("cpu"),
     )
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from pipeline.cli_errors import UsageError
-from students.config import add_arguments
+from students.config import add_arguments, flag_values
 
 EXIT_USAGE = 2
 USER_ERRORS = (UsageError, ValueError, OSError)  # reported in one line, exit status 2
@@ -85,20 +85,7 @@ def _cmd_stats(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from students.train import train
 
-    fields = (
-        "labeled",
-        "out",
-        "model",
-        "pseudo",
-        "val",
-        "config",
-        "overrides",
-        "epochs",
-        "batch_size",
-        "resume",
-        "device",
-    )
-    train(**{name: getattr(args, name) for name in fields})
+    train(**flag_values(args))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -233,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (demo-out)")
     demo.add_argument("--seed", type=int, default=0, help="data split and training seed (0)")
     demo.add_argument("--rounds", type=_positive, default=1, help="student-teacher rounds (1)")
-    demo.add_argument("--config", help="demo recipe (configs/demo.yaml)")
+    demo.add_argument("--config", help="demo recipe: a path, or a bundled one by name (demo)")
     demo.set_defaults(func=_cmd_demo)
 
     stats = commands.add_parser("stats", help="shard statistics: a table, --json and a --plot PNG")

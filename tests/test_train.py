@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
@@ -111,6 +112,15 @@ def test_single_process_student_reaches_80_percent(demo_run: Path, digits1000: P
     assert {"config.yaml", "log.jsonl", "checkpoint.pt", "model.json", "model.safetensors"} <= {
         p.name for p in demo_run.iterdir()
     }
+    # The recipe it records is the one it ran: the table's and the data's numbers filled in.
+    recorded = yaml.safe_load((demo_run / "config.yaml").read_text())
+    assert None not in recorded.values()
+    assert (recorded["dropout"], recorded["image_size"], recorded["randaugment_magnitude"]) == (
+        0.25,
+        32,
+        10,
+    )
+    assert (recorded["num_classes"], recorded["epoch_samples"]) == (10, 1000)
 
 
 def test_torchrun_two_processes_reach_80_percent(digits1000: Path, tmp_path: Path):
@@ -277,7 +287,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     from torch.nn.parallel import DistributedDataParallel
 
     from students import utils
-    from students.config import resolve_config
+    from students.config import resolve_recipe
     from students.data import LabeledDecoder, train_loader
     from students.ema import ModelEma
     from students.presets import train_preset
@@ -293,7 +303,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
         "LOCAL_RANK": str(rank),
     }
     env = utils.init_distributed("cpu")
-    config = resolve_config(DEMO)
+    recipe = resolve_recipe(DEMO)
     utils.seed_everything(0)
     model = create_model("rs-mini", 10, drop_rate=0.25)
     ema = ModelEma(model, 0.9999)
@@ -304,7 +314,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     utils.seed_everything(0, 0, rank)  # each rank its own dropout and augmentation
     loader = train_loader(
         expand_shards(labeled),
-        LabeledDecoder(train_preset(get_config("rs-mini"), config), 10),
+        LabeledDecoder(train_preset(get_config("rs-mini"), recipe), 10),
         16,
         rank=rank,
         world=world,
@@ -320,7 +330,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
             labels_seen.append(batch[1])
             yield batch
 
-    train_one_epoch(ddp, optimizer, scheduler, ema, batches(), 4, config, env.device)
+    train_one_epoch(ddp, optimizer, scheduler, ema, batches(), 4, recipe, env.device)
     torch.save(
         {
             "model": model.state_dict(),
