@@ -86,7 +86,7 @@ def test_command_line_flags_come_from_the_dataclasses():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     argv = ["--labeled", "L", "--out", "O", "--config", "digits", "--set", "lr=0.2"]
-    args, recipe = resolve(flag_values(parser.parse_args([*argv, "--epochs", "3"])))
+    args, recipe = resolve(flag_values(parser.parse_args([*argv, "--epochs", "3", "--seed", "7"])))
     assert (args.labeled, args.out, args.pseudo, args.resume, args.device) == (
         "L",
         "O",
@@ -94,7 +94,7 @@ def test_command_line_flags_come_from_the_dataclasses():
         False,
         "auto",
     )
-    assert (recipe.model, recipe.epochs, recipe.lr) == ("rs-mini", 3, 0.2)
+    assert (recipe.model, recipe.epochs, recipe.lr, recipe.seed) == ("rs-mini", 3, 0.2, 7)
     flags = {f"--{f.name.replace('_', '-')}" for f in fields(TrainArgs) if f.name != "overrides"}
     flags |= {f"--{f.name.replace('_', '-')}" for f in fields(Recipe) if f.metadata["flag"]}
     assert flags | {"--set", "-h", "--help"} == {
