@@ -322,14 +322,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 list(spec.default) if isinstance(spec.default, tuple) else spec.default
             )
         run.add_argument(name, dest=spec.name, help=spec.metadata["help"], **options)
-    recipe = parser.add_argument_group("recipe", "flags over --set, over --config, over defaults")
+    recipe = parser.add_argument_group(
+        "recipe",
+        "Flags win over --set, --set over the --config file, the file over the defaults "
+        f"(the ResNet-RS ImageNet recipe). Keys: {', '.join(RECIPE_KEYS)}.",
+    )
     for spec in fields(Recipe):
         if spec.metadata["flag"]:
+            default = "the recipe's" if spec.default is None else spec.default
             recipe.add_argument(
                 _flag(spec),
                 dest=spec.name,
                 type=_scalar(_types(Recipe)[spec.name]),
-                help=f"{spec.metadata['help']} (default: {spec.default})",
+                help=f"{spec.metadata['help']} (default: {default})",
             )
 
 
