@@ -80,6 +80,10 @@ def _cmd_stats(args: argparse.Namespace) -> None:
     from pipeline.stats import run
 
     run(args.shards, json_path=args.json, plot_path=args.plot, workers=args.workers)
+    if args.samples:
+        from pipeline.samples_sheet import write_samples
+
+        print(f"{write_samples(args.shards, args.samples)} sample images in {args.samples}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -223,10 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="demo recipe: a path, or a bundled one by name (demo)")
     demo.set_defaults(func=_cmd_demo)
 
-    stats = commands.add_parser("stats", help="shard statistics: a table, --json and a --plot PNG")
+    stats = commands.add_parser(
+        "stats", help="shard statistics: a table, --json, a --plot PNG and --samples images"
+    )
     stats.add_argument("shards", help="shards: dir, glob or braces (local or fsspec URL)")
     stats.add_argument("--json", help="write the statistics as JSON here")
     stats.add_argument("--plot", help="write histograms as a PNG here")
+    stats.add_argument(
+        "--samples",
+        help="write a PNG of images per class and confidence band (kept and dropped ones "
+        "for filter output) here",
+    )
     stats.add_argument(
         "--workers", type=_positive, default=os.cpu_count() or 1, help="parallel readers"
     )
