@@ -28,7 +28,7 @@ from students.config import resolve_recipe  # noqa: E402
 from students.data import LabeledDecoder, train_loader  # noqa: E402
 from students.ema import ModelEma  # noqa: E402
 from students.presets import train_preset  # noqa: E402
-from students.train import mixed_batches, param_groups, train_one_epoch, warmup_cosine  # noqa: E402
+from students.train import lr_schedule, mixed_batches, param_groups, train_one_epoch  # noqa: E402
 from teachers import create_model, get_config  # noqa: E402
 
 CLASSES = 1000
@@ -68,9 +68,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_model(args.model, CLASSES)
     optimizer = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=0.01, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup_steps=1, total_steps=10**6)
-    )
+    scheduler = lr_schedule(optimizer, warmup_steps=1, total_steps=10**6)
     ema = ModelEma(model, recipe.ema_decay)
     step = partial(
         train_one_epoch,

@@ -15,7 +15,7 @@ No torch here: `pipeline --help` builds its flags from this module alone.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
@@ -45,7 +45,7 @@ def _key(
     below: float | None = None,
     table: str | None = None,
     flag: bool = False,
-    check=None,
+    check: Callable[[object], object] | None = None,
 ) -> Field:
     """A recipe key. `low`/`below`: its range; `table`: the model-table attribute a null
     takes; `flag`: also a command-line flag; `check`: a validator for what types can't say."""

@@ -2,8 +2,10 @@
 
 Training streams are infinite (resampled shards), so an epoch is a number of steps, and are
 rebuilt for every epoch from (seed, epoch, rank): the data a rank sees in epoch e is the same
-whether or not the run was interrupted before it. The evaluation stream reads every sample
-once. Both split shards by node (disjoint across ranks) and then by loader worker.
+whether or not the run was interrupted before it: shards are split by node (disjoint across
+ranks), and each loader worker draws from its rank's share with replacement, with a seed of
+its own (webdataset's resampled mode). The evaluation stream reads every sample once, its
+shards split by node and by loader worker.
 """
 
 from __future__ import annotations
@@ -52,13 +54,9 @@ def node_shards(urls: Sequence[str], rank: int, world: int, seed: int | None = N
     return urls[rank::world]
 
 
-def resample(src: Iterable[dict], seed: int) -> Iterator[dict]:
-    """Stage: draw shards with replacement, forever, from what reached this worker."""
-    shards = list(src)
+def _worker_id() -> int:
     info = torch.utils.data.get_worker_info()
-    rng = random.Random(make_seed(seed, info.id if info else 0))
-    while True:
-        yield rng.choice(shards)
+    return info.id if info else 0
 
 
 def _log_drop(drop: Drop) -> None:
@@ -199,12 +197,9 @@ def train_loader(
     """An endless stream of (images, targets) batches for one rank in one epoch; `stream`
     tells apart the streams of one rank (labeled, pseudo-labeled) so they draw apart."""
     shards = node_shards(urls, rank, world, seed=make_seed(seed, epoch))
-    workers = min(workers, len(shards))
     stream_seed = make_seed(seed, epoch, rank, stream)
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shards),
-        wds.split_by_worker,
-        partial(resample, seed=stream_seed),
+        wds.ResampledShards(shards, seed=stream_seed, worker_seed=_worker_id, deterministic=True),
         tar_samples,
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=stream_seed),
         wds.map(decode),

@@ -69,6 +69,25 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, first_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine, stepped every optimizer step, from `first_step` on (a resumed
+    run's; its optimizer state, loaded first, holds the peak LR as `initial_lr`).
+
+    Not SequentialLR(LinearLR, CosineAnnealingLR): those keep their horizon (T_max, the
+    milestones) in a state dict, so a run resumed with more epochs would go on decaying to
+    the old end, and CosineAnnealingLR computes each LR from the previous one, so it cannot
+    take a new horizon mid-run either. A closed form of the step needs nothing saved but the
+    step: a resumed run follows the schedule of the epochs it is given now.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps),
+        last_epoch=first_step - 1,
+    )
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv and linear weights only; biases and norm scales/shifts are exempt."""
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -101,7 +120,6 @@ def train_one_epoch(
     steps: int,
     recipe: Recipe,
     device: torch.device,
-    first_step: int = 0,
     world: int = 1,
     bar: tqdm | None = None,
 ) -> dict:
@@ -138,7 +156,7 @@ def train_one_epoch(
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        ema.update(unwrapped, first_step + i)
+        ema.update_parameters(unwrapped)
 
         n = labels.shape[0]
         losses["loss"].add(loss.item(), n)
@@ -251,15 +269,11 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEma(model, recipe.ema_decay)
 
-    # Optimizer and schedule: SGD with momentum, LR per 256 labeled images, warm-up + cosine.
+    # Optimizer: SGD with momentum, LR per 256 labeled images (the schedule follows resuming).
     optimizer = torch.optim.SGD(
         param_groups(model, recipe.weight_decay),
         lr=peak_lr(recipe.lr, recipe.batch_size),
         momentum=recipe.momentum,
-    )
-    warmup_steps = round(recipe.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps)
     )
 
     start_epoch, log = 0, []
@@ -273,11 +287,17 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch = checkpoint["epoch"]
         log = [r for r in utils.read_log(args.out) if r["epoch"] <= start_epoch]
         if env.is_main:
             print(f"resuming {args.out} after epoch {start_epoch} of {recipe.epochs}")
+    # Schedule: linear warm-up, then cosine to zero at the last step of this run's epochs.
+    scheduler = lr_schedule(
+        optimizer,
+        round(recipe.warmup_epochs * steps_per_epoch),
+        total_steps,
+        first_step=start_epoch * steps_per_epoch,
+    )
     if env.is_main:
         utils.write_config(args.out, recipe.to_dict())
     if env.enabled:
@@ -313,7 +333,6 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             steps_per_epoch,
             recipe,
             env.device,
-            first_step=epoch * steps_per_epoch,
             world=env.world,
             bar=bar,
         )
@@ -337,7 +356,6 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
                     "model": unwrapped.state_dict(),
                     "ema": ema.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "epoch": epoch + 1,
                     "model_name": table.name,
                     "num_classes": num_classes,
