@@ -285,7 +285,13 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
                 f"{checkpoint['num_classes']} classes, not {table.name} with {num_classes}"
             )
         model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
+        try:
+            ema.load_state_dict(checkpoint["ema"])
+        except RuntimeError:
+            raise ValueError(
+                f"{args.out} holds a checkpoint from an earlier version of the trainer, whose "
+                "EMA it cannot continue; start a new run with another --out"
+            ) from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch = checkpoint["epoch"]
         log = [r for r in utils.read_log(args.out) if r["epoch"] <= start_epoch]

@@ -368,6 +368,22 @@ def test_an_existing_run_is_not_overwritten_without_resume(demo_run: Path, digit
         train(model="rs-mini", labeled=str(digits1000 / "labeled"), out=str(demo_run), config=DEMO)
 
 
+def test_a_checkpoint_from_before_the_averaged_model_ema_is_refused_in_one_line(
+    digits1000: Path, tmp_path: Path
+):
+    from students.train import train
+    from teachers import create_model
+
+    state = create_model("rs-mini", 10).state_dict()
+    run = tmp_path / "run"
+    run.mkdir()
+    old = {"model": state, "ema": state, "epoch": 1, "model_name": "rs-mini", "num_classes": 10}
+    torch.save(old, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match="earlier version of the trainer") as error:
+        train(labeled=str(digits1000 / "labeled"), out=str(run), config=DEMO, resume=True)
+    assert "\n" not in str(error.value)
+
+
 def test_shards_without_images_are_refused_before_training(digits1000: Path, tmp_path: Path):
     from students.train import train
 
