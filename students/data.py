@@ -2,10 +2,8 @@
 
 Training streams are infinite (resampled shards), so an epoch is a number of steps, and are
 rebuilt for every epoch from (seed, epoch, rank): the data a rank sees in epoch e is the same
-whether or not the run was interrupted before it: shards are split by node (disjoint across
-ranks), and each loader worker draws from its rank's share with replacement, with a seed of
-its own (webdataset's resampled mode). The evaluation stream reads every sample once, its
-shards split by node and by loader worker.
+whether or not the run was interrupted before it. The evaluation stream reads every sample
+once. Both split shards by node (disjoint across ranks) and then by loader worker.
 """
 
 from __future__ import annotations
@@ -54,9 +52,19 @@ def node_shards(urls: Sequence[str], rank: int, world: int, seed: int | None = N
     return urls[rank::world]
 
 
-def _worker_id() -> int:
+def resample(src: Iterable[dict], seed: int) -> Iterator[dict]:
+    """Stage: draw shards with replacement, forever, from what reached this worker.
+
+    Not webdataset's own: the loaders split shards by node and then by worker (SPEC 6), and
+    `ResampledShards` is a source, drawing from the whole list it is given, so it cannot come
+    after `split_by_worker`; its stage form, `resampled`, seeds itself from /dev/random, so a
+    resumed run could not draw the shards the uninterrupted one drew.
+    """
+    shards = list(src)
     info = torch.utils.data.get_worker_info()
-    return info.id if info else 0
+    rng = random.Random(make_seed(seed, info.id if info else 0))
+    while True:
+        yield rng.choice(shards)
 
 
 def _log_drop(drop: Drop) -> None:
@@ -197,9 +205,12 @@ def train_loader(
     """An endless stream of (images, targets) batches for one rank in one epoch; `stream`
     tells apart the streams of one rank (labeled, pseudo-labeled) so they draw apart."""
     shards = node_shards(urls, rank, world, seed=make_seed(seed, epoch))
+    workers = min(workers, len(shards))
     stream_seed = make_seed(seed, epoch, rank, stream)
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(shards, seed=stream_seed, worker_seed=_worker_id, deterministic=True),
+        wds.SimpleShardList(shards),
+        wds.split_by_worker,
+        partial(resample, seed=stream_seed),
         tar_samples,
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=stream_seed),
         wds.map(decode),
