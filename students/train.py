@@ -311,64 +311,67 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
         )
 
-    bar = progress_bar(
+    with progress_bar(
         total=total_steps,
         initial=start_epoch * steps_per_epoch,
         desc="train",
         unit="step",
         disable=not env.is_main,
-    )
-    for epoch in range(start_epoch, recipe.epochs):
-        utils.seed_everything(recipe.seed, epoch, env.rank)
-        labeled = stream(
-            labeled_urls, LabeledDecoder(preset, num_classes), batch, epoch=epoch, stream=0
-        )
-        pseudo = (
-            stream(
-                pseudo_urls, PseudoDecoder(preset, num_classes), pseudo_batch, epoch=epoch, stream=1
+    ) as bar:
+        for epoch in range(start_epoch, recipe.epochs):
+            utils.seed_everything(recipe.seed, epoch, env.rank)
+            labeled = stream(
+                labeled_urls, LabeledDecoder(preset, num_classes), batch, epoch=epoch, stream=0
             )
-            if pseudo_urls
-            else None
-        )
-        stats = train_one_epoch(
-            model,
-            optimizer,
-            scheduler,
-            ema,
-            mixed_batches(labeled, pseudo),
-            steps_per_epoch,
-            recipe,
-            env.device,
-            world=env.world,
-            bar=bar,
-        )
-        record = {
-            "epoch": epoch + 1,
-            "step": (epoch + 1) * steps_per_epoch,
-            **_mean_over_ranks(stats, env),
-        }
-        if val_loader is not None:
-            metrics = evaluate(ema.module, val_loader, env.device, distributed=env.enabled)
-            record.update({f"val_{key}": value for key, value in metrics.items()})
-        log.append(record)
-        if env.is_main:
-            # The log first, the checkpoint last: a checkpoint always has its log, and a log
-            # ahead of the checkpoint (a kill in between) is cut back to it on --resume.
-            utils.write_log(args.out, log)
-            unwrapped = model.module if env.enabled else model
-            utils.save_checkpoint(
-                args.out,
-                {
-                    "model": unwrapped.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "model_name": table.name,
-                    "num_classes": num_classes,
-                },
+            pseudo = (
+                stream(
+                    pseudo_urls,
+                    PseudoDecoder(preset, num_classes),
+                    pseudo_batch,
+                    epoch=epoch,
+                    stream=1,
+                )
+                if pseudo_urls
+                else None
             )
-            tqdm.write(_summary(record))
-    bar.close()
+            stats = train_one_epoch(
+                model,
+                optimizer,
+                scheduler,
+                ema,
+                mixed_batches(labeled, pseudo),
+                steps_per_epoch,
+                recipe,
+                env.device,
+                world=env.world,
+                bar=bar,
+            )
+            record = {
+                "epoch": epoch + 1,
+                "step": (epoch + 1) * steps_per_epoch,
+                **_mean_over_ranks(stats, env),
+            }
+            if val_loader is not None:
+                metrics = evaluate(ema.module, val_loader, env.device, distributed=env.enabled)
+                record.update({f"val_{key}": value for key, value in metrics.items()})
+            log.append(record)
+            if env.is_main:
+                # The log first, the checkpoint last: a checkpoint always has its log, and a log
+                # ahead of the checkpoint (a kill in between) is cut back to it on --resume.
+                utils.write_log(args.out, log)
+                unwrapped = model.module if env.enabled else model
+                utils.save_checkpoint(
+                    args.out,
+                    {
+                        "model": unwrapped.state_dict(),
+                        "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1,
+                        "model_name": table.name,
+                        "num_classes": num_classes,
+                    },
+                )
+                tqdm.write(_summary(record))
 
     if env.is_main:
         export_run(

@@ -11,9 +11,10 @@ class _Terminal(io.StringIO):
 
 
 def _run_bar(stream: io.StringIO, steps: int, seconds_per_step: float) -> str:
-    """A bar over `steps` updates on a clock the test moves (tqdm reads it through `_time`)."""
+    """A bar over `steps` updates on a clock the test moves (tqdm reads it through `_time`),
+    on the first line whatever bars other tests left open."""
     now = [0.0]
-    bar = progress_bar(total=steps, desc="stage", file=stream)
+    bar = progress_bar(total=steps, desc="stage", file=stream, position=0)
     bar._time = lambda: now[0]
     bar.start_t = bar.last_print_t = 0.0
     for step in range(steps):
