@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import write_corpus  # noqa: E402
 from bench.record import append  # noqa: E402
-from students.config import resolve_config  # noqa: E402
+from students.config import resolve_recipe  # noqa: E402
 from students.data import LabeledDecoder, train_loader  # noqa: E402
 from students.ema import ModelEma  # noqa: E402
 from students.presets import train_preset  # noqa: E402
-from students.train import mixed_batches, param_groups, train_one_epoch, warmup_cosine  # noqa: E402
+from students.train import lr_schedule, mixed_batches, param_groups, train_one_epoch  # noqa: E402
 from teachers import create_model, get_config  # noqa: E402
 
 CLASSES = 1000
@@ -47,15 +47,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     urls = write_corpus(str(work / "shards"), 512, shard_size=64, classes=CLASSES)
-    config = resolve_config(
-        Path(__file__).resolve().parent.parent / "configs" / f"{args.model}.yaml",
+    recipe = resolve_recipe(
+        "imagenet",
         [f"workers={args.workers}", "shuffle_buffer=256"],
+        model=args.model,
         batch_size=args.batch_size,
     )
     table = get_config(args.model)
     loader = train_loader(
         urls,
-        LabeledDecoder(train_preset(table, config), CLASSES),
+        LabeledDecoder(train_preset(table, recipe), CLASSES),
         args.batch_size,
         rank=0,
         world=1,
@@ -66,11 +67,9 @@ def main() -> None:
     )
     torch.manual_seed(0)
     model = create_model(args.model, CLASSES)
-    optimizer = torch.optim.SGD(param_groups(model, config["weight_decay"]), lr=0.01, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup_steps=1, total_steps=10**6)
-    )
-    ema = ModelEma(model, config["ema_decay"])
+    optimizer = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=0.01, momentum=0.9)
+    scheduler = lr_schedule(optimizer, warmup_steps=1, total_steps=10**6)
+    ema = ModelEma(model, recipe.ema_decay)
     step = partial(
         train_one_epoch,
         model,
@@ -78,9 +77,8 @@ def main() -> None:
         scheduler,
         ema,
         steps=args.steps,
-        config=config,
+        recipe=recipe,
         device=torch.device("cpu"),
-        progress=False,
     )
 
     real = mixed_batches(iter(loader), None)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.record import ROOT, append  # noqa: E402
-from students.config import resolve_config  # noqa: E402
+from students.config import resolve_recipe  # noqa: E402
 from teachers.table import models_table  # noqa: E402
 
 IMAGENET = 1_281_167  # labeled training images per epoch
@@ -40,8 +40,8 @@ def main() -> None:
     label, filt, stats, train = (_results(n) for n in ("label", "filter", "stats", "train"))
     cores = int(label["machine"].split()[0])
     gflops = {row["name"]: row["gflops"] for row in models_table([label["model"], args.teacher])}
-    recipe = resolve_config(ROOT / "configs" / f"{train['model']}.yaml", [])
-    student_images = IMAGENET * recipe["epochs"] * (1 + recipe["unlabeled_ratio"])
+    recipe = resolve_recipe("imagenet", model=train["model"])
+    student_images = IMAGENET * recipe.epochs * (1 + recipe.unlabeled_ratio)
     n = args.images
 
     def core_hours(images: float, per_s: float) -> str:
@@ -74,9 +74,9 @@ def main() -> None:
         "",
         f"Assumptions: {n:,} unlabeled images; CPU time scales with GFLOPs between teachers "
         f"(the paper's FLOPs at eval size, `pipeline models`); core-hours = wall hours on "
-        f"this {cores}-core machine x {cores}. The student sees {recipe['epochs']} epochs of "
-        f"{IMAGENET:,} labeled images, each step with {recipe['unlabeled_ratio']}x as many "
-        f"pseudo-labeled ones (configs/{train['model']}.yaml). Storage: sidecars without "
+        f"this {cores}-core machine x {cores}. The student sees {recipe.epochs} epochs of "
+        f"{IMAGENET:,} labeled images, each step with {recipe.unlabeled_ratio}x as many "
+        f"pseudo-labeled ones (`--config imagenet`). Storage: sidecars without "
         "`--embed` (an embedding adds 512 B of payload per record); training shards hold "
         f"{n:,} samples (1,000 classes x 130,000), images at the benchmark's JPEG size; real "
         "web images are larger, so scale the raw and training rows by your mean file size. "

@@ -13,8 +13,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from data.classes import write_class_names
 from data.records import labeled_sample
-from data.storage import join, write_json
+from data.storage import join
 from data.write import ShardSequence
 
 VAL_SIZE = 297
@@ -62,6 +63,6 @@ def write_digits(out_dir: str, labeled: int = 200, seed: int = 0, shard_size: in
                 shards.write(
                     labeled_sample(f"digit{i:04d}", "png", digit_png(digits.images[i]), cls)
                 )
-        write_json(join(directory, "classes.json"), CLASS_NAMES)
+        write_class_names(directory, CLASS_NAMES)
         counts[split] = len(indices)
     return counts

@@ -16,17 +16,17 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from data.classes import write_class_names
 from data.decode import IMAGE_EXTS, decode_image, find_image
 from data.errors import Drop
 from data.progress import progress_bar
 from data.read import iter_samples
 from data.records import read_cls
 from data.specs import ShardSpecError, expand_shards, is_shard_name
-from data.storage import Entry, absolute, is_dir, join, read_bytes, walk_entries, write_json
+from data.storage import Entry, absolute, is_dir, read_bytes, walk_entries
 from data.write import ShardSequence
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-CLASSES_FILE = "classes.json"
 
 
 def safe_key(text: str) -> str:
@@ -158,12 +158,8 @@ def ingest(
         used = {cls for cls, _, _ in layout.files}
         result.empty_classes = [c for i, c in enumerate(layout.classes) if i not in used]
     seen: set[str] = set()
-    with (
-        ShardSequence(out_dir, prefix, shard_size) as out,
-        progress_bar(desc="ingest", unit="img") as bar,
-    ):
-        for sample in _checked(samples, result):
-            bar.update()
+    with ShardSequence(out_dir, prefix, shard_size) as out:
+        for sample in progress_bar(_checked(samples, result), desc="ingest", unit="img"):
             if sample["__key__"] in seen:
                 result.drops.append(Drop("", sample["__key__"], "duplicate_key"))
                 result.samples_out -= 1
@@ -172,5 +168,5 @@ def ingest(
             out.write(sample)
     result.shards = out.urls
     if result.classes is not None:
-        write_json(join(out_dir, CLASSES_FILE), result.classes)
+        write_class_names(out_dir, result.classes)
     return result

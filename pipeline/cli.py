@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from data.errors import USER_ERRORS
-from students.config import add_arguments
+from students.config import add_arguments, flag_values
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -99,25 +99,16 @@ def _cmd_stats(args: argparse.Namespace) -> None:
         sample=args.sample,
         scan=args.scan,
     )
+    if args.samples:
+        from pipeline.samples_sheet import write_samples
+
+        print(f"{write_samples(args.shards, args.samples)} sample images in {args.samples}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from students.train import train
 
-    fields = (
-        "labeled",
-        "out",
-        "model",
-        "pseudo",
-        "val",
-        "config",
-        "overrides",
-        "epochs",
-        "batch_size",
-        "resume",
-        "device",
-    )
-    train(**{name: getattr(args, name) for name in fields})
+    train(**flag_values(args))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -295,17 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (demo-out)")
     demo.add_argument("--seed", type=int, default=0, help="data split and training seed (0)")
     demo.add_argument("--rounds", type=_positive, default=1, help="student-teacher rounds (1)")
-    demo.add_argument("--config", help="demo recipe (configs/demo.yaml)")
+    demo.add_argument("--config", help="demo recipe: a path, or a bundled one by name (demo)")
     demo.set_defaults(func=_cmd_demo)
 
     stats = commands.add_parser(
         "stats",
-        help="shard statistics: a table, --json and a --plot PNG",
+        help="shard statistics: a table, --json, a --plot PNG and --samples images",
         epilog="Any other option (--temp_location, --project, ...) goes to the Beam runner.",
     )
     stats.add_argument("shards", help="shards: dir, glob or braces (local or fsspec URL)")
     stats.add_argument("--json", help="write the statistics as JSON here")
     stats.add_argument("--plot", help="write histograms as a PNG here")
+    stats.add_argument(
+        "--samples",
+        metavar="FILE.png",
+        help="write a PNG of images per class and confidence band (kept and dropped ones "
+        "for filter output) here",
+    )
     stats.add_argument(
         "--scan",
         action="store_true",

@@ -4,17 +4,14 @@
     unlabeled split -> filter and balance -> train a noised student on labeled + pseudo
     -> evaluate both on the held-out split (-> with --rounds 2 the student teaches again)
 
-Every step is the real stage (the same Beam jobs, the same trainer) run with the recipe
-in configs/demo.yaml, and every step is resumable: rerun the command and finished work
+Every step is the real stage (the same Beam jobs, the same trainer) run with the bundled
+recipe configs/demo.yaml, and every step is resumable: rerun the command and finished work
 is skipped.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-import yaml
 
 from data.storage import join, write_json
 from pipeline.data_commands import run_digits
@@ -22,25 +19,26 @@ from pipeline.filter import FilterArgs
 from pipeline.filter import run as filter_run
 from pipeline.label import LabelArgs
 from pipeline.label import run as label_run
-from students.config import yaml_problem
+from students.config import load_yaml
 from students.eval import evaluate_run
 from students.train import train
 from students.utils import has_checkpoint, read_log
+from teachers import is_run_dir
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_RECIPE = "demo"  # configs/demo.yaml, bundled with the package
 
 
 def _train(
     run_dir: str, labeled: str, val: str, part: dict, recipe: str, pseudo: str | None = None
 ) -> None:
     """Train unless this run already finished; continue it if it was cut short."""
-    log = read_log(run_dir) if Path(run_dir, "model.json").exists() else []
+    log = read_log(run_dir) if is_run_dir(run_dir) else []
     if log and log[-1].get("epoch") == part["epochs"]:
         return
     overrides = [f"{k}={v}" for k, v in part.get("set", {}).items()]
     train(
-        labeled,
-        run_dir,
+        labeled=labeled,
+        out=run_dir,
         model=part["model"],
         pseudo=pseudo,
         val=val,
@@ -51,23 +49,11 @@ def _train(
     )
 
 
-def _read_recipe(path: Path) -> dict:
-    """The demo recipe, read with the safe loader; a tag that would build a Python object
-    (`!!python/object/apply:...`) is a YAML error here, reported in one line like any other."""
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
-    if not isinstance(recipe, dict):
-        raise ValueError(f"config file {path} must hold a mapping of keys to values")
-    return recipe
-
-
 def run(
     out: str = "demo-out", seed: int = 0, rounds: int = 1, recipe_path: str | None = None
 ) -> dict:
-    recipe = _read_recipe(Path(recipe_path or DEFAULT_RECIPE))
-    trainer_recipe = str(Path(DEFAULT_RECIPE).parent.parent / recipe["recipe"])
+    recipe = load_yaml(recipe_path or DEFAULT_RECIPE)
+    trainer_recipe = recipe["recipe"]  # a bundled recipe's name, or a path
     started, timings = time.monotonic(), {}
 
     def timed(name: str, step, *args, **kwargs):

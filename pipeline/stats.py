@@ -24,6 +24,7 @@ import numpy as np
 from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
 from PIL import Image
 
+from data.classes import read_class_names
 from data.decode import find_image
 from data.errors import Drop, UsageError
 from data.manifest import DONE, read_manifest
@@ -242,7 +243,7 @@ def collect(
     """The report and the class names; from the stage's manifest when it has the answer."""
     folder = absolute(spec)
     manifest = read_manifest(folder) if not any(c in spec for c in "*?[{") else None
-    names = read_json(join(folder if manifest else parent(folder), "classes.json"))
+    names = read_class_names([join(folder, "x.tar")]) if manifest else None
     if (
         manifest
         and manifest.get("state") == DONE
@@ -251,7 +252,7 @@ def collect(
     ):
         return report_from_manifest(manifest), names
     entries = shard_entries(spec)
-    names = names or read_json(join(parent(entries[0].url), "classes.json"))
+    names = names or read_class_names([entries[0].url])
     how = "scan of all shards"
     if sample is not None:
         count = max(1, round(sample * len(entries)))

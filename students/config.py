@@ -1,54 +1,166 @@
-"""Training recipes: defaults, a YAML file over them, then `--set key=value` and flags on top.
+"""The student's recipe and the inputs of a run: two dataclasses from which the flags of
+`pipeline train-student`, YAML recipes with `--set key=value`, validation and the run's
+`config.yaml` all derive. A new option is one field in one of them.
 
-The defaults are the ResNet-RS ImageNet recipe (Bello et al. 2021) with Noisy Student's
-unlabeled ratio. Regularisation that depends on the model size (dropout, stochastic depth,
-RandAugment magnitude, resolution) is left `null` here and read from the model table
-(`teachers.registry.MODELS`) unless a recipe overrides it.
+A recipe resolves in this order, each over the one before: the defaults below (the ResNet-RS
+ImageNet recipe of Bello et al. 2021, with Noisy Student's unlabeled ratio), a YAML recipe
+(`--config`: a path, or the name of a bundled one), `--set key=value`, then flags. Numbers
+that depend on the model size (dropout, stochastic depth, resolution, RandAugment
+magnitude) default to null and are filled in from the model table
+(`teachers.registry.MODELS`) at resolution, so the recipe a run records has no nulls.
+
+No torch here: `pipeline --help` builds its flags from this module alone.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
+from typing import get_type_hints
 
 import yaml
 
-DEFAULTS: dict[str, object] = {
-    "model": None,  # a name from the model table; `--model` wins, and must agree if both given
-    "epochs": 350,
-    "batch_size": 4096,  # global labeled images per step, over all processes
-    "unlabeled_ratio": 3.0,  # pseudo-labeled images per labeled image in each step
-    "lr": 0.1,  # per 256 labeled images of the global batch (see students.train.peak_lr)
-    "warmup_epochs": 5.0,
-    "momentum": 0.9,
-    "weight_decay": 4e-5,  # on conv and linear weights; biases and norms are not decayed
-    "label_smoothing": 0.1,
-    "temperature": 1.0,  # pseudo targets become p^(1/T), renormalised: T < 1 sharpens
-    "ema_decay": 0.9999,
-    "dropout": None,  # null: the model table's rate
-    "stochastic_depth": None,  # null: the model table's rate
-    "image_size": None,  # null: the model table's train resolution
-    "randaugment_ops": 2,
-    "randaugment_magnitude": None,  # null: the model table's magnitude
-    "crop_scale": [0.08, 1.0],  # RandomResizedCrop's area range
-    "flip": True,  # random horizontal flip (off for digits and text)
-    "num_classes": None,  # null: the length of classes.json beside the labeled shards
-    "epoch_samples": None,  # labeled images per epoch; null: counted from the shards
-    "shuffle_buffer": 2000,  # samples held per loader worker (raw bytes, before decoding)
-    "workers": 4,  # loader processes per data stream and per training process
-    "eval_batch_size": 256,
-    "seed": 0,
-}
-
-_OPTIONAL = {key for key, value in DEFAULTS.items() if value is None}
+import configs
 
 
-def _check_keys(values: Mapping[str, object], source: str) -> None:
-    for key in values:
-        if key not in DEFAULTS:
-            known = ", ".join(DEFAULTS)
-            raise ValueError(f"unknown config key {key!r} in {source}; known keys: {known}")
+def _check_crop_scale(value: object) -> tuple[float, float]:
+    if not (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        and 0 < value[0] <= value[1] <= 1
+    ):
+        raise ValueError(f"config key 'crop_scale' must be [low, high] in (0, 1], got {value!r}")
+    return (float(value[0]), float(value[1]))
+
+
+def _key(
+    default: object,
+    help: str,
+    *,
+    low: float | None = None,
+    below: float | None = None,
+    table: str | None = None,
+    flag: bool = False,
+    check: Callable[[object], object] | None = None,
+) -> Field:
+    """A recipe key. `low`/`below`: its range; `table`: the model-table attribute a null
+    takes; `flag`: also a command-line flag; `check`: a validator for what types can't say."""
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "low": low,
+            "below": below,
+            "table": table,
+            "flag": flag,
+            "check": check,
+        },
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How a student is trained: the keys of a YAML recipe, of `--set` and of config.yaml."""
+
+    model: str | None = _key(None, "model name from `pipeline models`", flag=True)
+    epochs: int = _key(350, "epochs", low=1, flag=True)
+    batch_size: int = _key(
+        4096, "global labeled images per step, over all processes", low=1, flag=True
+    )
+    unlabeled_ratio: float = _key(3.0, "pseudo-labeled images per labeled image in a step", low=0)
+    lr: float = _key(0.1, "peak LR per 256 labeled images of the global batch", low=0)
+    warmup_epochs: float = _key(5.0, "linear warm-up before the cosine decay", low=0)
+    momentum: float = _key(0.9, "SGD momentum", low=0)
+    weight_decay: float = _key(4e-5, "on conv and linear weights; not on biases and norms", low=0)
+    label_smoothing: float = _key(0.1, "on the labeled cross-entropy", low=0)
+    temperature: float = _key(
+        1.0, "pseudo targets become p^(1/T), renormalised: T < 1 sharpens", low=1e-6
+    )
+    ema_decay: float = _key(
+        0.9999, "of the weight average that is evaluated and exported", low=0, below=1
+    )
+    dropout: float | None = _key(
+        None, "before the classifier; null: the model table's", low=0, table="drop_rate"
+    )
+    stochastic_depth: float | None = _key(
+        None, "null: the model table's", low=0, table="drop_path_rate"
+    )
+    image_size: int | None = _key(
+        None, "train resolution; null: the model table's", low=1, table="train_size"
+    )
+    randaugment_ops: int = _key(2, "RandAugment operations per image", low=0)
+    randaugment_magnitude: float | None = _key(
+        None, "null: the model table's", low=0, table="randaugment_magnitude"
+    )
+    crop_scale: tuple[float, float] = _key(
+        (0.08, 1.0), "RandomResizedCrop's area range", check=_check_crop_scale
+    )
+    flip: bool = _key(True, "random horizontal flip (off for digits and text)")
+    num_classes: int | None = _key(
+        None, "null: the length of classes.json beside the labeled shards", low=1
+    )
+    epoch_samples: int | None = _key(
+        None, "labeled images per epoch; null: counted from the shards", low=1
+    )
+    shuffle_buffer: int = _key(
+        2000, "samples held per loader worker (raw bytes, before decoding)", low=1
+    )
+    workers: int = _key(4, "loader processes per data stream and per training process", low=0)
+    eval_batch_size: int = _key(256, "images per validation batch", low=1)
+    seed: int = _key(0, "seed of initialisation, data order and noise", low=0, flag=True)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain YAML/JSON values, in field order: what config.yaml and model.json record."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _arg(help: str, default: object = MISSING, **argparse_options: object) -> Field:
+    """An input of the run: a command-line flag (and a keyword of `train()`), never a
+    recipe key. `argparse_options` go to `add_argument`, `flag=` renames the flag."""
+    return field(default=default, metadata={"help": help, "argparse": argparse_options})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainArgs:
+    """What one run reads and writes, and where its recipe comes from."""
+
+    labeled: str = _arg("labeled shards: dir, glob or braces")
+    out: str = _arg("run directory (the next round's teacher)")
+    pseudo: str | None = _arg("pseudo-labeled training shards from `pipeline filter`", None)
+    val: str | None = _arg("labeled validation shards, evaluated every epoch", None)
+    config: str | None = _arg(
+        f"YAML recipe: a path, or a bundled one by name ({', '.join(configs.names())})", None
+    )
+    overrides: tuple[str, ...] = _arg(
+        "override a recipe key (repeatable), e.g. --set lr=0.2 --set flip=false",
+        (),
+        flag="--set",
+        action="append",
+        metavar="KEY=VALUE",
+    )
+    resume: bool = _arg("continue the run in --out from its last checkpoint", False)
+    device: str = _arg("device to train on", "auto", choices=("auto", "cpu", "cuda"))
+
+
+RECIPE_KEYS = tuple(f.name for f in fields(Recipe))
+
+
+@cache
+def _types(cls: type) -> dict[str, object]:
+    return get_type_hints(cls)
+
+
+def _scalar(kind: object) -> type:
+    """int for `int` and `int | None`, and so on."""
+    options = [t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)]
+    return options[0]
+
+
+# --- recipe files, --set and checks ------------------------------------------------------
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -61,18 +173,39 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return (f"{context}: " if context else "") + problem + where
 
 
-def read_recipe(path: str | Path) -> dict[str, object]:
-    """The keys of a YAML recipe, checked against the defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
+def load_yaml(source: str | Path) -> dict[str, object]:
+    """A YAML mapping from a file, or from the bundled recipe of that name; read with the safe
+    loader, so a tag that would build a Python object is an error like any other."""
+    path = Path(source)
+    if path.is_file():
+        text = path.read_text()
+    else:
+        found = configs.bundled(str(source))
+        if found is None:
+            raise ValueError(
+                f"config file not found: {source} (bundled: {', '.join(configs.names())})"
+            )
+        text = found.read_text()
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
+        raise ValueError(f"config file {source} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of keys to values")
-    _check_keys(values, str(path))
+        raise ValueError(f"config file {source} must hold a mapping of keys to values")
+    return values
+
+
+def _check_keys(values: Mapping[str, object], source: str) -> None:
+    for key in values:
+        if key not in RECIPE_KEYS:
+            known = ", ".join(RECIPE_KEYS)
+            raise ValueError(f"unknown config key {key!r} in {source}; known keys: {known}")
+
+
+def read_recipe(source: str | Path) -> dict[str, object]:
+    """The keys a YAML recipe sets, checked against the recipe's fields."""
+    values = load_yaml(source)
+    _check_keys(values, str(source))
     return values
 
 
@@ -92,107 +225,121 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, object]:
     return values
 
 
-def _check_values(config: dict[str, object]) -> None:
-    numbers = {
-        "epochs": (int, 1),
-        "batch_size": (int, 1),
-        "workers": (int, 0),
-        "eval_batch_size": (int, 1),
-        "randaugment_ops": (int, 0),
-        "shuffle_buffer": (int, 1),
-        "unlabeled_ratio": (float, 0),
-        "lr": (float, 0),
-        "warmup_epochs": (float, 0),
-        "momentum": (float, 0),
-        "weight_decay": (float, 0),
-        "label_smoothing": (float, 0),
-        "ema_decay": (float, 0),
-        "temperature": (float, 1e-6),
-        "num_classes": (int, 1),
-        "epoch_samples": (int, 1),
-        "dropout": (float, 0),
-        "stochastic_depth": (float, 0),
-        "image_size": (int, 1),
-        "randaugment_magnitude": (float, 0),
-        "seed": (int, 0),
-    }
-    for key, (kind, low) in numbers.items():
-        value = config[key]
-        if value is None and key in _OPTIONAL:
-            continue
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if kind is int:
-            ok = ok and float(value).is_integer()
-        if not ok or value < low:
-            word = "a whole number" if kind is int else "a number"
-            raise ValueError(f"config key {key!r} must be {word} of at least {low}, got {value!r}")
-        config[key] = kind(value)
-    scale = config["crop_scale"]
-    if not (
-        isinstance(scale, list | tuple)
-        and len(scale) == 2
-        and all(isinstance(v, int | float) for v in scale)
-        and 0 < scale[0] <= scale[1] <= 1
-    ):
-        raise ValueError(f"config key 'crop_scale' must be [low, high] in (0, 1], got {scale!r}")
-    config["crop_scale"] = [float(v) for v in scale]
-    if not isinstance(config["flip"], bool):
-        raise ValueError(f"config key 'flip' must be true or false, got {config['flip']!r}")
-    if config["ema_decay"] >= 1:
-        raise ValueError(f"config key 'ema_decay' must be below 1, got {config['ema_decay']}")
+def _checked(spec: Field, value: object) -> object:
+    """A recipe value of the field's type and range, or a ValueError naming the key."""
+    kind = _types(Recipe)[spec.name]
+    if value is None:
+        if type(None) in getattr(kind, "__args__", ()):
+            return None
+        raise ValueError(f"config key {spec.name!r} cannot be null")
+    if spec.metadata["check"] is not None:
+        return spec.metadata["check"](value)
+    scalar = _scalar(kind)
+    if scalar is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {spec.name!r} must be true or false, got {value!r}")
+        return value
+    if scalar is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key {spec.name!r} must be a string, got {value!r}")
+        return value
+    low, below = spec.metadata["low"], spec.metadata["below"]
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if scalar is int:
+        ok = ok and float(value).is_integer()
+    if not ok or (low is not None and value < low):
+        word = "a whole number" if scalar is int else "a number"
+        at_least = f" of at least {low}" if low is not None else ""
+        raise ValueError(f"config key {spec.name!r} must be {word}{at_least}, got {value!r}")
+    if below is not None and value >= below:
+        raise ValueError(f"config key {spec.name!r} must be below {below}, got {value}")
+    return scalar(value)
 
 
-def resolve_config(
-    config_file: str | Path | None = None,
-    overrides: Iterable[str] = (),
-    **flags: object,
-) -> dict[str, object]:
-    """Defaults, then the recipe file, then `--set` overrides, then flags that are not None
-    (`epochs=`, `batch_size=`, `model=`): the resolved recipe a run records in config.yaml."""
-    config = dict(DEFAULTS)
-    if config_file is not None:
-        config.update(read_recipe(config_file))
-    config.update(parse_overrides(overrides))
+def resolve_recipe(
+    config: str | Path | None = None, overrides: Iterable[str] = (), **flags: object
+) -> Recipe:
+    """Defaults, then the recipe file, then `--set`, then `flags` (recipe keys given directly:
+    `--model`, `--epochs`, or any key as a keyword of `train()`); None means not given. The
+    model's numbers are filled in from the model table."""
+    values = read_recipe(config) if config is not None else {}
+    values |= parse_overrides(overrides)
     given = {key: value for key, value in flags.items() if value is not None}
     _check_keys(given, "the arguments")
-    model = given.pop("model", None)
-    if model is not None and config["model"] not in (None, model):
-        raise ValueError(f"--model {model} but the config is a recipe for {config['model']}")
-    config.update(given)
-    if model is not None:
-        config["model"] = model
-    if config["model"] is None:
+    model = given.get("model")
+    if model is not None and values.get("model") not in (None, model):
+        raise ValueError(f"--model {model} but the config is a recipe for {values['model']}")
+    values |= given
+    if values.get("model") is None:
         raise ValueError("no model: pass --model or use a config that names one")
-    _check_values(config)
-    return config
+    recipe = Recipe(**{f.name: _checked(f, values.get(f.name, f.default)) for f in fields(Recipe)})
+    from teachers.registry import get_config  # torch: only once a run is being set up
+
+    table = get_config(recipe.model)
+    return replace(
+        recipe,
+        **{
+            f.name: getattr(table, f.metadata["table"])
+            for f in fields(Recipe)
+            if f.metadata["table"] and getattr(recipe, f.name) is None
+        },
+    )
 
 
-def recipe_value(config: dict[str, object], key: str, table_value: object) -> object:
-    """The recipe's value for a per-model key, or the model table's when the recipe has null."""
-    value = config[key]
-    return table_value if value is None else value
+def resolve(options: Mapping[str, object]) -> tuple[TrainArgs, Recipe]:
+    """A run's inputs and its resolved recipe, from the flags or the keywords of `train()`."""
+    inputs = {f.name for f in fields(TrainArgs)}
+    unknown = sorted(set(options) - inputs - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r}")
+    run = {key: value for key, value in options.items() if key in inputs}
+    run["overrides"] = tuple(run.get("overrides") or ())
+    args = TrainArgs(**run)
+    flags = {key: value for key, value in options.items() if key in RECIPE_KEYS}
+    return args, resolve_recipe(args.config, args.overrides, **flags)
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+def _flag(spec: Field, override: str | None = None) -> str:
+    return override or "--" + spec.name.replace("_", "-")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `pipeline train-student` (and of `python -m students.train`); here, away
-    from torch, so that `pipeline --help` and argument errors answer at once."""
-    parser.add_argument("--model", help="model name from `pipeline models` (or the config's)")
-    parser.add_argument("--labeled", required=True, help="labeled shards: dir, glob or braces")
-    parser.add_argument("--pseudo", help="pseudo-labeled training shards from `pipeline filter`")
-    parser.add_argument("--val", help="labeled validation shards, evaluated every epoch")
-    parser.add_argument("--out", required=True, help="run directory (the next round's teacher)")
-    parser.add_argument("--epochs", type=int, help="epochs (overrides the config)")
-    parser.add_argument(
-        "--batch-size", type=int, help="global labeled batch (overrides the config)"
+    """The flags of `pipeline train-student` and `python -m students.train`: every field of
+    TrainArgs, and the recipe keys marked `flag`."""
+    run = parser.add_argument_group("run")
+    for spec in fields(TrainArgs):
+        options = dict(spec.metadata["argparse"])
+        name = _flag(spec, options.pop("flag", None))
+        if spec.default is MISSING:
+            options["required"] = True
+        elif _types(TrainArgs)[spec.name] is bool:
+            options["action"] = "store_true"
+        else:
+            options["default"] = (
+                list(spec.default) if isinstance(spec.default, tuple) else spec.default
+            )
+        run.add_argument(name, dest=spec.name, help=spec.metadata["help"], **options)
+    recipe = parser.add_argument_group(
+        "recipe",
+        "Flags win over --set, --set over the --config file, the file over the defaults "
+        f"(the ResNet-RS ImageNet recipe). Keys: {', '.join(RECIPE_KEYS)}.",
     )
-    parser.add_argument("--config", help="YAML recipe, e.g. configs/rs-50.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable), e.g. --set lr=0.2 --set flip=false",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    for spec in fields(Recipe):
+        if spec.metadata["flag"]:
+            default = "the recipe's" if spec.default is None else spec.default
+            recipe.add_argument(
+                _flag(spec),
+                dest=spec.name,
+                type=_scalar(_types(Recipe)[spec.name]),
+                help=f"{spec.metadata['help']} (default: {default})",
+            )
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, object]:
+    """The values of the flags `add_arguments` defined, as keywords for `train()`."""
+    names = [f.name for f in fields(TrainArgs)]
+    names += [f.name for f in fields(Recipe) if f.metadata["flag"]]
+    return {name: getattr(args, name) for name in names}

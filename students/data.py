@@ -8,15 +8,12 @@ once. Both split shards by node (disjoint across ranks) and then by loader worke
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-import fsspec
 import torch
 import webdataset as wds
 from PIL import Image
@@ -26,7 +23,7 @@ from webdataset.utils import make_seed
 
 from data.decode import IMAGE_EXTS, decode_image, find_image
 from data.errors import Drop
-from data.read import iter_samples
+from data.read import iter_samples, member_names
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
 
 log = logging.getLogger(__name__)
@@ -54,7 +51,13 @@ def node_shards(urls: Sequence[str], rank: int, world: int, seed: int | None = N
 
 
 def resample(src: Iterable[dict], seed: int) -> Iterator[dict]:
-    """Stage: draw shards with replacement, forever, from what reached this worker."""
+    """Stage: draw shards with replacement, forever, from what reached this worker.
+
+    Not webdataset's own: the loaders split shards by node and then by worker (SPEC 6), and
+    `ResampledShards` is a source, drawing from the whole list it is given, so it cannot come
+    after `split_by_worker`; its stage form, `resampled`, seeds itself from /dev/random, so a
+    resumed run could not draw the shards the uninterrupted one drew.
+    """
     shards = list(src)
     info = torch.utils.data.get_worker_info()
     rng = random.Random(make_seed(seed, info.id if info else 0))
@@ -272,11 +275,10 @@ def _count_shard(url: str) -> int:
     """Image samples in one shard, from the tar headers alone: members are seeked past, not
     read, so counting ImageNet costs seconds."""
     keys = set()
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-        for member in tar:
-            base, ext = base_plus_ext(member.name)
-            if base and base != SHARD_HEADER_KEY and ext and ext.lower() in IMAGE_EXTS:
-                keys.add(base)
+    for name in member_names(url):
+        base, ext = base_plus_ext(name)
+        if base and base != SHARD_HEADER_KEY and ext and ext.lower() in IMAGE_EXTS:
+            keys.add(base)
     return len(keys)
 
 
@@ -288,16 +290,3 @@ def count_samples(urls: Sequence[str], threads: int = 16) -> int:
 def has_samples(urls: Sequence[str]) -> bool:
     """Whether any shard holds an image sample; stops at the first that does."""
     return any(_count_shard(url) for url in urls)
-
-
-def read_class_names(urls: Sequence[str]) -> list[str] | None:
-    """`classes.json` beside the first shard (written by `pipeline data`), if there is one."""
-    url = urls[0].rsplit("/", 1)[0] + "/classes.json" if "/" in urls[0] else "classes.json"
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        names = json.load(f)
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{url} should hold a list of class names")
-    return names

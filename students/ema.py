@@ -8,41 +8,43 @@ schedule of TensorFlow's ExponentialMovingAverage with `num_updates`: about 0.9 
 
 from __future__ import annotations
 
-import copy
+from functools import partial
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 
-class ModelEma:
-    """A frozen copy of a model whose floating-point tensors (weights and batch-norm
-    statistics) trail the model's; integer buffers (batch counters) are copied."""
+def decay_at(decay: float, step: int) -> float:
+    """The decay of the average's update after optimizer step `step` (0 for the first)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def _update(
+    averaged: list[torch.Tensor],
+    current: list[torch.Tensor],
+    num_averaged: torch.Tensor,
+    decay: float,
+) -> None:
+    """AveragedModel's `multi_avg_fn`, called once per device and dtype group: floating-point
+    tensors (weights and batch-norm statistics) trail the model, integers (batch counters)
+    are copied."""
+    if averaged[0].is_floating_point():
+        step = int(num_averaged) - 1
+        torch._foreach_lerp_(averaged, current, 1.0 - decay_at(decay, step))
+    else:
+        torch._foreach_copy_(averaged, current)
+
+
+class ModelEma(AveragedModel):
+    """torch's AveragedModel over weights and buffers, with the warming-up decay above; call
+    `update_parameters(model)` after every optimizer step. Its state dict holds the update
+    count, so a resumed run continues the same schedule."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        weight = 1.0 - self.decay_at(step)
-        averaged, copied = [], []
-        for ema_value, value in zip(
-            self.module.state_dict().values(), model.state_dict().values(), strict=True
-        ):
-            if ema_value.is_floating_point():
-                averaged.append((ema_value, value))
-            else:
-                copied.append((ema_value, value))
-        if averaged:
-            torch._foreach_lerp_([e for e, _ in averaged], [v for _, v in averaged], weight)
-        for ema_value, value in copied:
-            ema_value.copy_(value)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+        super().__init__(model, multi_avg_fn=partial(_update, decay=decay), use_buffers=True)
+        self.module.eval().requires_grad_(False)
+        # The copy of the initial weights is the average's first value, as in TensorFlow;
+        # from a count of 0, AveragedModel would replace it by the weights after one step.
+        self.n_averaged.fill_(1)

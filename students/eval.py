@@ -12,8 +12,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from data.progress import progress_bar
 from data.specs import expand_shards
 from students.data import eval_loader
 from students.utils import all_reduce_sum
@@ -32,7 +32,7 @@ def evaluate(
     device = torch.device(device)
     predictor = Predictor(model, device)
     counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, samples, dropped
-    with tqdm(desc="eval", unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(desc="eval", unit="img", disable=not progress, leave=False) as bar:
         for images, labels, drops in loader:
             counts[3] += drops
             if labels.numel():

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from students.config import recipe_value
+from students.config import Recipe
 from teachers.checkpoint import TeacherInfo
 from teachers.registry import ModelConfig
 
@@ -58,19 +58,17 @@ class TrainPreset:
         return self.transform(image)
 
 
-def train_preset(cfg: ModelConfig, config: dict) -> TrainPreset:
+def train_preset(cfg: ModelConfig, recipe: Recipe) -> TrainPreset:
     """The student's input noise for a model of the table under a resolved recipe."""
     return TrainPreset(
-        size=recipe_value(config, "image_size", cfg.train_size),
+        size=recipe.image_size,
         mean=cfg.mean,
         std=cfg.std,
         interpolation=cfg.interpolation,
-        crop_scale=config["crop_scale"],
-        flip=config["flip"],
-        randaugment_ops=config["randaugment_ops"],
-        randaugment_magnitude=recipe_value(
-            config, "randaugment_magnitude", cfg.randaugment_magnitude
-        ),
+        crop_scale=recipe.crop_scale,
+        flip=recipe.flip,
+        randaugment_ops=recipe.randaugment_ops,
+        randaugment_magnitude=recipe.randaugment_magnitude,
     )
 
 

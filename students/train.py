@@ -7,7 +7,7 @@ it is plain supervised training, which is how the round-0 teacher is made. Under
 trains data-parallel (DDP: nccl on GPUs, gloo on CPUs).
 
     python -m students.train --model rs-mini --labeled D/labeled --val D/val --out RUN
-    torchrun --nproc_per_node 8 -m students.train --config configs/rs-152.yaml ...
+    torchrun --nproc_per_node 8 -m students.train --model rs-152 --config imagenet ...
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -25,16 +25,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from data.classes import read_class_names
+from data.progress import progress_bar
 from data.specs import expand_shards
 from students import utils
-from students.config import add_arguments, recipe_value, resolve_config
+from students.config import Recipe, TrainArgs, add_arguments, flag_values, resolve
 from students.data import (
     LabeledDecoder,
     PseudoDecoder,
     count_samples,
     eval_loader,
     has_samples,
-    read_class_names,
     train_loader,
 )
 from students.ema import ModelEma
@@ -45,23 +46,6 @@ from teachers import create_model, eval_transform, export_run, get_config
 
 # (labeled images, labels, pseudo images or None, pseudo soft targets or None)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-
-
-@dataclass
-class TrainArgs:
-    """The command line of `train-student`, as `train()` and `add_arguments` share it."""
-
-    labeled: str
-    out: str
-    model: str | None = None
-    pseudo: str | None = None
-    val: str | None = None
-    config: str | None = None
-    overrides: Sequence[str] = field(default_factory=list)
-    epochs: int | None = None
-    batch_size: int | None = None
-    resume: bool = False
-    device: str = "auto"
 
 
 # --- the recipe's numbers ----------------------------------------------------------------
@@ -83,6 +67,25 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, first_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine, stepped every optimizer step, from `first_step` on (a resumed
+    run's; its optimizer state, loaded first, holds the peak LR as `initial_lr`).
+
+    Not SequentialLR(LinearLR, CosineAnnealingLR): those keep their horizon (T_max, the
+    milestones) in a state dict, so a run resumed with more epochs would go on decaying to
+    the old end, and CosineAnnealingLR computes each LR from the previous one, so it cannot
+    take a new horizon mid-run either. A closed form of the step needs nothing saved but the
+    step: a resumed run follows the schedule of the epochs it is given now.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps),
+        last_epoch=first_step - 1,
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -115,21 +118,19 @@ def train_one_epoch(
     ema: ModelEma,
     batches: Iterable[Batch],
     steps: int,
-    config: dict,
+    recipe: Recipe,
     device: torch.device,
-    first_step: int = 0,
     world: int = 1,
-    desc: str = "train",
-    progress: bool = True,
+    bar: tqdm | None = None,
 ) -> dict:
     """`steps` optimizer steps over any iterable of batches (the shard loaders, or batches held
-    in memory for a benchmark); returns this process's mean losses, the LR and images/s."""
+    in memory for a benchmark), advancing the run's progress `bar` if there is one; returns this
+    process's mean losses, the LR and images/s."""
     model.train()
     on_cuda = device.type == "cuda"
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
     losses = {name: utils.Average() for name in ("loss", "loss_labeled", "loss_pseudo")}
     images_seen, lr, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     for i, (images, labels, pseudo_images, targets) in enumerate(batches):
         if i == steps:
             break
@@ -146,26 +147,26 @@ def train_one_epoch(
             logits,
             labels,
             targets,
-            config["unlabeled_ratio"],
-            config["label_smoothing"],
-            config["temperature"],
+            recipe.unlabeled_ratio,
+            recipe.label_smoothing,
+            recipe.temperature,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        ema.update(unwrapped, first_step + i)
+        ema.update_parameters(unwrapped)
 
         n = labels.shape[0]
         losses["loss"].add(loss.item(), n)
         losses["loss_labeled"].add(labeled_loss.item(), n)
         losses["loss_pseudo"].add(pseudo_loss.item(), n)
         images_seen += images.shape[0] * world
-        rate = images_seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{losses['loss'].mean:.3f}", img_s=f"{rate:.0f}", refresh=False)
-        bar.update()
-    bar.close()
+        if bar is not None:
+            rate = images_seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{losses['loss'].mean:.3f}", img_s=f"{rate:.0f}", refresh=False)
+            bar.update()
     utils.broadcast_buffers(unwrapped, ema.module)
     elapsed = time.perf_counter() - start
     stats = {name: avg.mean for name, avg in losses.items()}
@@ -177,17 +178,17 @@ def train_one_epoch(
 # --- the run -----------------------------------------------------------------------------
 
 
-def _class_count(config: dict, class_names: list[str] | None, labeled: str) -> int:
+def _class_count(recipe: Recipe, class_names: list[str] | None, labeled: str) -> int:
     if class_names is not None:
-        if config["num_classes"] not in (None, len(class_names)):
+        if recipe.num_classes not in (None, len(class_names)):
             raise ValueError(
-                f"num_classes is {config['num_classes']} but {labeled} has "
+                f"num_classes is {recipe.num_classes} but {labeled} has "
                 f"{len(class_names)} class names in classes.json"
             )
         return len(class_names)
-    if config["num_classes"] is None:
+    if recipe.num_classes is None:
         raise ValueError(f"no classes.json beside {labeled}: set num_classes in the config")
-    return config["num_classes"]
+    return recipe.num_classes
 
 
 def _urls(spec: str | None, what: str) -> list[str]:
@@ -199,18 +200,11 @@ def _urls(spec: str | None, what: str) -> list[str]:
         raise ValueError(f"{what} shards: {exc}") from None
 
 
-def main(args: TrainArgs, env: utils.Distributed) -> dict:
-    config = resolve_config(
-        args.config,
-        args.overrides,
-        model=args.model,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-    )
-    table = get_config(config["model"])
-    if config["batch_size"] % env.world:
+def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
+    table = get_config(recipe.model)
+    if recipe.batch_size % env.world:
         raise ValueError(
-            f"batch_size {config['batch_size']} is global and must divide over {env.world} processes"
+            f"batch_size {recipe.batch_size} is global and must divide over {env.world} processes"
         )
     if not args.resume and utils.has_checkpoint(args.out):
         raise ValueError(f"{args.out} already holds a run: pass --resume, or choose a new --out")
@@ -220,26 +214,32 @@ def main(args: TrainArgs, env: utils.Distributed) -> dict:
     pseudo_urls = _urls(args.pseudo, "pseudo-labeled")
     val_urls = _urls(args.val, "validation")
     class_names = read_class_names(labeled_urls)
-    num_classes = _class_count(config, class_names, args.labeled)
-    epoch_samples = config["epoch_samples"] or utils.broadcast_object(
+    epoch_samples = recipe.epoch_samples or utils.broadcast_object(
         count_samples(labeled_urls) if env.is_main else None, env
     )
     if epoch_samples == 0:
         raise ValueError(f"no image samples in the labeled shards {args.labeled}")
     if pseudo_urls and not has_samples(pseudo_urls):
         raise ValueError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
-    steps_per_epoch = max(1, epoch_samples // config["batch_size"])
-    total_steps = steps_per_epoch * config["epochs"]
-    batch = config["batch_size"] // env.world
-    pseudo_batch = math.ceil(config["unlabeled_ratio"] * batch)
-    preset = train_preset(table, config)
+    # What the data decides is part of the recipe the run records.
+    recipe = replace(
+        recipe,
+        num_classes=_class_count(recipe, class_names, args.labeled),
+        epoch_samples=epoch_samples,
+    )
+    num_classes = recipe.num_classes
+    steps_per_epoch = max(1, epoch_samples // recipe.batch_size)
+    total_steps = steps_per_epoch * recipe.epochs
+    batch = recipe.batch_size // env.world
+    pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch)
+    preset = train_preset(table, recipe)
     stream = partial(
         train_loader,
         rank=env.rank,
         world=env.world,
-        seed=config["seed"],
-        workers=config["workers"],
-        shuffle_buffer=config["shuffle_buffer"],
+        seed=recipe.seed,
+        workers=recipe.workers,
+        shuffle_buffer=recipe.shuffle_buffer,
         pin_memory=env.device.type == "cuda",
     )
     info = model_info(table, num_classes, class_names)
@@ -248,36 +248,32 @@ def main(args: TrainArgs, env: utils.Distributed) -> dict:
             val_urls,
             eval_transform(info),
             num_classes,
-            config["eval_batch_size"],
+            recipe.eval_batch_size,
             rank=env.rank,
             world=env.world,
-            workers=config["workers"],
+            workers=recipe.workers,
         )
         if val_urls
         else None
     )
 
     # Model, with Noisy Student's model noise (dropout, stochastic depth), and its EMA.
-    utils.seed_everything(config["seed"])
+    utils.seed_everything(recipe.seed)
     model = create_model(
         table.name,
         num_classes,
-        drop_rate=recipe_value(config, "dropout", table.drop_rate),
-        drop_path_rate=recipe_value(config, "stochastic_depth", table.drop_path_rate),
+        drop_rate=recipe.dropout,
+        drop_path_rate=recipe.stochastic_depth,
     ).to(env.device)
     if env.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    ema = ModelEma(model, config["ema_decay"])
+    ema = ModelEma(model, recipe.ema_decay)
 
-    # Optimizer and schedule: SGD with momentum, LR per 256 labeled images, warm-up + cosine.
+    # Optimizer: SGD with momentum, LR per 256 labeled images (the schedule follows resuming).
     optimizer = torch.optim.SGD(
-        param_groups(model, config["weight_decay"]),
-        lr=peak_lr(config["lr"], config["batch_size"]),
-        momentum=config["momentum"],
-    )
-    warmup_steps = round(config["warmup_epochs"] * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps)
+        param_groups(model, recipe.weight_decay),
+        lr=peak_lr(recipe.lr, recipe.batch_size),
+        momentum=recipe.momentum,
     )
 
     start_epoch, log = 0, []
@@ -289,76 +285,98 @@ def main(args: TrainArgs, env: utils.Distributed) -> dict:
                 f"{checkpoint['num_classes']} classes, not {table.name} with {num_classes}"
             )
         model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
+        try:
+            ema.load_state_dict(checkpoint["ema"])
+        except RuntimeError:
+            raise ValueError(
+                f"{args.out} holds a checkpoint from an earlier version of the trainer, whose "
+                "EMA it cannot continue; start a new run with another --out"
+            ) from None
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch = checkpoint["epoch"]
         log = [r for r in utils.read_log(args.out) if r["epoch"] <= start_epoch]
         if env.is_main:
-            print(f"resuming {args.out} after epoch {start_epoch} of {config['epochs']}")
+            print(f"resuming {args.out} after epoch {start_epoch} of {recipe.epochs}")
+    # Schedule: linear warm-up, then cosine to zero at the last step of this run's epochs.
+    scheduler = lr_schedule(
+        optimizer,
+        round(recipe.warmup_epochs * steps_per_epoch),
+        total_steps,
+        first_step=start_epoch * steps_per_epoch,
+    )
     if env.is_main:
-        utils.write_config(args.out, config)
+        utils.write_config(args.out, recipe.to_dict())
     if env.enabled:
         model = DistributedDataParallel(
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
         )
 
-    for epoch in range(start_epoch, config["epochs"]):
-        utils.seed_everything(config["seed"], epoch, env.rank)
-        labeled = stream(
-            labeled_urls, LabeledDecoder(preset, num_classes), batch, epoch=epoch, stream=0
-        )
-        pseudo = (
-            stream(
-                pseudo_urls, PseudoDecoder(preset, num_classes), pseudo_batch, epoch=epoch, stream=1
+    with progress_bar(
+        total=total_steps,
+        initial=start_epoch * steps_per_epoch,
+        desc="train",
+        unit="step",
+        disable=not env.is_main,
+    ) as bar:
+        for epoch in range(start_epoch, recipe.epochs):
+            utils.seed_everything(recipe.seed, epoch, env.rank)
+            labeled = stream(
+                labeled_urls, LabeledDecoder(preset, num_classes), batch, epoch=epoch, stream=0
             )
-            if pseudo_urls
-            else None
-        )
-        stats = train_one_epoch(
-            model,
-            optimizer,
-            scheduler,
-            ema,
-            mixed_batches(labeled, pseudo),
-            steps_per_epoch,
-            config,
-            env.device,
-            first_step=epoch * steps_per_epoch,
-            world=env.world,
-            desc=f"epoch {epoch + 1}/{config['epochs']}",
-            progress=env.is_main,
-        )
-        record = {
-            "epoch": epoch + 1,
-            "step": (epoch + 1) * steps_per_epoch,
-            **_mean_over_ranks(stats, env),
-        }
-        if val_loader is not None:
-            metrics = evaluate(ema.module, val_loader, env.device, distributed=env.enabled)
-            record.update({f"val_{key}": value for key, value in metrics.items()})
-        log.append(record)
-        if env.is_main:
-            # The log first, the checkpoint last: a checkpoint always has its log, and a log
-            # ahead of the checkpoint (a kill in between) is cut back to it on --resume.
-            utils.write_log(args.out, log)
-            unwrapped = model.module if env.enabled else model
-            utils.save_checkpoint(
-                args.out,
-                {
-                    "model": unwrapped.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "model_name": table.name,
-                    "num_classes": num_classes,
-                },
+            pseudo = (
+                stream(
+                    pseudo_urls,
+                    PseudoDecoder(preset, num_classes),
+                    pseudo_batch,
+                    epoch=epoch,
+                    stream=1,
+                )
+                if pseudo_urls
+                else None
             )
-            tqdm.write(_summary(record))
+            stats = train_one_epoch(
+                model,
+                optimizer,
+                scheduler,
+                ema,
+                mixed_batches(labeled, pseudo),
+                steps_per_epoch,
+                recipe,
+                env.device,
+                world=env.world,
+                bar=bar,
+            )
+            record = {
+                "epoch": epoch + 1,
+                "step": (epoch + 1) * steps_per_epoch,
+                **_mean_over_ranks(stats, env),
+            }
+            if val_loader is not None:
+                metrics = evaluate(ema.module, val_loader, env.device, distributed=env.enabled)
+                record.update({f"val_{key}": value for key, value in metrics.items()})
+            log.append(record)
+            if env.is_main:
+                # The log first, the checkpoint last: a checkpoint always has its log, and a log
+                # ahead of the checkpoint (a kill in between) is cut back to it on --resume.
+                utils.write_log(args.out, log)
+                unwrapped = model.module if env.enabled else model
+                utils.save_checkpoint(
+                    args.out,
+                    {
+                        "model": unwrapped.state_dict(),
+                        "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1,
+                        "model_name": table.name,
+                        "num_classes": num_classes,
+                    },
+                )
+                tqdm.write(_summary(record))
 
     if env.is_main:
-        export_run(args.out, ema.module, table.name, class_names, extra={"recipe": config})
+        export_run(
+            args.out, ema.module, table.name, class_names, extra={"recipe": recipe.to_dict()}
+        )
     return log[-1] if log else {}
 
 
@@ -382,39 +400,19 @@ def _summary(record: dict) -> str:
     return ", ".join(parts)
 
 
-def train(
-    labeled: str,
-    out: str,
-    model: str | None = None,
-    pseudo: str | None = None,
-    val: str | None = None,
-    config: str | None = None,
-    overrides: Sequence[str] = (),
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    resume: bool = False,
-    device: str = "auto",
-) -> dict:
+def train(**options: object) -> dict:
     """Train a student and leave a run directory at `out` (config.yaml, log.jsonl,
     checkpoint.pt, and the EMA model as model.safetensors + model.json: the next round's
-    teacher). Returns the last epoch's log record. Under torchrun, call it on every rank."""
-    args = TrainArgs(
-        labeled=labeled,
-        out=out,
-        model=model,
-        pseudo=pseudo,
-        val=val,
-        config=config,
-        overrides=list(overrides),
-        epochs=epochs,
-        batch_size=batch_size,
-        resume=resume,
-        device=device,
-    )
+    teacher). Returns the last epoch's log record. Under torchrun, call it on every rank.
+
+    `options` are the fields of `TrainArgs` (`labeled=`, `out=`, `config=`, ...) and recipe
+    keys given directly (`model=`, `epochs=`, any key of `Recipe`), as on the command line.
+    """
+    args, recipe = resolve(options)
     created = not torch.distributed.is_initialized()
-    env = utils.init_distributed(device)
+    env = utils.init_distributed(args.device)
     try:
-        return main(args, env)
+        return main(args, recipe, env)
     finally:
         if created:
             utils.close_distributed()
@@ -427,7 +425,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        train(**vars(args))
+        train(**flag_values(args))
     except ValueError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -20,11 +20,8 @@ import yaml
 from webdataset.utils import make_seed
 
 from data.storage import exists, join, open_read, read_bytes, write_bytes
+from teachers.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
 from teachers.weights import unpickler_reason
-
-CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "log.jsonl"
-CONFIG_FILE = "config.yaml"
 
 
 @dataclass(frozen=True)

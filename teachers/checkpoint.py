@@ -27,8 +27,13 @@ from teachers.weights import (
     read_bytes,
 )
 
+# The files of a run directory, named here only: the exported model, which every later stage
+# reads, and the trainer's own record (students/utils.py), which `--resume` reads.
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.yaml"
 
 
 @dataclass(frozen=True)

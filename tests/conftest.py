@@ -125,8 +125,8 @@ def trained_teacher(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     out = tmp_path_factory.mktemp("teacher")
     train(
-        str(digits_dir / "labeled"),
-        str(out),
+        labeled=str(digits_dir / "labeled"),
+        out=str(out),
         model="rs-mini",
         config=str(DIGITS_RECIPE),
         epochs=30,

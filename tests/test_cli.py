@@ -1,6 +1,8 @@
 """The command-line contract: --help everywhere; bad input is one line and exit status 2."""
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -42,3 +44,11 @@ def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...]):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_the_flags_are_built_without_importing_torch_or_beam():
+    """`pipeline --help` and argument errors answer at once: torch and Beam load later."""
+    probe = "import sys; from pipeline.cli import build_parser; build_parser(); "
+    probe += "print(sorted({'torch', 'apache_beam'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +12,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import configs
 from data.errors import Drop
 from data.records import PSEUDO_EXT, PseudoLabel, encode_pseudo, shard_header
-from students.config import DEFAULTS, resolve_config
+from students.config import (
+    RECIPE_KEYS,
+    Recipe,
+    TrainArgs,
+    add_arguments,
+    flag_values,
+    resolve,
+    resolve_recipe,
+)
 from students.data import LabeledDecoder, PseudoDecoder, soft_target
-from students.ema import ModelEma
+from students.ema import ModelEma, decay_at
 from students.losses import sharpen, soft_cross_entropy, student_loss
-from students.train import peak_lr, warmup_cosine
+from students.train import lr_schedule, peak_lr, warmup_cosine
 from teachers import create_model, get_config
 from tests.conftest import image_bytes
 
@@ -26,40 +37,84 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # --- recipes -----------------------------------------------------------------------------
 
 
-def test_every_recipe_resolves_and_names_its_model():
-    recipes = sorted(p for p in CONFIGS.glob("*.yaml") if p.stem != "demo")  # demo: pipeline recipe
-    assert {p.stem for p in recipes} >= {f"rs-{n}" for n in (50, 101, 152, 200, 270, 350, 420)}
-    for path in recipes:
-        config = resolve_config(path)
-        get_config(config["model"])
-        if path.stem.startswith("rs-"):
-            assert config["model"] == path.stem
-            assert (config["epochs"], config["batch_size"], config["lr"]) == (350, 4096, 0.1)
-            assert config["weight_decay"] == 4e-5 and config["ema_decay"] == 0.9999
-            # Per-model noise comes from the table unless a recipe overrides it.
-            assert config["dropout"] is None and config["randaugment_magnitude"] is None
-    assert resolve_config(CONFIGS / "digits.yaml")["flip"] is False
+def test_one_imagenet_recipe_takes_each_size_from_the_model_table():
+    for name in ("rs-50", "rs-101", "rs-152", "rs-200", "rs-270", "rs-350", "rs-420"):
+        recipe = resolve_recipe("imagenet", model=name)
+        table = get_config(name)
+        assert (recipe.epochs, recipe.batch_size, recipe.lr) == (350, 4096, 0.1)
+        assert recipe.weight_decay == 4e-5 and recipe.ema_decay == 0.9999
+        assert (recipe.num_classes, recipe.epoch_samples) == (1000, 1_281_167)
+        assert recipe.dropout == table.drop_rate == 0.25
+        assert recipe.stochastic_depth == table.drop_path_rate
+        assert recipe.image_size == table.train_size
+        assert recipe.randaugment_magnitude == table.randaugment_magnitude
+        assert None not in recipe.to_dict().values()
+    # The paper's per-size numbers, as the table gives them.
+    small, large = (
+        resolve_recipe("imagenet", model="rs-50"),
+        resolve_recipe("imagenet", model="rs-350"),
+    )
+    assert (small.image_size, small.randaugment_magnitude, small.stochastic_depth) == (160, 10, 0)
+    assert (large.image_size, large.randaugment_magnitude, large.stochastic_depth) == (256, 15, 0.1)
+
+
+def test_bundled_recipes_resolve_by_name_or_path():
+    trainer_recipes = [name for name in configs.names() if name != "demo"]  # demo: a pipeline's
+    assert trainer_recipes == ["digits", "imagenet"]
+    by_name = resolve_recipe("digits")
+    assert by_name == resolve_recipe(CONFIGS / "digits.yaml") == resolve_recipe("digits.yaml")
+    assert by_name.flip is False and by_name.model == "rs-mini"
+    with pytest.raises(ValueError, match="config file not found: nope .bundled: demo, digits"):
+        resolve_recipe("nope", model="rs-mini")
+    with pytest.raises(ValueError, match="config file not found"):
+        resolve_recipe("../pyproject", model="rs-mini")
 
 
 def test_flags_beat_set_which_beats_the_file(tmp_path: Path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: rs-mini\nepochs: 3\nlr: 0.2\nbatch_size: 8\n")
-    config = resolve_config(recipe, ["lr=0.3", "epochs=4", "flip=false"], epochs=5)
-    assert (config["lr"], config["epochs"], config["batch_size"]) == (0.3, 5, 8)
-    assert config["flip"] is False
-    assert resolve_config(recipe, ["crop_scale=[0.3, 1]"])["crop_scale"] == [0.3, 1.0]
-    assert set(config) == set(DEFAULTS)
+    resolved = resolve_recipe(recipe, ["lr=0.3", "epochs=4", "flip=false"], epochs=5)
+    assert (resolved.lr, resolved.epochs, resolved.batch_size) == (0.3, 5, 8)
+    assert resolved.flip is False
+    assert resolve_recipe(recipe, ["crop_scale=[0.3, 1]"]).crop_scale == (0.3, 1.0)
+    assert list(resolved.to_dict()) == list(RECIPE_KEYS)
+    with pytest.raises(ValueError, match="--model rs-50 but the config is a recipe for rs-mini"):
+        resolve_recipe(recipe, model="rs-50")
+
+
+def test_command_line_flags_come_from_the_dataclasses():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--labeled", "L", "--out", "O", "--config", "digits", "--set", "lr=0.2"]
+    args, recipe = resolve(flag_values(parser.parse_args([*argv, "--epochs", "3", "--seed", "7"])))
+    assert (args.labeled, args.out, args.pseudo, args.resume, args.device) == (
+        "L",
+        "O",
+        None,
+        False,
+        "auto",
+    )
+    assert (recipe.model, recipe.epochs, recipe.lr, recipe.seed) == ("rs-mini", 3, 0.2, 7)
+    flags = {f"--{f.name.replace('_', '-')}" for f in fields(TrainArgs) if f.name != "overrides"}
+    flags |= {f"--{f.name.replace('_', '-')}" for f in fields(Recipe) if f.metadata["flag"]}
+    assert flags | {"--set", "-h", "--help"} == {
+        o for a in parser._actions for o in a.option_strings
+    }
 
 
 def test_unknown_keys_are_named(tmp_path: Path):
     with pytest.raises(ValueError, match="unknown config key 'nope' in --set"):
-        resolve_config(overrides=["nope=1"], model="rs-mini")
+        resolve_recipe(overrides=["nope=1"], model="rs-mini")
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("model: rs-mini\nwarmup: 3\n")
     with pytest.raises(ValueError, match=f"'warmup' in {recipe}"):
-        resolve_config(recipe)
+        resolve_recipe(recipe)
     with pytest.raises(ValueError, match="'crop_scale'"):
-        resolve_config(overrides=["crop_scale=[0, 2]"], model="rs-mini")
+        resolve_recipe(overrides=["crop_scale=[0, 2]"], model="rs-mini")
+    with pytest.raises(ValueError, match="'ema_decay' must be below 1"):
+        resolve_recipe(overrides=["ema_decay=1"], model="rs-mini")
+    with pytest.raises(ValueError, match="unknown option 'learning_rate'"):
+        resolve({"labeled": "L", "out": "O", "model": "rs-mini", "learning_rate": 0.1})
 
 
 # --- losses and targets ------------------------------------------------------------------
@@ -112,17 +167,50 @@ def test_lr_scales_with_the_labeled_batch_and_warms_up_then_decays():
     assert warmup_cosine(12, 5, 20) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 15)))
 
 
+def test_a_resumed_run_given_more_epochs_takes_the_new_schedule():
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.6)
+
+    first = optimizer()
+    scheduler = lr_schedule(first, warmup_steps=5, total_steps=20)
+    for _ in range(12):
+        first.step()
+        scheduler.step()
+    saved = first.state_dict()
+
+    same = optimizer()  # resumed with the same epochs: the very same LR
+    same.load_state_dict(saved)
+    lr_schedule(same, warmup_steps=5, total_steps=20, first_step=12)
+    assert same.param_groups[0]["lr"] == first.param_groups[0]["lr"]
+
+    longer = optimizer()  # resumed with twice the epochs: the longer cosine from here on
+    longer.load_state_dict(saved)
+    scheduler = lr_schedule(longer, warmup_steps=5, total_steps=40, first_step=12)
+    assert longer.param_groups[0]["lr"] == pytest.approx(1.6 * warmup_cosine(12, 5, 40))
+    longer.step()
+    scheduler.step()
+    assert longer.param_groups[0]["lr"] == pytest.approx(1.6 * warmup_cosine(13, 5, 40))
+
+
 def test_ema_warms_up_then_trails_the_weights():
     model = create_model("rs-mini", 3)
     ema = ModelEma(model, decay=0.9999)
-    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**9) == 0.9999
+    assert decay_at(0.9999, 0) == pytest.approx(0.1) and decay_at(0.9999, 10**9) == 0.9999
+    initial = ema.module.fc.bias.clone()
+    assert torch.equal(initial, model.fc.bias)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    before = ema.module.fc.bias.clone()
-    ema.update(model, step=0)  # decay 0.1: 90% of the way to the model
-    assert torch.allclose(ema.module.fc.bias, before + 0.9)
+    ema.update_parameters(model)  # the first step's decay, 0.1: 90% of the way to the model
+    assert torch.allclose(ema.module.fc.bias, initial + 0.9)
+    model.fc.bias.data.add_(1.0)
+    ema.update_parameters(model)  # then 2/11 of the average stays
+    assert torch.allclose(ema.module.fc.bias, (initial + 0.9) * 2 / 11 + (initial + 2) * 9 / 11)
     assert not any(p.requires_grad for p in ema.module.parameters())
+    # The update count is saved with the weights, so a resumed run continues the schedule.
+    resumed = ModelEma(create_model("rs-mini", 3), decay=0.9999)
+    resumed.load_state_dict(ema.state_dict())
+    assert int(resumed.n_averaged) == 3 and torch.equal(resumed.module.fc.bias, ema.module.fc.bias)
 
 
 # --- decoders ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
@@ -111,6 +112,15 @@ def test_single_process_student_reaches_80_percent(demo_run: Path, digits1000: P
     assert {"config.yaml", "log.jsonl", "checkpoint.pt", "model.json", "model.safetensors"} <= {
         p.name for p in demo_run.iterdir()
     }
+    # The recipe it records is the one it ran: the table's and the data's numbers filled in.
+    recorded = yaml.safe_load((demo_run / "config.yaml").read_text())
+    assert None not in recorded.values()
+    assert (recorded["dropout"], recorded["image_size"], recorded["randaugment_magnitude"]) == (
+        0.25,
+        32,
+        10,
+    )
+    assert (recorded["num_classes"], recorded["epoch_samples"]) == (10, 1000)
 
 
 def test_torchrun_two_processes_reach_80_percent(digits1000: Path, tmp_path: Path):
@@ -277,7 +287,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     from torch.nn.parallel import DistributedDataParallel
 
     from students import utils
-    from students.config import resolve_config
+    from students.config import resolve_recipe
     from students.data import LabeledDecoder, train_loader
     from students.ema import ModelEma
     from students.presets import train_preset
@@ -293,7 +303,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
         "LOCAL_RANK": str(rank),
     }
     env = utils.init_distributed("cpu")
-    config = resolve_config(DEMO)
+    recipe = resolve_recipe(DEMO)
     utils.seed_everything(0)
     model = create_model("rs-mini", 10, drop_rate=0.25)
     ema = ModelEma(model, 0.9999)
@@ -304,7 +314,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     utils.seed_everything(0, 0, rank)  # each rank its own dropout and augmentation
     loader = train_loader(
         expand_shards(labeled),
-        LabeledDecoder(train_preset(get_config("rs-mini"), config), 10),
+        LabeledDecoder(train_preset(get_config("rs-mini"), recipe), 10),
         16,
         rank=rank,
         world=world,
@@ -320,9 +330,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
             labels_seen.append(batch[1])
             yield batch
 
-    train_one_epoch(
-        ddp, optimizer, scheduler, ema, batches(), 4, config, env.device, progress=False
-    )
+    train_one_epoch(ddp, optimizer, scheduler, ema, batches(), 4, recipe, env.device)
     torch.save(
         {
             "model": model.state_dict(),
@@ -347,7 +355,7 @@ def test_ddp_ranks_keep_identical_weights(digits1000: Path, tmp_path: Path):
     for part in ("model", "ema"):
         first, second = ranks[0][part], ranks[1][part]
         assert all(torch.equal(first[k], second[k]) for k in first), part
-    assert not torch.equal(first["fc.weight"], ranks[0]["initial_fc"])  # and they did train
+    assert not torch.equal(ranks[0]["model"]["fc.weight"], ranks[0]["initial_fc"])  # it trained
 
 
 # --- recipe mistakes ---------------------------------------------------------------------
@@ -358,6 +366,22 @@ def test_an_existing_run_is_not_overwritten_without_resume(demo_run: Path, digit
 
     with pytest.raises(ValueError, match="already holds a run: pass --resume"):
         train(model="rs-mini", labeled=str(digits1000 / "labeled"), out=str(demo_run), config=DEMO)
+
+
+def test_a_checkpoint_from_before_the_averaged_model_ema_is_refused_in_one_line(
+    digits1000: Path, tmp_path: Path
+):
+    from students.train import train
+    from teachers import create_model
+
+    state = create_model("rs-mini", 10).state_dict()
+    run = tmp_path / "run"
+    run.mkdir()
+    old = {"model": state, "ema": state, "epoch": 1, "model_name": "rs-mini", "num_classes": 10}
+    torch.save(old, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match="earlier version of the trainer") as error:
+        train(labeled=str(digits1000 / "labeled"), out=str(run), config=DEMO, resume=True)
+    assert "\n" not in str(error.value)
 
 
 def test_shards_without_images_are_refused_before_training(digits1000: Path, tmp_path: Path):
