@@ -64,10 +64,11 @@ def inputs_record(spec: str, entries: Sequence[Entry]) -> dict:
     return {"spec": spec, "files": len(entries), "digest": listing_digest(entries)}
 
 
-def _difference(new: object, old: object, path: str = "") -> str | None:
+def difference(new: object, old: object, path: str = "") -> str | None:
+    """The first key (dotted path) whose value differs, said as a user reads it; or None."""
     if isinstance(new, dict) and isinstance(old, dict):
         for key in sorted(set(new) | set(old)):
-            found = _difference(new.get(key), old.get(key), f"{path}.{key}" if path else key)
+            found = difference(new.get(key), old.get(key), f"{path}.{key}" if path else key)
             if found:
                 return found
         return None
@@ -132,8 +133,8 @@ class StageOutput:
         check_apart(self.out_dir, self.inputs)
         existing = read_manifest(self.out_dir)
         if existing is not None and "fingerprint" in existing:
-            difference = _difference(self.fingerprint, existing["fingerprint"])
-            if difference is None:
+            changed = difference(self.fingerprint, existing["fingerprint"])
+            if changed is None:
                 if existing.get("state") == DONE:
                     return existing
                 remove_temporaries(self.out_dir)
@@ -141,7 +142,7 @@ class StageOutput:
             if not self.overwrite:
                 raise UsageError(
                     f"{self.out_dir} holds other `pipeline {existing['fingerprint']['stage']}` "
-                    f"output: {difference}. Use another output folder, or --overwrite to "
+                    f"output: {changed}. Use another output folder, or --overwrite to "
                     "replace it"
                 )
             remove(self.out_dir)

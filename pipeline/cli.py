@@ -9,9 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from data.errors import USER_ERRORS
-from students.config import add_arguments, flag_values
-
-DEVICES = ("auto", "cpu", "cuda")
+from students.config import DEVICES, add_arguments, flag_values
 
 EXIT_USAGE = 2
 

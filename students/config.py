@@ -25,6 +25,8 @@ import yaml
 
 import configs
 
+DEVICES = ("auto", "cpu", "cuda")  # --device of every command; "auto" is resolved where it runs
+
 
 def _check_crop_scale(value: object) -> tuple[float, float]:
     if not (
@@ -142,8 +144,12 @@ class TrainArgs:
         action="append",
         metavar="KEY=VALUE",
     )
-    resume: bool = _arg("continue the run in --out from its last checkpoint", False)
-    device: str = _arg("device to train on", "auto", choices=("auto", "cpu", "cuda"))
+    resume: bool = _arg(
+        "continue the run in --out from its last checkpoint (same recipe; epochs may grow)",
+        False,
+    )
+    overwrite: bool = _arg("clear --out and start afresh, whatever run it holds", False)
+    device: str = _arg("device to train on", "auto", choices=DEVICES)
 
 
 RECIPE_KEYS = tuple(f.name for f in fields(Recipe))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -66,7 +67,9 @@ def resample(src: Iterable[dict], seed: int) -> Iterator[dict]:
 
 
 def _log_drop(drop: Drop) -> None:
-    log.warning(
+    """Each drop in the log at INFO; what the user sees by default is their count per reason,
+    which every batch carries to the training loop (see `batches`)."""
+    log.info(
         "skipped %s in %s: %s %s",
         drop.key or "part of a shard",
         drop.shard,
@@ -80,22 +83,37 @@ def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
     return iter_samples((shard["url"] for shard in src), _log_drop)
 
 
-def skip_drops(src: Iterable, limit: int = MAX_DROPS_IN_A_ROW) -> Iterator:
-    """Stage: log and leave out the samples a decoder could not use. An endless stream of
-    nothing but unusable samples (shards without classes, say) is an error, not a hang."""
-    in_a_row = 0
+def batches(
+    src: Iterable, batch_size: int, *, keep_last: bool = False, limit: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]]]:
+    """Stage: (inputs, targets, drops) batches, `drops` counting by reason the samples a
+    decoder left out since the previous batch, so they reach the loop that shows them. With
+    `keep_last` the last batch may be short (or empty, carrying only drops). `limit`: so many
+    unusable samples in a row are an error (shards without classes, say), not a hang."""
+    items, drops, in_a_row = [], Counter(), 0
     for item in src:
-        if not isinstance(item, Drop):
-            in_a_row = 0
-            yield item
+        if isinstance(item, Drop):
+            _log_drop(item)
+            drops[item.reason] += 1
+            in_a_row += 1
+            if limit is not None and in_a_row >= limit:
+                raise ValueError(
+                    f"{in_a_row} samples in a row could not be used, the last for "
+                    f"{item.reason} in {item.shard}: are these the right shards?"
+                )
             continue
-        _log_drop(item)
-        in_a_row += 1
-        if in_a_row >= limit:
-            raise ValueError(
-                f"{in_a_row} samples in a row could not be used, the last for {item.reason} "
-                f"in {item.shard}: are these the right shards?"
-            )
+        in_a_row = 0
+        items.append(item)
+        if len(items) == batch_size:
+            inputs, targets = default_collate(items)
+            yield inputs, targets, dict(drops)
+            items, drops = [], Counter()
+    if keep_last and (items or drops):
+        if items:
+            inputs, targets = default_collate(items)
+        else:
+            inputs, targets = torch.empty(0), torch.empty(0, dtype=torch.long)
+        yield inputs, targets, dict(drops)
 
 
 # --- decoders ----------------------------------------------------------------------------
@@ -200,8 +218,9 @@ def train_loader(
     pin_memory: bool = False,
     stream: int = 0,
 ) -> DataLoader:
-    """An endless stream of (images, targets) batches for one rank in one epoch; `stream`
-    tells apart the streams of one rank (labeled, pseudo-labeled) so they draw apart."""
+    """An endless stream of (images, targets, drops) batches for one rank in one epoch;
+    `stream` tells apart the streams of one rank (labeled, pseudo-labeled) so they draw
+    apart."""
     shards = node_shards(urls, rank, world, seed=make_seed(seed, epoch))
     workers = min(workers, len(shards))
     stream_seed = make_seed(seed, epoch, rank, stream)
@@ -212,8 +231,7 @@ def train_loader(
         tar_samples,
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=stream_seed),
         wds.map(decode),
-        skip_drops,
-        wds.batched(batch_size, collation_fn=default_collate, partial=False),
+        partial(batches, batch_size=batch_size, limit=MAX_DROPS_IN_A_ROW),
     )
     return DataLoader(
         pipeline,
@@ -222,25 +240,6 @@ def train_loader(
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(stream_seed),  # seeds each worker's augmentation
     )
-
-
-def batch_counting_drops(src: Iterable, batch_size: int) -> Iterator[tuple]:
-    """Stage: (images, labels, drops) batches, where drops counts the samples left out since
-    the previous batch; the last batch may be short (or empty, carrying only drops)."""
-    images, labels, drops = [], [], 0
-    for item in src:
-        if isinstance(item, Drop):
-            _log_drop(item)
-            drops += 1
-            continue
-        images.append(item[0])
-        labels.append(item[1])
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels), drops
-            images, labels, drops = [], [], 0
-    if images or drops:
-        stacked = torch.stack(images) if images else torch.empty(0)
-        yield stacked, torch.tensor(labels, dtype=torch.long), drops
 
 
 def eval_loader(
@@ -258,12 +257,14 @@ def eval_loader(
     With fewer shards than ranks, the ranks past the last shard read nothing.
     """
     shards = list(urls)[rank::world]
+    if not shards:  # webdataset's shard list must not be empty: this rank has nothing to read
+        return DataLoader([], batch_size=None)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards),
         wds.split_by_worker,
         tar_samples,
         wds.map(LabeledDecoder(transform, num_classes)),
-        partial(batch_counting_drops, batch_size=batch_size),
+        partial(batches, batch_size=batch_size, keep_last=True),
     )
     return DataLoader(pipeline, batch_size=None, num_workers=min(workers, len(shards)))
 

@@ -13,11 +13,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from data.classes import read_class_names
 from data.progress import progress_bar
 from data.specs import expand_shards
 from students.data import eval_loader
 from students.utils import all_reduce_sum
-from teachers import Predictor, eval_transform, load_teacher
+from teachers import Predictor, eval_transform, load_teacher, resolve_device
 
 
 def evaluate(
@@ -34,14 +35,15 @@ def evaluate(
     counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, samples, dropped
     with progress_bar(desc="eval", unit="img", disable=not progress, leave=False) as bar:
         for images, labels, drops in loader:
-            counts[3] += drops
+            dropped = sum(drops.values())
+            counts[3] += dropped
             if labels.numel():
                 probs, _ = predictor.predict(images)
                 hits = probs.topk(min(5, probs.shape[1]), dim=1).indices == labels[:, None]
                 counts[:3] += torch.tensor(
                     [hits[:, 0].sum(), hits.any(dim=1).sum(), labels.numel()], dtype=torch.float64
                 )
-            bar.update(labels.numel() + drops)
+            bar.update(labels.numel() + dropped)
     if distributed:
         counts = all_reduce_sum(counts.to(device)).cpu()
     top1, top5, samples, dropped = counts.tolist()
@@ -61,10 +63,16 @@ def evaluate_run(
     workers: int = 2,
     progress: bool = True,
 ) -> dict:
-    """Accuracy of a run directory's model (or any `load_teacher` source) on labeled shards."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """Accuracy of a run directory's model (or any `load_teacher` source) on labeled shards,
+    refused when the shards' classes.json names other classes than the model was trained on."""
+    device = resolve_device(device)
     urls = expand_shards(data_spec)
     model, info = load_teacher(run_dir)
+    names = read_class_names(urls)
+    if names is not None and info.class_names is not None and names != info.class_names:
+        raise ValueError(
+            f"{data_spec} holds classes {names[:5]}... but {run_dir} was trained on "
+            f"{info.class_names[:5]}...: class ids would be scored against the wrong classes"
+        )
     loader = eval_loader(urls, eval_transform(info), info.num_classes, batch_size, workers=workers)
     return evaluate(model, loader, device, progress=progress)

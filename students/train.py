@@ -16,6 +16,7 @@ import argparse
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
@@ -26,8 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.classes import read_class_names
+from data.errors import USER_ERRORS
+from data.manifest import inputs_record
 from data.progress import progress_bar
-from data.specs import expand_shards
+from data.specs import shard_entries
+from data.storage import Entry, absolute, parent
 from students import utils
 from students.config import Recipe, TrainArgs, add_arguments, flag_values, resolve
 from students.data import (
@@ -44,8 +48,9 @@ from students.losses import student_loss
 from students.presets import model_info, train_preset
 from teachers import create_model, eval_transform, export_run, get_config
 
-# (labeled images, labels, pseudo images or None, pseudo soft targets or None)
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+# (labeled images, labels, pseudo images or None, pseudo soft targets or None, samples the
+# loaders dropped since the last batch, by reason)
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, int]]
 
 
 # --- the recipe's numbers ----------------------------------------------------------------
@@ -104,11 +109,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def mixed_batches(labeled: Iterable, pseudo: Iterable | None) -> Iterator[Batch]:
     """Pair each labeled batch with a pseudo-labeled one (both streams are endless)."""
     if pseudo is None:
-        for images, labels in labeled:
-            yield images, labels, None, None
+        for images, labels, drops in labeled:
+            yield images, labels, None, None, drops
     else:
-        for (images, labels), (pseudo_images, targets) in zip(labeled, pseudo, strict=False):
-            yield images, labels, pseudo_images, targets
+        for (images, labels, drops), (pseudo_images, targets, more) in zip(
+            labeled, pseudo, strict=False
+        ):
+            yield images, labels, pseudo_images, targets, dict(Counter(drops) + Counter(more))
 
 
 def train_one_epoch(
@@ -125,15 +132,17 @@ def train_one_epoch(
 ) -> dict:
     """`steps` optimizer steps over any iterable of batches (the shard loaders, or batches held
     in memory for a benchmark), advancing the run's progress `bar` if there is one; returns this
-    process's mean losses, the LR and images/s."""
+    process's mean losses, the LR, images/s and the samples the loaders dropped, by reason."""
     model.train()
     on_cuda = device.type == "cuda"
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
     losses = {name: utils.Average() for name in ("loss", "loss_labeled", "loss_pseudo")}
     images_seen, lr, start = 0, 0.0, time.perf_counter()
-    for i, (images, labels, pseudo_images, targets) in enumerate(batches):
+    dropped: Counter = Counter()
+    for i, (images, labels, pseudo_images, targets, drops) in enumerate(batches):
         if i == steps:
             break
+        dropped.update(drops)
         if pseudo_images is not None:
             images = torch.cat([images, pseudo_images])
             targets = targets.to(device, non_blocking=True)
@@ -165,13 +174,17 @@ def train_one_epoch(
         images_seen += images.shape[0] * world
         if bar is not None:
             rate = images_seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{losses['loss'].mean:.3f}", img_s=f"{rate:.0f}", refresh=False)
+            shown = {"loss": f"{losses['loss'].mean:.3f}", "img_s": f"{rate:.0f}"}
+            if dropped:
+                shown["dropped"] = sum(dropped.values())
+            bar.set_postfix(shown, refresh=False)
             bar.update()
     utils.broadcast_buffers(unwrapped, ema.module)
     elapsed = time.perf_counter() - start
     stats = {name: avg.mean for name, avg in losses.items()}
     stats["lr"] = lr  # of the epoch's last step
     stats["images_per_s"] = images_seen / elapsed
+    stats["dropped"] = dict(sorted(dropped.items()))
     return stats
 
 
@@ -191,13 +204,32 @@ def _class_count(recipe: Recipe, class_names: list[str] | None, labeled: str) ->
     return recipe.num_classes
 
 
-def _urls(spec: str | None, what: str) -> list[str]:
+def _entries(spec: str | None, what: str) -> list[Entry]:
     if spec is None:
         return []
     try:
-        return expand_shards(spec)
+        return shard_entries(spec)
     except ValueError as exc:
         raise ValueError(f"{what} shards: {exc}") from None
+
+
+def _agreeing_classes(labeled: list[str], others: dict[str, list[str]]) -> list[str] | None:
+    """The labeled set's class names, after checking that every other split's classes.json
+    (and the pseudo-labels', from their teacher) names the same classes in the same order:
+    class ids that mean different things in two splits train and score the wrong thing."""
+    names = read_class_names(labeled)
+    for what, urls in others.items():
+        other = read_class_names(urls) if urls else None
+        if names is None or other is None or other == names:
+            continue
+        i = next((i for i, (a, b) in enumerate(zip(names, other, strict=False)) if a != b), None)
+        where = (
+            f"class {i} is {other[i]!r} there but {names[i]!r} in the labeled set"
+            if i is not None
+            else f"{len(other)} classes there but {len(names)} in the labeled set"
+        )
+        raise ValueError(f"the {what} shards' classes.json disagrees: {where}")
+    return names
 
 
 def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
@@ -206,26 +238,49 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         raise ValueError(
             f"batch_size {recipe.batch_size} is global and must divide over {env.world} processes"
         )
-    if not args.resume and utils.has_checkpoint(args.out):
-        raise ValueError(f"{args.out} already holds a run: pass --resume, or choose a new --out")
 
-    # Data: labeled (+ pseudo-labeled) training streams and the validation shards.
-    labeled_urls = _urls(args.labeled, "labeled")
-    pseudo_urls = _urls(args.pseudo, "pseudo-labeled")
-    val_urls = _urls(args.val, "validation")
-    class_names = read_class_names(labeled_urls)
-    epoch_samples = recipe.epoch_samples or utils.broadcast_object(
-        count_samples(labeled_urls) if env.is_main else None, env
-    )
-    if epoch_samples == 0:
-        raise ValueError(f"no image samples in the labeled shards {args.labeled}")
-    if pseudo_urls and not has_samples(pseudo_urls):
-        raise ValueError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
+    # Data: labeled (+ pseudo-labeled) training streams and the validation shards, checked
+    # on rank 0 (every rank gets its verdict: none waits for a rank that stopped).
+    def inputs() -> tuple[dict, list[str] | None, int]:
+        found = {
+            "labeled": _entries(args.labeled, "labeled"),
+            "pseudo": _entries(args.pseudo, "pseudo-labeled"),
+            "val": _entries(args.val, "validation"),
+        }
+        urls = {name: [e.url for e in entries] for name, entries in found.items()}
+        names = _agreeing_classes(
+            urls["labeled"], {"validation": urls["val"], "pseudo-labeled": urls["pseudo"]}
+        )
+        samples = recipe.epoch_samples or count_samples(urls["labeled"])
+        if samples == 0:
+            raise ValueError(f"no image samples in the labeled shards {args.labeled}")
+        if urls["pseudo"] and not has_samples(urls["pseudo"]):
+            raise ValueError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
+        return found, names, samples
+
+    found, class_names, epoch_samples = utils.on_main(env, inputs)
+    labeled_urls, pseudo_urls, val_urls = ([e.url for e in found[k]] for k in found)
     # What the data decides is part of the recipe the run records.
     recipe = replace(
         recipe,
         num_classes=_class_count(recipe, class_names, args.labeled),
         epoch_samples=epoch_samples,
+    )
+    fingerprint = {
+        "recipe": recipe.to_dict(),
+        "inputs": {
+            name: inputs_record(absolute(spec), found[name])
+            for name, spec in (
+                ("labeled", args.labeled),
+                ("pseudo", args.pseudo),
+                ("val", args.val),
+            )
+            if spec
+        },
+    }
+    folders = sorted({parent(e.url) for entries in found.values() for e in entries})
+    utils.on_main(
+        env, lambda: utils.claim_run(args.out, fingerprint, folders, args.resume, args.overwrite)
     )
     num_classes = recipe.num_classes
     steps_per_epoch = max(1, epoch_samples // recipe.batch_size)
@@ -377,11 +432,13 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         export_run(
             args.out, ema.module, table.name, class_names, extra={"recipe": recipe.to_dict()}
         )
+        utils.finish_run(args.out, fingerprint, log)
     return log[-1] if log else {}
 
 
 def _mean_over_ranks(stats: dict, env: utils.Distributed) -> dict:
-    """Losses averaged over ranks; images/s summed (each rank counted the whole world)."""
+    """Losses averaged over ranks, drops summed; images/s as it is (each rank counted the
+    whole world)."""
     if not env.enabled:
         return stats
     keys = ("loss", "loss_labeled", "loss_pseudo")
@@ -389,7 +446,12 @@ def _mean_over_ranks(stats: dict, env: utils.Distributed) -> dict:
     if env.device.type == "cuda":
         values = values.to(env.device)
     utils.all_reduce_sum(values)
-    return stats | dict(zip(keys, (values.cpu() / env.world).tolist(), strict=True))
+    dropped = sum((Counter(d) for d in utils.gather_objects(stats["dropped"], env)), Counter())
+    return (
+        stats
+        | dict(zip(keys, (values.cpu() / env.world).tolist(), strict=True))
+        | {"dropped": dict(sorted(dropped.items()))}
+    )
 
 
 def _summary(record: dict) -> str:
@@ -397,6 +459,9 @@ def _summary(record: dict) -> str:
     parts.append(f"{record['images_per_s']:.0f} img/s")
     if "val_top1" in record:
         parts.append(f"val top-1 {100 * record['val_top1']:.2f}%")
+    if record.get("dropped"):
+        reasons = ", ".join(f"{n} {reason}" for reason, n in record["dropped"].items())
+        parts.append(f"dropped {sum(record['dropped'].values())} samples ({reasons})")
     return ", ".join(parts)
 
 
@@ -411,11 +476,12 @@ def train(**options: object) -> dict:
     args, recipe = resolve(options)
     created = not torch.distributed.is_initialized()
     env = utils.init_distributed(args.device)
-    try:
-        return main(args, recipe, env)
-    finally:
-        if created:
-            utils.close_distributed()
+    result = main(args, recipe, env)
+    # Only after success: a failed rank must exit at once (torchrun then stops the others),
+    # not wait in a teardown for ranks that are still waiting for it.
+    if created:
+        utils.close_distributed()
+    return result
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
@@ -426,7 +492,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         train(**flag_values(args))
-    except ValueError as exc:
+    except USER_ERRORS as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +20,21 @@ import torch.distributed as dist
 import yaml
 from webdataset.utils import make_seed
 
-from data.storage import exists, join, open_read, read_bytes, write_bytes
+from data.errors import USER_ERRORS, UsageError
+from data.manifest import DONE, MANIFEST, RUNNING, check_apart, difference, read_manifest
+from data.storage import (
+    exists,
+    join,
+    open_read,
+    read_bytes,
+    remove,
+    remove_temporaries,
+    walk_files,
+    write_bytes,
+    write_json,
+)
 from teachers.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
+from teachers.inference import resolve_device
 from teachers.weights import unpickler_reason
 
 
@@ -45,8 +59,7 @@ class Distributed:
 def init_distributed(device: str = "auto") -> Distributed:
     """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (nccl on GPUs,
     gloo on CPUs); without those variables, a single process."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Distributed(0, 1, 0, torch.device(device))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -96,6 +109,30 @@ def broadcast_object(value: object, env: Distributed) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(env: Distributed, work: Callable[[], object]) -> object:
+    """`work()` on rank 0, its result (or the user error it raised) on every rank: no rank
+    is left waiting in a collective for a rank that stopped with an error."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = work()
+        except USER_ERRORS as exc:
+            error = str(exc)
+    result, error = broadcast_object((result, error), env)
+    if error is not None:
+        raise UsageError(error)
+    return result
+
+
+def gather_objects(value: object, env: Distributed) -> list[object]:
+    """Every rank's `value`, on every rank (small things: a rank's drop counts)."""
+    if not env.enabled:
+        return [value]
+    found: list[object] = [None] * env.world
+    dist.all_gather_object(found, value)
+    return found
 
 
 def seed_everything(*parts: int) -> None:
@@ -170,3 +207,78 @@ class Average:
     @property
     def mean(self) -> float:
         return self.total / max(self.count, 1)
+
+
+# --- the run directory's claim -----------------------------------------------------------
+
+MID_RUN_CHANGES = ("epochs",)  # the recipe keys --resume may change: a longer run
+
+
+def claim_run(
+    out: str, fingerprint: dict, inputs: list[str], resume: bool, overwrite: bool
+) -> None:
+    """Make `out` this run's directory, or refuse in one line: a new folder; the same run
+    continued with --resume (same recipe and inputs; only a longer `epochs` may change, and
+    then takes effect); or, with --overwrite, a folder cleared for a fresh run."""
+    check_apart(out, inputs)
+    existing = read_manifest(out)
+    if overwrite:
+        remove(out)
+    elif existing is not None:
+        if not resume:
+            raise UsageError(
+                f"{out} already holds a run: pass --resume to continue it, --overwrite to "
+                "start afresh, or choose a new --out"
+            )
+        old = existing.get("fingerprint", {})
+        changed = difference(_fixed(fingerprint), _fixed(old))
+        if changed is not None:
+            raise UsageError(
+                f"{out} holds a run made with other settings: {changed}. --resume continues "
+                "the same recipe and inputs (only a larger epochs); --overwrite starts afresh"
+            )
+    else:
+        remove_temporaries(out)
+        if has_checkpoint(out):
+            raise UsageError(
+                f"{out} holds a checkpoint from an earlier version of the trainer, whose "
+                "recipe --resume cannot check: start a new run with another --out, or "
+                "--overwrite to clear it"
+            )
+        if walk_files(out):
+            raise UsageError(
+                f"{out} already holds files that no training run wrote (no manifest.json): "
+                "choose a new --out, or --overwrite to clear it"
+            )
+    write_json(
+        join(out, MANIFEST),
+        {"stage": "train-student", "state": RUNNING, "fingerprint": fingerprint},
+    )
+
+
+def _fixed(fingerprint: dict) -> dict:
+    recipe = {k: v for k, v in fingerprint.get("recipe", {}).items() if k not in MID_RUN_CHANGES}
+    return {**fingerprint, "recipe": recipe}
+
+
+def finish_run(out: str, fingerprint: dict, log: list[dict]) -> None:
+    """The run's manifest in state "done": what it trained on, how far, and what its loaders
+    dropped, by reason, over all epochs."""
+    dropped: dict[str, int] = {}
+    for record in log:
+        for reason, n in record.get("dropped", {}).items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    last = log[-1] if log else {}
+    write_json(
+        join(out, MANIFEST),
+        {
+            "stage": "train-student",
+            "state": DONE,
+            "fingerprint": fingerprint,
+            "epochs": last.get("epoch", 0),
+            "steps": last.get("step", 0),
+            "dropped": sum(dropped.values()),
+            "drops": dict(sorted(dropped.items())),
+            "final": {k: v for k, v in last.items() if k.startswith(("val_", "loss"))},
+        },
+    )

@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 
 from data.decode import decode_image, find_image
-from data.manifest import write_report
+from data.manifest import StageOutput
 from data.read import iter_shard
 from data.records import PseudoLabel, content_hash, pseudo_sample, read_pseudo_shard, shard_header
 from data.specs import expand_shards
@@ -61,7 +61,8 @@ def labels(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             records.append(pseudo_sample(label))
         write_shard(str(out / url.rsplit("/", 1)[1]), records)
     n = sum(len(list(iter_shard(url, print))) for url in urls)
-    write_report(str(out), "label", {"teacher": "truth"}, n, n, [], teacher="truth")
+    stage = StageOutput(str(out), "label", {"teacher": "truth", "embed": False})
+    stage.finish(n, n, Counter(), Counter(), {}, teacher="truth", shards=len(urls))
     return out
 
 

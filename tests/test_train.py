@@ -438,3 +438,33 @@ def test_missing_shards_name_the_argument(tmp_path: Path, capsys):
     argv = ["--model", "rs-mini", "--labeled", str(tmp_path / "none"), "--out", str(tmp_path)]
     assert cli(argv) == 2
     assert "labeled shards: shard not found" in capsys.readouterr().err
+
+
+def test_a_rank_that_fails_ends_the_torchrun_job_with_its_error(tmp_path: Path):
+    """Rank 1 draws a shard whose samples have no class: it stops with one error line, and
+    the whole job ends in seconds instead of rank 0 waiting in an all-reduce for ever."""
+    data = tmp_path / "data"
+    write_digits(str(data), labeled=200, seed=0, shard_size=300)
+    blank = next(iter_samples(expand_shards(str(data / "unlabeled")), lambda d: None))["png"]
+    write_shard(
+        str(data / "labeled" / "labeled-000001.tar"),
+        [{"__key__": f"nocls{i:05d}", "png": blank} for i in range(1100)],
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2"]
+        + _train_cmd(data, tmp_path / "run", "--epochs", "1", "--batch-size", "16")
+        + ["--set", "epoch_samples=640", "--set", "workers=0", "--set", "shuffle_buffer=50"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    errors = [line for line in result.stderr.splitlines() if "train-student: error:" in line]
+    assert errors == [
+        "pipeline train-student: error: 1000 samples in a row could not be used, the last for "
+        f"no_class in {data / 'labeled' / 'labeled-000001.tar'}: are these the right shards?"
+    ]

@@ -1,0 +1,108 @@
+"""A training run directory knows what made it: --resume continues only the same recipe and
+inputs (a longer run excepted), classes must agree across splits, and samples the loaders
+drop are counted where the user sees them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.classes import write_class_names
+from data.read import iter_samples
+from data.specs import expand_shards
+from data.write import write_shard
+from tests.conftest import DIGITS_RECIPE, run_cli
+
+QUICK = ["--model", "rs-mini", "--config", str(DIGITS_RECIPE), "--batch-size", "16"] + [
+    arg for kv in ("epoch_samples=32", "workers=0", "shuffle_buffer=32") for arg in ("--set", kv)
+]
+
+
+def _train(digits: Path, out: Path, *extra: str):
+    return run_cli(
+        "train-student", "--labeled", str(digits / "labeled"), "--out", str(out), *QUICK, *extra
+    )
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_a_changed_recipe_and_follows_a_longer_one(digits_dir: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    assert _train(digits_dir, run, "--epochs", "1").returncode == 0
+    refused = _train(digits_dir, run, "--epochs", "1", "--resume", "--set", "lr=10")
+    assert refused.returncode == 2
+    assert "recipe.lr is 10.0 now but 0.1 there" in refused.stderr.strip().splitlines()[-1]
+    assert "lr: 0.1" in (run / "config.yaml").read_text()
+    again = _train(digits_dir, run, "--epochs", "1")
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    longer = _train(digits_dir, run, "--epochs", "2", "--resume")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert [r["epoch"] for r in _log(run)] == [1, 2]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["state"] == "done" and manifest["fingerprint"]["recipe"]["epochs"] == 2
+
+
+def test_overwrite_starts_afresh_and_equals_a_fresh_run(digits_dir: Path, tmp_path: Path):
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert _train(digits_dir, run, "--epochs", "1").returncode == 0
+    assert (
+        _train(digits_dir, run, "--epochs", "1", "--set", "lr=0.2", "--overwrite").returncode == 0
+    )
+    assert _train(digits_dir, fresh, "--epochs", "1", "--set", "lr=0.2").returncode == 0
+    shas = [json.loads((d / "model.json").read_text())["weights_sha256"] for d in (run, fresh)]
+    assert shas[0] == shas[1]
+
+
+def test_val_classes_that_disagree_with_the_labeled_set_are_refused(
+    digits_dir: Path, tmp_path: Path
+):
+    val = tmp_path / "val"
+    for url in expand_shards(str(digits_dir / "val")):
+        (val / Path(url).name).parent.mkdir(parents=True, exist_ok=True)
+        (val / Path(url).name).write_bytes(Path(url).read_bytes())
+    write_class_names(str(val), [str(d) for d in (0, 1, 2, 3, 4, 5, 6, 7, 9, 8)])
+    result = _train(digits_dir, tmp_path / "run", "--epochs", "1", "--val", str(val))
+    assert result.returncode == 2
+    assert (
+        "the validation shards' classes.json disagrees: class 8 is '9' there but '8' in the "
+        "labeled set" in result.stderr
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_samples_dropped_in_training_are_counted_and_shown(digits_dir: Path, tmp_path: Path):
+    """A tenth of the labeled samples name a class the model does not have: each epoch's log
+    record and line say how many were dropped and why."""
+    labeled = tmp_path / "labeled"
+    samples = list(iter_samples(expand_shards(str(digits_dir / "labeled")), lambda d: None))
+    for i, sample in enumerate(samples):
+        if i % 10 == 0:
+            sample["cls"] = b"12"
+    write_shard(
+        str(labeled / "part-000000.tar"),
+        [{k: v for k, v in s.items() if k != "__url__"} for s in samples],
+    )
+    write_class_names(str(labeled), [str(d) for d in range(10)])
+    run = tmp_path / "run"
+    result = run_cli(
+        "train-student", "--labeled", str(labeled), "--out", str(run), *QUICK, "--epochs", "2"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = _log(run)
+    for record in records:
+        dropped = record["dropped"]
+        assert set(dropped) == {"unknown_class"} and dropped["unknown_class"] >= 1
+        assert f"dropped {dropped['unknown_class']} samples (" in result.stderr + result.stdout
+    manifest = json.loads((run / "manifest.json").read_text())
+    total = sum(r["dropped"]["unknown_class"] for r in records)
+    assert manifest["drops"] == {"unknown_class": total} == {"unknown_class": manifest["dropped"]}
+
+
+def test_resume_on_a_bucket_needs_nothing_local(gcs_server, digits_dir: Path):
+    out = gcs_server.make_bucket("runs") + "/run"
+    assert _train(digits_dir, out, "--epochs", "1").returncode == 0
+    longer = _train(digits_dir, out, "--epochs", "2", "--resume")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "resuming" in longer.stdout
