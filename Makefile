@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_label.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_filter.py
+	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_stats.py
 	rm -rf bench-out && $(BIN)/python bench/bench_demo.py --keep bench-out/demo
 	$(BIN)/python bench/cost.py
