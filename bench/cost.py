@@ -2,8 +2,8 @@
 
     python bench/cost.py [--images 130000000] [--teacher rs-152]
 
-Reads bench/results/{label,filter,stats,train}.json (written by bench_label.py,
-bench_filter.py, bench_stats.py and bench_train.py on this machine) and appends a table in
+Reads bench/results/{label,filter,stats,train,scale}.json (written by bench_label.py,
+bench_filter.py, bench_stats.py, bench_train.py and bench_scale.py on this machine) and appends a table in
 which every number is a measurement times a stated assumption.
 """
 
@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=130_000_000)
     parser.add_argument("--teacher", default="rs-152")
     args = parser.parse_args()
-    label, filt, stats, train = (_results(n) for n in ("label", "filter", "stats", "train"))
+    label, filt, stats, train, scale = (
+        _results(n) for n in ("label", "filter", "stats", "train", "scale")
+    )
     cores = int(label["machine"].split()[0])
     gflops = {row["name"]: row["gflops"] for row in models_table([label["model"], args.teacher])}
     recipe = resolve_recipe("imagenet", model=train["model"])
@@ -69,6 +71,10 @@ def main() -> None:
         f"{student_images / 1e9:.2f} B images |",
         f"| raw corpus (input) | - | - | {gib(n, stats['src']['bytes_per_record'])} | "
         f"{stats['src']['bytes_per_record']:,.0f} B per 224-px JPEG (bench_stats) |",
+        f"| launcher of label or filter ({n // 1000:,} shards of 1,000) | "
+        f"{scale['projected_launcher_merge_hours']:.2f} wall-hours | - | manifests, reports | "
+        "listings of a page per 1,000 names, one read per shard report 8 at a time, 30 ms a "
+        f"request; a finished rerun: {scale['gcs_rerun_requests']} requests (bench_scale) |",
     ]
     notes = [
         "",
