@@ -18,7 +18,7 @@ class Drop:
         return asdict(self)
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A mistake in the command line or its inputs that the user can fix: reported as one
     line and exit status 2, wherever it is raised (the launcher, or a worker through its
     failure record)."""
@@ -27,4 +27,4 @@ class UsageError(Exception):
 # Mistakes a user can fix, wherever they are detected: one line and exit status 2 at the
 # command line; a Beam worker records them for its launcher instead of crashing. Anything
 # else is a bug in this project and keeps its traceback.
-USER_ERRORS = (UsageError, ValueError, OSError)
+USER_ERRORS = (ValueError, OSError)  # UsageError is a ValueError

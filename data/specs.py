@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import braceexpand
 
-from data.storage import Entry, absolute, basename, glob, is_dir, list_dir, parent
+from data.storage import Entry, absolute, basename, exists, glob, is_dir, list_dir, parent
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -44,6 +44,8 @@ def _expand_one(spec: str) -> list[Entry]:
         if not found:
             raise ShardSpecError(f"no .tar shards in directory {spec}")
         return found
+    if not is_shard_name(spec) and not exists(spec):
+        raise ShardSpecError(f"shard not found: {spec} is neither a folder nor a shard")
     return _named([spec])
 
 

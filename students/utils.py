@@ -237,6 +237,8 @@ def claim_run(
                 f"{out} holds a run made with other settings: {changed}. --resume continues "
                 "the same recipe and inputs (only a larger epochs); --overwrite starts afresh"
             )
+        if existing.get("fingerprint") == fingerprint:
+            return  # the same run, resumed: its record stands until the run finishes again
     else:
         remove_temporaries(out)
         if has_checkpoint(out):

@@ -128,7 +128,7 @@ def test_full_disk_is_one_line_exit_2_and_leaves_nothing_partial(
     out = tmp_path / "out"
     args = _stage_args(command, teacher, corpus, labels, digits_dir)
     # Shards and training checkpoints are far larger than these limits; the small records
-    # (a run's config.yaml and log.jsonl) fit under them.
+    # (a run's claim in manifest.json, config.yaml and log.jsonl) fit under them.
     limit = 1_000_000 if command == "train-student" else 20_000
     result = _pipeline(*args, str(out), max_file_bytes=limit)
     line = _error_line(result, command)
@@ -138,9 +138,11 @@ def test_full_disk_is_one_line_exit_2_and_leaves_nothing_partial(
     assert not Path(failed.group(1)).exists()
     files = _files(out)
     if command == "train-student":
-        # The run's small records are whole; no checkpoint or model, nor any temporary file.
-        assert files == ["config.yaml", "log.jsonl"], files
+        # The run's small records are whole; no checkpoint or model, nor any temporary file,
+        # and the run is claimed, never marked done.
+        assert files == ["config.yaml", "log.jsonl", "manifest.json"], files
         assert [r["epoch"] for r in map(json.loads, (out / "log.jsonl").open())] == [1]
+        assert json.loads((out / "manifest.json").read_text())["state"] == "running"
         return
     assert "errors.jsonl" not in files
     claimed = json.loads((out / "manifest.json").read_text())

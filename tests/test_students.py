@@ -257,10 +257,13 @@ def test_decoders_turn_bad_samples_into_reasons():
 
 
 def test_a_stream_of_nothing_but_unusable_samples_is_an_error():
-    from students.data import skip_drops
+    from students.data import batches
 
     good = (torch.zeros(1), 1)
     drops = [Drop("s.tar", f"k{i}", "no_class") for i in range(3)]
-    assert list(skip_drops([drops[0], good, drops[1], good], limit=2)) == [good, good]
+    # Drops between usable samples are counted on the batch that follows them.
+    out = list(batches([drops[0], good, drops[1], good], batch_size=1, limit=2))
+    assert [d for _, _, d in out] == [{"no_class": 1}, {"no_class": 1}]
+    assert [t.tolist() for _, t, _ in out] == [[1], [1]]
     with pytest.raises(ValueError, match="3 samples in a row .* no_class in s.tar"):
-        list(skip_drops(drops, limit=3))
+        list(batches(drops, batch_size=1, limit=3))

@@ -268,7 +268,7 @@ def test_ranks_read_disjoint_shards(tmp_path: Path):
                 shuffle_buffer=20,
             )
             batches = [batch for _, batch in zip(range(30), loader, strict=False)]
-            seen[rank] = {url for shard_urls, _ in batches for url in shard_urls}
+            seen[rank] = {url for shard_urls, _, _ in batches for url in shard_urls}
         assert len(seen[0]) > 1 and len(seen[1]) > 1 and not seen[0] & seen[1]
     split = [set(node_shards(urls, rank, 2, seed=7)) for rank in (0, 1)]
     assert not split[0] & split[1] and split[0] | split[1] == set(urls)
