@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -103,11 +104,13 @@ def broadcast_object(value: object, env: Distributed) -> object:
 
 
 def seed_everything(*parts: int) -> None:
-    """Seed torch and Python from (seed, epoch, rank): the noise of an epoch (dropout,
-    stochastic depth, main-process augmentation) depends on where it is, not on what ran
-    before, so a resumed run draws what the uninterrupted one drew."""
+    """Seed torch, Python and NumPy from (seed, epoch, rank): the noise of an epoch (dropout,
+    stochastic depth, main-process augmentation, whose RandAugment draws its ops from NumPy)
+    depends on where it is, not on what ran before, so a resumed run draws what the
+    uninterrupted one drew."""
     seed = make_seed(*parts)
     random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from data.errors import Drop
 from data.records import PSEUDO_EXT, PseudoLabel, encode_pseudo, shard_header
@@ -16,6 +17,8 @@ from students.config import DEFAULTS, resolve_config
 from students.data import LabeledDecoder, PseudoDecoder, soft_target
 from students.ema import ModelEma
 from students.losses import sharpen, soft_cross_entropy, student_loss
+from students.presets import TrainPreset
+from students.randaugment import randaugment_ops
 from students.train import peak_lr, warmup_cosine
 from teachers import create_model, get_config
 from tests.conftest import image_bytes
@@ -98,6 +101,54 @@ def test_student_loss_adds_ratio_times_the_pseudo_term():
     assert torch.allclose(total, labeled + 3.0 * pseudo)
     alone, _, none = student_loss(logits[:2], labels, None, 3.0)
     assert torch.allclose(alone, expected_labeled) and none == 0
+
+
+# --- student noise -----------------------------------------------------------------------
+
+
+def _op(name: str, magnitude: float):
+    return next(op for op in randaugment_ops(magnitude) if op.name == name)
+
+
+def _bright_pixels(img: Image.Image) -> np.ndarray:
+    """(x, y) of the white pixels: the drawn bar, not the black ground or the grey fill."""
+    ys, xs = np.nonzero(np.asarray(img.convert("L")) > 200)
+    return np.stack([xs, ys], axis=1).astype(np.float64)
+
+
+def _bar(vertical: bool, size: int = 201) -> Image.Image:
+    img = Image.new("RGB", (size, size))
+    box = (98, 20, 102, 180) if vertical else (20, 98, 180, 102)
+    ImageDraw.Draw(img).rectangle(box, fill=(255, 255, 255))
+    return img
+
+
+def test_randaugment_has_the_tf_reference_strength():
+    """M is a level out of 10 of the reference's ranges: at M=15 a rotation turns the image
+    45 degrees and a shear slants it by 0.45 (torchvision's RandAugment: 15 and 0.15)."""
+    assert get_config("rs-152").randaugment_magnitude == 15
+    for _ in range(4):  # either sign
+        xy = _bright_pixels(_op("Rotate", 15)(_bar(vertical=False)))
+        centred = xy - xy.mean(axis=0)
+        _, vectors = np.linalg.eigh(centred.T @ centred)
+        dx, dy = vectors[:, -1]  # the bar's long axis
+        assert abs(math.degrees(math.atan2(abs(dy), abs(dx))) - 45) < 1
+        xy = _bright_pixels(_op("ShearX", 15)(_bar(vertical=True)))
+        slope = np.polyfit(xy[:, 1], xy[:, 0], 1)[0]  # x against y: 0 for the upright bar
+        assert abs(abs(slope) - 0.45) < 0.01
+    grey = np.asarray(_op("Cutout", 15)(Image.new("RGB", (224, 224))))
+    # The reference's square of 2 x 60 px at 224 px, cut where it leaves the image.
+    assert 60 * 60 <= (grey == 128).all(axis=2).sum() <= 120 * 120
+    ops = {op.name for op in randaugment_ops(10)}
+    assert len(ops) == 16 and {"Cutout", "Invert", "SolarizeAdd"} <= ops
+
+
+def test_train_preset_crops_augments_and_normalises():
+    preset = TrainPreset(32, (0.5,) * 3, (0.25,) * 3, crop_scale=(0.5, 1.0), flip=False)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8))
+    out = preset(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= -2 and out.max() <= 2  # (x - 0.5) / 0.25 for x in [0, 1]
 
 
 # --- schedule and EMA --------------------------------------------------------------------
