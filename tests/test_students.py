@@ -68,9 +68,12 @@ def test_unknown_keys_are_named(tmp_path: Path):
 # --- losses and targets ------------------------------------------------------------------
 
 
-def test_soft_target_spreads_the_top_k_and_renormalises():
+def test_soft_target_keeps_the_top_k_and_spreads_the_rest_over_the_other_classes():
     target = soft_target([3, 1], np.array([0.6, 0.2], np.float16), 5)
-    assert torch.allclose(target, torch.tensor([0, 0.25, 0, 0.75, 0]), atol=1e-3)
+    assert torch.allclose(target, torch.tensor([0.2 / 3, 0.2, 0.2 / 3, 0.6, 0.2 / 3]), atol=1e-3)
+    every = soft_target([2, 0, 1], np.array([0.5, 0.3, 0.2], np.float16), 3)
+    assert torch.allclose(every, torch.tensor([0.3, 0.2, 0.5]), atol=1e-3)
+    assert soft_target([1], [1.0], 4).tolist() == [0, 1, 0, 0]
 
 
 def test_temperature_sharpens_and_softens():
@@ -206,7 +209,8 @@ def test_decoders_turn_bad_samples_into_reasons():
 
     pseudo = PseudoDecoder(_identity, num_classes=10)
     _, target = pseudo({"__key__": "g", "png": png, PSEUDO_EXT: _pseudo("g", [2, 5], [0.3, 0.1])})
-    assert target.shape == (10,) and target[2] == pytest.approx(0.75, abs=1e-3)
+    assert target.shape == (10,) and target[2] == pytest.approx(0.3, abs=1e-3)
+    assert target.sum() == pytest.approx(1) and target[0] == pytest.approx(0.6 / 8, abs=1e-3)
     _, one_hot = pseudo({"__key__": "h", "png": png, "cls": b"4"})
     assert one_hot[4] == 1 and one_hot.sum() == 1
     bad = {
