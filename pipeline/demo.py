@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from data.write import join, write_json
@@ -31,13 +32,21 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml
 
 
 def _train(
-    run_dir: str, labeled: str, val: str, part: dict, recipe: str, pseudo: str | None = None
+    run_dir: str,
+    labeled: str,
+    val: str,
+    part: dict,
+    recipe: str,
+    seed: int,
+    pseudo: str | None = None,
 ) -> None:
-    """Train unless this run already finished; continue it if it was cut short."""
+    """Train unless this run already finished; continue it if it was cut short. The demo's
+    seed is the trainer's too, so seeds differ in initial weights and noise, not only in
+    the split."""
     log = read_log(run_dir) if Path(run_dir, "model.json").exists() else []
     if log and log[-1].get("epoch") == part["epochs"]:
         return
-    overrides = [f"{k}={v}" for k, v in part.get("set", {}).items()]
+    overrides = [f"seed={seed}"] + [f"{k}={v}" for k, v in part.get("set", {}).items()]
     train(
         labeled,
         run_dir,
@@ -64,9 +73,17 @@ def _read_recipe(path: Path) -> dict:
 
 
 def run(
-    out: str = "demo-out", seed: int = 0, rounds: int = 1, recipe_path: str | None = None
+    out: str = "demo-out",
+    seed: int = 0,
+    rounds: int = 1,
+    recipe_path: str | None = None,
+    data_dir: str | None = None,
 ) -> dict:
+    """The demo in `out`. `data_dir` holds labeled/, unlabeled/ and val/ shards written
+    beforehand (how bench/select_demo.py runs candidate recipes on splits of labeled digits
+    alone); None writes the digits split by `seed`."""
     recipe = _read_recipe(Path(recipe_path or DEFAULT_RECIPE))
+    torch.set_num_threads(recipe["threads"])
     trainer_recipe = str(Path(DEFAULT_RECIPE).parent.parent / recipe["recipe"])
     started, timings = time.monotonic(), {}
 
@@ -76,18 +93,19 @@ def run(
         timings[name] = round(time.monotonic() - tick, 1)
         return result
 
-    data = join(out, "data")
-    timed(
-        "data",
-        run_digits,
-        data,
-        labeled=recipe["data"]["labeled"],
-        seed=seed,
-        shard_size=recipe["data"]["shard_size"],
-    )
+    data = data_dir or join(out, "data")
+    if data_dir is None:
+        timed(
+            "data",
+            run_digits,
+            data,
+            labeled=recipe["data"]["labeled"],
+            seed=seed,
+            shard_size=recipe["data"]["shard_size"],
+        )
     labeled, unlabeled, val = (join(data, s) for s in ("labeled", "unlabeled", "val"))
     teacher = join(out, "round0-teacher")
-    timed("train teacher", _train, teacher, labeled, val, recipe["teacher"], trainer_recipe)
+    timed("train teacher", _train, teacher, labeled, val, recipe["teacher"], trainer_recipe, seed)
     rounds_report = []
     for r in range(1, rounds + 1):
         labels, training, student = (
@@ -113,6 +131,7 @@ def run(
             val,
             recipe["student"],
             trainer_recipe,
+            seed,
             pseudo=training,
         )
         scores = {
