@@ -27,7 +27,7 @@ lint: $(VENV)/.installed-dev
 test: lint
 	$(BIN)/python -m pytest
 
-# Every benchmark, one after the other on a quiet machine (about 45 minutes on 2 cores);
+# Every benchmark, one after the other on a quiet machine (about 2 hours on 2 cores);
 # each appends a dated section to BENCHMARKS.md, and cost.py projects them to 130M images.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_label.py
@@ -35,7 +35,9 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_stats.py
-	rm -rf bench-out && $(BIN)/python bench/bench_demo.py --keep bench-out/demo
+	$(BIN)/python bench/bench_dedup.py
+	rm -rf bench-out && $(BIN)/python bench/bench_demo.py --rounds 2 --keep bench-out/demo
+	$(BIN)/python bench/bench_topk.py --demo bench-out/demo/seed10
 	$(BIN)/python bench/cost.py
 
 clean:

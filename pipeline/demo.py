@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from data.storage import join, write_json
 from pipeline.data_commands import run_digits
 from pipeline.filter import FilterArgs
@@ -29,13 +31,21 @@ DEFAULT_RECIPE = "demo"  # configs/demo.yaml, bundled with the package
 
 
 def _train(
-    run_dir: str, labeled: str, val: str, part: dict, recipe: str, pseudo: str | None = None
+    run_dir: str,
+    labeled: str,
+    val: str,
+    part: dict,
+    recipe: str,
+    seed: int,
+    pseudo: str | None = None,
 ) -> None:
-    """Train unless this run already finished; continue it if it was cut short."""
+    """Train unless this run already finished; continue it if it was cut short. The demo's
+    seed is the trainer's too, so seeds differ in initial weights and noise, not only in
+    the split."""
     log = read_log(run_dir) if is_run_dir(run_dir) else []
     if log and log[-1].get("epoch") == part["epochs"]:
         return
-    overrides = [f"{k}={v}" for k, v in part.get("set", {}).items()]
+    overrides = [f"seed={seed}"] + [f"{k}={v}" for k, v in part.get("set", {}).items()]
     train(
         labeled=labeled,
         out=run_dir,
@@ -50,9 +60,17 @@ def _train(
 
 
 def run(
-    out: str = "demo-out", seed: int = 0, rounds: int = 1, recipe_path: str | None = None
+    out: str = "demo-out",
+    seed: int = 0,
+    rounds: int = 1,
+    recipe_path: str | None = None,
+    data_dir: str | None = None,
 ) -> dict:
+    """The demo in `out`. `data_dir` holds labeled/, unlabeled/ and val/ shards written
+    beforehand (how bench/select_demo.py runs candidate recipes on splits of labeled digits
+    alone); None writes the digits split by `seed`."""
     recipe = load_yaml(recipe_path or DEFAULT_RECIPE)
+    torch.set_num_threads(int(recipe.get("threads", torch.get_num_threads())))
     trainer_recipe = recipe["recipe"]  # a bundled recipe's name, or a path
     started, timings = time.monotonic(), {}
 
@@ -62,18 +80,19 @@ def run(
         timings[name] = round(time.monotonic() - tick, 1)
         return result
 
-    data = join(out, "data")
-    timed(
-        "data",
-        run_digits,
-        data,
-        labeled=recipe["data"]["labeled"],
-        seed=seed,
-        shard_size=recipe["data"]["shard_size"],
-    )
+    data = data_dir or join(out, "data")
+    if data_dir is None:
+        timed(
+            "data",
+            run_digits,
+            data,
+            labeled=recipe["data"]["labeled"],
+            seed=seed,
+            shard_size=recipe["data"]["shard_size"],
+        )
     labeled, unlabeled, val = (join(data, s) for s in ("labeled", "unlabeled", "val"))
     teacher = join(out, "round0-teacher")
-    timed("train teacher", _train, teacher, labeled, val, recipe["teacher"], trainer_recipe)
+    timed("train teacher", _train, teacher, labeled, val, recipe["teacher"], trainer_recipe, seed)
     rounds_report = []
     for r in range(1, rounds + 1):
         labels, training, student = (
@@ -99,6 +118,7 @@ def run(
             val,
             recipe["student"],
             trainer_recipe,
+            seed,
             pseudo=training,
         )
         scores = {

@@ -159,11 +159,16 @@ class LabeledDecoder:
 
 
 def soft_target(indices: Sequence[int], probs: Sequence[float], num_classes: int) -> torch.Tensor:
-    """A dense distribution over the classes from a stored top-k, renormalised to sum to one
-    (the mass outside the top-k is spread over the kept classes, not over all)."""
-    target = torch.zeros(num_classes)
-    target[torch.as_tensor(indices, dtype=torch.long)] = torch.as_tensor(probs, dtype=torch.float32)
-    return target / target.sum()
+    """A dense distribution over the classes from a stored top-k: the k probabilities as the
+    teacher gave them, and the mass it put outside them (1 - their sum) spread evenly over
+    the other classes. Renormalising the top-k instead would hand that mass to the kept
+    classes, a target further from the teacher's at every k (bench/bench_topk.py)."""
+    top = torch.as_tensor(probs, dtype=torch.float32).clamp_min(0)
+    rest = num_classes - len(top)
+    tail = max(0.0, 1.0 - float(top.sum())) / rest if rest else 0.0
+    target = torch.full((num_classes,), tail)
+    target[torch.as_tensor(indices, dtype=torch.long)] = top
+    return target / target.sum()  # float16 probabilities need not sum to exactly one
 
 
 class PseudoDecoder:

@@ -16,7 +16,7 @@ def sharpen(target: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature == 1.0:
         return target
     # In log space, so small probabilities raised to a large power do not underflow to 0/0;
-    # classes outside the stored top-k stay at exactly zero.
+    # classes at zero (the rest of a one-hot target) stay at exactly zero.
     log_p = torch.where(target > 0, target.log(), float("-inf"))
     return F.softmax(log_p / temperature, dim=-1)
 

@@ -1,9 +1,10 @@
 """Image transforms of the student: Noisy Student's input noise for training, the teacher's
 own preprocessing for evaluation.
 
-Training works on uint8 tensors in the loader workers: RandomResizedCrop, an optional flip,
-RandAugment, and only then conversion to float and normalisation, so the heavy steps run on
-a quarter of the bytes.
+Training runs in the loader workers on PIL images at the training size: RandomResizedCrop
+first, so every later step touches only the cropped pixels, then an optional flip and
+RandAugment on the reference's scale (`students.randaugment`), and only then conversion to
+float and normalisation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from students.config import Recipe
+from students.randaugment import tf_randaugment
 from teachers.checkpoint import TeacherInfo
 from teachers.registry import ModelConfig
 
@@ -36,22 +38,17 @@ class TrainPreset:
     ) -> None:
         mode = InterpolationMode(interpolation)
         steps: list[Callable] = [
-            T.PILToTensor(),
-            T.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=mode, antialias=True),
+            T.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=mode, antialias=True)
         ]
         if flip:
             steps.append(T.RandomHorizontalFlip())
         if randaugment_ops > 0:
-            # RandAugment's magnitude is an integer step out of its 31 bins; the paper's
-            # 10 and 15 are such steps.
-            steps.append(
-                T.RandAugment(
-                    num_ops=randaugment_ops,
-                    magnitude=round(randaugment_magnitude),
-                    interpolation=InterpolationMode.BILINEAR,
-                )
-            )
-        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+            steps.append(tf_randaugment(randaugment_ops, randaugment_magnitude))
+        steps += [
+            T.PILToTensor(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(list(mean), list(std)),
+        ]
         self.transform = T.Compose(steps)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:

@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -136,11 +137,13 @@ def gather_objects(value: object, env: Distributed) -> list[object]:
 
 
 def seed_everything(*parts: int) -> None:
-    """Seed torch and Python from (seed, epoch, rank): the noise of an epoch (dropout,
-    stochastic depth, main-process augmentation) depends on where it is, not on what ran
-    before, so a resumed run draws what the uninterrupted one drew."""
+    """Seed torch, Python and NumPy from (seed, epoch, rank): the noise of an epoch (dropout,
+    stochastic depth, main-process augmentation, whose RandAugment draws its ops from NumPy)
+    depends on where it is, not on what ran before, so a resumed run draws what the
+    uninterrupted one drew."""
     seed = make_seed(*parts)
     random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 

@@ -2,10 +2,12 @@
 
 Every recipe number a stage needs (resolutions, crop, dropout, stochastic depth, RandAugment
 magnitude) lives in `MODELS`, read by the trainer, the labeler and `pipeline models` alike;
-adding a member is one row and never touches the model code. Numbers are the paper's
-(Bello et al. 2021, "Revisiting ResNets"): train resolution = eval resolution, dropout 0.25
-everywhere, stochastic depth 0.1 from RS-200 up, RandAugment 10 for RS-50 (at 160) and 15
-from RS-101 (at 192) up. The eval crop pads 32 px like the official ResNet-RS eval (resize
+adding a member is one row and never touches the model code. Numbers are those of the
+official ResNet-RS configs (tensorflow/tpu, models/official/resnet/resnet_rs/configs):
+train resolution = eval resolution; dropout 0.25, and 0.4 at 320 px (RS-350 and RS-420);
+stochastic depth 0.1 from RS-200 up; RandAugment 10 at 160 px (RS-50) and 15 from 192 px up,
+on the TF reference's scale (`students.randaugment`). RS-350 is listed at 256 px; its 320-px
+config raises dropout to 0.4 (`image_size: 320`, `dropout: 0.4` in a recipe). The eval crop pads 32 px like the official ResNet-RS eval (resize
 to size + 32, center-crop size).
 """
 
@@ -35,7 +37,7 @@ class ModelConfig:
     crop_padding: int = 32  # eval: resize to size + padding, center-crop size
     drop_rate: float = 0.25
     drop_path_rate: float = 0.0
-    randaugment_magnitude: int = 15
+    randaugment_magnitude: int = 15  # level out of 10 on the TF reference's scale
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -89,7 +91,7 @@ MODELS: dict[str, ModelConfig] = {
         _paper(200, (3, 24, 36, 3), 256, drop_path_rate=0.1),
         _paper(270, (4, 29, 53, 4), 256, drop_path_rate=0.1),
         _paper(350, (4, 36, 72, 4), 256, drop_path_rate=0.1),
-        _paper(420, (4, 44, 87, 4), 320, drop_path_rate=0.1),
+        _paper(420, (4, 44, 87, 4), 320, drop_rate=0.4, drop_path_rate=0.1),
     )
 }
 

@@ -144,6 +144,26 @@ def test_models_table_measures_params_and_paper_flops():
     assert set(list_models()) >= set(PAPER_MODELS) | {"rs-mini", "rs-tiny"}
 
 
+# (size, dropout_rate, drop_connect_rate, randaug_magnitude) of the official ResNet-RS configs,
+# tensorflow/tpu models/official/resnet/resnet_rs/configs/resnetrsN_iSIZE.yaml.
+OFFICIAL = {
+    "rs-50": (160, 0.25, 0.0, 10),
+    "rs-101": (192, 0.25, 0.0, 15),
+    "rs-152": (256, 0.25, 0.0, 15),
+    "rs-200": (256, 0.25, 0.1, 15),
+    "rs-270": (256, 0.25, 0.1, 15),
+    "rs-350": (256, 0.25, 0.1, 15),
+    "rs-420": (320, 0.4, 0.1, 15),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL))
+def test_table_recipe_is_the_official_config(name: str):
+    cfg = get_config(name)
+    recipe = (cfg.size, cfg.drop_rate, cfg.drop_path_rate, cfg.randaugment_magnitude)
+    assert recipe == OFFICIAL[name]
+
+
 def _digits() -> tuple[torch.Tensor, ...]:
     """The 8x8 digits, bicubic-upscaled to rs-mini's 32 px and made 3-channel."""
     digits = load_digits()

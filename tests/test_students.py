@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import configs
 from data.errors import Drop
@@ -27,6 +28,8 @@ from students.config import (
 from students.data import LabeledDecoder, PseudoDecoder, soft_target
 from students.ema import ModelEma, decay_at
 from students.losses import sharpen, soft_cross_entropy, student_loss
+from students.presets import TrainPreset
+from students.randaugment import randaugment_ops
 from students.train import lr_schedule, peak_lr, warmup_cosine
 from teachers import create_model, get_config
 from tests.conftest import image_bytes
@@ -44,7 +47,7 @@ def test_one_imagenet_recipe_takes_each_size_from_the_model_table():
         assert (recipe.epochs, recipe.batch_size, recipe.lr) == (350, 4096, 0.1)
         assert recipe.weight_decay == 4e-5 and recipe.ema_decay == 0.9999
         assert (recipe.num_classes, recipe.epoch_samples) == (1000, 1_281_167)
-        assert recipe.dropout == table.drop_rate == 0.25
+        assert recipe.dropout == table.drop_rate == (0.4 if name == "rs-420" else 0.25)
         assert recipe.stochastic_depth == table.drop_path_rate
         assert recipe.image_size == table.train_size
         assert recipe.randaugment_magnitude == table.randaugment_magnitude
@@ -120,9 +123,12 @@ def test_unknown_keys_are_named(tmp_path: Path):
 # --- losses and targets ------------------------------------------------------------------
 
 
-def test_soft_target_spreads_the_top_k_and_renormalises():
+def test_soft_target_keeps_the_top_k_and_spreads_the_rest_over_the_other_classes():
     target = soft_target([3, 1], np.array([0.6, 0.2], np.float16), 5)
-    assert torch.allclose(target, torch.tensor([0, 0.25, 0, 0.75, 0]), atol=1e-3)
+    assert torch.allclose(target, torch.tensor([0.2 / 3, 0.2, 0.2 / 3, 0.6, 0.2 / 3]), atol=1e-3)
+    every = soft_target([2, 0, 1], np.array([0.5, 0.3, 0.2], np.float16), 3)
+    assert torch.allclose(every, torch.tensor([0.3, 0.2, 0.5]), atol=1e-3)
+    assert soft_target([1], [1.0], 4).tolist() == [0, 1, 0, 0]
 
 
 def test_temperature_sharpens_and_softens():
@@ -153,6 +159,54 @@ def test_student_loss_adds_ratio_times_the_pseudo_term():
     assert torch.allclose(total, labeled + 3.0 * pseudo)
     alone, _, none = student_loss(logits[:2], labels, None, 3.0)
     assert torch.allclose(alone, expected_labeled) and none == 0
+
+
+# --- student noise -----------------------------------------------------------------------
+
+
+def _op(name: str, magnitude: float):
+    return next(op for op in randaugment_ops(magnitude) if op.name == name)
+
+
+def _bright_pixels(img: Image.Image) -> np.ndarray:
+    """(x, y) of the white pixels: the drawn bar, not the black ground or the grey fill."""
+    ys, xs = np.nonzero(np.asarray(img.convert("L")) > 200)
+    return np.stack([xs, ys], axis=1).astype(np.float64)
+
+
+def _bar(vertical: bool, size: int = 201) -> Image.Image:
+    img = Image.new("RGB", (size, size))
+    box = (98, 20, 102, 180) if vertical else (20, 98, 180, 102)
+    ImageDraw.Draw(img).rectangle(box, fill=(255, 255, 255))
+    return img
+
+
+def test_randaugment_has_the_tf_reference_strength():
+    """M is a level out of 10 of the reference's ranges: at M=15 a rotation turns the image
+    45 degrees and a shear slants it by 0.45 (torchvision's RandAugment: 15 and 0.15)."""
+    assert get_config("rs-152").randaugment_magnitude == 15
+    for _ in range(4):  # either sign
+        xy = _bright_pixels(_op("Rotate", 15)(_bar(vertical=False)))
+        centred = xy - xy.mean(axis=0)
+        _, vectors = np.linalg.eigh(centred.T @ centred)
+        dx, dy = vectors[:, -1]  # the bar's long axis
+        assert abs(math.degrees(math.atan2(abs(dy), abs(dx))) - 45) < 1
+        xy = _bright_pixels(_op("ShearX", 15)(_bar(vertical=True)))
+        slope = np.polyfit(xy[:, 1], xy[:, 0], 1)[0]  # x against y: 0 for the upright bar
+        assert abs(abs(slope) - 0.45) < 0.01
+    grey = np.asarray(_op("Cutout", 15)(Image.new("RGB", (224, 224))))
+    # The reference's square of 2 x 60 px at 224 px, cut where it leaves the image.
+    assert 60 * 60 <= (grey == 128).all(axis=2).sum() <= 120 * 120
+    ops = {op.name for op in randaugment_ops(10)}
+    assert len(ops) == 16 and {"Cutout", "Invert", "SolarizeAdd"} <= ops
+
+
+def test_train_preset_crops_augments_and_normalises():
+    preset = TrainPreset(32, (0.5,) * 3, (0.25,) * 3, crop_scale=(0.5, 1.0), flip=False)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8))
+    out = preset(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= -2 and out.max() <= 2  # (x - 0.5) / 0.25 for x in [0, 1]
 
 
 # --- schedule and EMA --------------------------------------------------------------------
@@ -243,7 +297,8 @@ def test_decoders_turn_bad_samples_into_reasons():
 
     pseudo = PseudoDecoder(_identity, num_classes=10)
     _, target = pseudo({"__key__": "g", "png": png, PSEUDO_EXT: _pseudo("g", [2, 5], [0.3, 0.1])})
-    assert target.shape == (10,) and target[2] == pytest.approx(0.75, abs=1e-3)
+    assert target.shape == (10,) and target[2] == pytest.approx(0.3, abs=1e-3)
+    assert target.sum() == pytest.approx(1) and target[0] == pytest.approx(0.6 / 8, abs=1e-3)
     _, one_hot = pseudo({"__key__": "h", "png": png, "cls": b"4"})
     assert one_hot[4] == 1 and one_hot.sum() == 1
     bad = {
