@@ -109,8 +109,8 @@ def train_teacher(out: Path) -> Path:
 
     write_digits(str(out / "digits"), labeled=200, seed=0)
     train(
-        str(out / "digits" / "labeled"),
-        str(out / "teacher"),
+        labeled=str(out / "digits" / "labeled"),
+        out=str(out / "teacher"),
         model="rs-mini",
         config=str(ROOT / "configs" / "digits.yaml"),
         epochs=15,

@@ -125,8 +125,8 @@ def train_numbers_teacher(work: Path, images: int, epochs: int) -> Path:
     scans = np.arange(len(load_digits().target))
     write_numbers(work / "train", images, scans[:TRAIN_TILES], seed=0)
     train(
-        str(work / "train"),
-        str(work / "teacher"),
+        labeled=str(work / "train"),
+        out=str(work / "teacher"),
         model="rs-mini",
         config=str(ROOT / "configs" / "digits.yaml"),
         epochs=epochs,
