@@ -24,8 +24,10 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers, whole modules each (module fixtures are built once): every test
+# trains and decodes on one thread, so the two cores of a CI machine both work.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Every benchmark, one after the other on a quiet machine (about 2 hours on 2 cores);
 # each appends a dated section to BENCHMARKS.md, and cost.py projects them to 130M images.
