@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -269,10 +270,7 @@ def _fixed(fingerprint: dict) -> dict:
 def finish_run(out: str, fingerprint: dict, log: list[dict]) -> None:
     """The run's manifest in state "done": what it trained on, how far, and what its loaders
     dropped, by reason, over all epochs."""
-    dropped: dict[str, int] = {}
-    for record in log:
-        for reason, n in record.get("dropped", {}).items():
-            dropped[reason] = dropped.get(reason, 0) + n
+    dropped = sum((Counter(record.get("dropped", {})) for record in log), Counter())
     last = log[-1] if log else {}
     write_json(
         join(out, MANIFEST),
