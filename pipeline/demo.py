@@ -24,8 +24,7 @@ from pipeline.label import run as label_run
 from students.config import load_yaml
 from students.eval import evaluate_run
 from students.train import train
-from students.utils import has_checkpoint, read_log
-from teachers import is_run_dir
+from students.utils import has_checkpoint
 
 DEFAULT_RECIPE = "demo"  # configs/demo.yaml, bundled with the package
 
@@ -39,12 +38,10 @@ def _train(
     seed: int,
     pseudo: str | None = None,
 ) -> None:
-    """Train unless this run already finished; continue it if it was cut short. The demo's
-    seed is the trainer's too, so seeds differ in initial weights and noise, not only in
-    the split."""
-    log = read_log(run_dir) if is_run_dir(run_dir) else []
-    if log and log[-1].get("epoch") == part["epochs"]:
-        return
+    """Train, continue a run cut short, or find it finished: the trainer decides from the
+    run's fingerprint, so an edited recipe is refused rather than an old run reused. The
+    demo's seed is the trainer's too, so seeds differ in initial weights and noise, not only
+    in the split."""
     overrides = [f"seed={seed}"] + [f"{k}={v}" for k, v in part.get("set", {}).items()]
     train(
         labeled=labeled,

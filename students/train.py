@@ -279,9 +279,14 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         },
     }
     folders = sorted({parent(e.url) for entries in found.values() for e in entries})
-    utils.on_main(
+    finished = utils.on_main(
         env, lambda: utils.claim_run(args.out, fingerprint, folders, args.resume, args.overwrite)
     )
+    if finished:
+        if env.is_main:
+            print(f"{args.out} already holds this run, finished: nothing to do")
+        log = utils.read_log(args.out)
+        return log[-1] if log else {}
     num_classes = recipe.num_classes
     steps_per_epoch = max(1, epoch_samples // recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs

@@ -220,10 +220,11 @@ MID_RUN_CHANGES = ("epochs",)  # the recipe keys --resume may change: a longer r
 
 def claim_run(
     out: str, fingerprint: dict, inputs: list[str], resume: bool, overwrite: bool
-) -> None:
+) -> bool:
     """Make `out` this run's directory, or refuse in one line: a new folder; the same run
     continued with --resume (same recipe and inputs; only a longer `epochs` may change, and
-    then takes effect); or, with --overwrite, a folder cleared for a fresh run."""
+    then takes effect); or, with --overwrite, a folder cleared for a fresh run. True when
+    `out` already holds this very run, finished: there is nothing left to do."""
     check_apart(out, inputs)
     existing = read_manifest(out)
     if overwrite:
@@ -242,7 +243,8 @@ def claim_run(
                 "the same recipe and inputs (only a larger epochs); --overwrite starts afresh"
             )
         if existing.get("fingerprint") == fingerprint:
-            return  # the same run, resumed: its record stands until the run finishes again
+            # The same run, resumed: its record stands until the run finishes again.
+            return existing.get("state") == DONE
     else:
         remove_temporaries(out)
         if has_checkpoint(out):
@@ -260,6 +262,7 @@ def claim_run(
         join(out, MANIFEST),
         {"stage": "train-student", "state": RUNNING, "fingerprint": fingerprint},
     )
+    return False
 
 
 def _fixed(fingerprint: dict) -> dict:

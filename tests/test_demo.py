@@ -37,3 +37,10 @@ def test_demo_runs_all_stages_resumably_and_reports_both_models(tmp_path: Path):
     assert (out / "round1-student" / "model.safetensors").stat().st_mtime_ns == mtime
     assert json.loads((out / "report.json").read_text())["student"] == report["student"]
     assert again.stdout.count("%") >= 4
+    # An edited recipe is refused, not answered with the finished run of the old one.
+    recipe["student"]["set"]["stochastic_depth"] = 0.3
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(recipe))
+    edited = run_cli(*args)
+    assert edited.returncode == 2
+    assert "round1-student holds a run made with other settings" in edited.stderr
+    assert (out / "round1-student" / "model.safetensors").stat().st_mtime_ns == mtime
