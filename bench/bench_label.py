@@ -45,10 +45,11 @@ def _label(teacher: Path, src: Path, out: Path, batch: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _plain(teacher: Path, src: Path, batch: int) -> list[str]:
+def _plain(teacher: Path, src: Path, batch: int, timing: Path | None = None) -> list[str]:
     return [
         sys.executable, str(Path(__file__).parent / "label_plain.py"), "--teacher",
         str(teacher), "--input", str(src), "--batch-size", str(batch),
+        *(["--timing", str(timing)] if timing else []),
     ]  # fmt: skip
 
 
@@ -64,9 +65,13 @@ def run_case(work: Path, name: str, repeats: int) -> dict:
     corpus = work / f"corpus-{name}"
     write_corpus(str(corpus), images)
     timed(_plain(teacher, corpus, batch))  # the file cache and imports, once
-    plain_s, label_s, forward_share, first_batch = [], [], [], []
+    plain_s, label_s, forward_share, first_batch, steady = [], [], [], [], []
+    timing = work / "plain-timing.json"
     for i in range(repeats):
-        plain_s.append(timed(_plain(teacher, corpus, batch))[0])
+        plain_s.append(timed(_plain(teacher, corpus, batch, timing))[0])
+        window = json.loads(timing.read_text())
+        (first, before), (last, after) = window["first_forward"], window["last_forward"]
+        plain_rate = (after - before) / (last - first)
         out = work / f"{name}-out{i}"
         launched = time.time()
         label_s.append(timed(_label(teacher, corpus, out, batch))[0])
@@ -74,7 +79,12 @@ def run_case(work: Path, name: str, repeats: int) -> dict:
         forward_share.append(
             sum(r["forward_seconds"] for r in reports) / sum(r["seconds"] for r in reports)
         )
-        first_batch.append(min(r["first_forward_at"] for r in reports) - launched)
+        first = min(r["first_forward_at"] for r in reports)
+        first_batch.append(first - launched)
+        # Steady state: images per second from the end of the first forward pass to the end
+        # of the last, both sides (the first batch's images are before the window).
+        label_rate = (images - batch) / (max(r["last_forward_at"] for r in reports) - first)
+        steady.append(label_rate / plain_rate)
     return {
         "model": model,
         "images": images,
@@ -84,6 +94,7 @@ def run_case(work: Path, name: str, repeats: int) -> dict:
         "ratio": statistics.median(p / q for p, q in zip(plain_s, label_s, strict=True)),
         "forward_share": statistics.median(forward_share),
         "first_batch_s": statistics.median(first_batch),
+        "steady_ratio": statistics.median(steady),
         "out": out,
         "teacher": teacher,
         "corpus": corpus,
@@ -131,6 +142,10 @@ def main() -> None:
         "images/s (label, median run)",
         lambda r: f"{r['images'] / statistics.median(r['label_s']):.0f}",
     )
+    row(
+        "steady state (first to last forward pass): label / plain images/s, median",
+        lambda r: f"{r['steady_ratio']:.2f}",
+    )
     row("launch to first batch, s", lambda r: f"{r['first_batch_s']:.1f}")
     row("share of worker time in the forward pass", lambda r: f"{r['forward_share']:.0%}")
     rows += [
@@ -152,6 +167,7 @@ def main() -> None:
             "ratio_decode_bound": results["decode-bound"]["ratio"],
             "images_per_s": compute["images"] / statistics.median(compute["label_s"]),
             "first_batch_s": results["decode-bound"]["first_batch_s"],
+            "steady_ratio_decode_bound": results["decode-bound"]["steady_ratio"],
             "payload_bytes_per_record": payload,
             "sidecar_bytes_per_record": on_disk,
             "peak_rss_mib": [mem_1x / 1024, mem_4x / 1024],

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import glob
 import io
+import json
 import tarfile
+import time
 
 import torch
 from PIL import Image
@@ -21,11 +23,12 @@ def main() -> None:
     parser.add_argument("--input", required=True, help="folder of .tar shards")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--topk", type=int, default=16)
+    parser.add_argument("--timing", help="write the steady state's window here, as JSON")
     args = parser.parse_args()
 
     model, info = load_teacher(args.teacher, args.weights)
     predictor, transform = Predictor(model), eval_transform(info)
-    count = 0
+    count, forwards = 0, []  # (wall clock at the end of each forward, images so far)
     for path in sorted(glob.glob(f"{args.input}/*.tar")):
         with tarfile.open(path) as tar:
             images = [
@@ -39,7 +42,11 @@ def main() -> None:
             probs, _ = predictor.predict(torch.stack(batch))
             probs.topk(args.topk, dim=1)
             count += len(batch)
+            forwards.append((time.time(), count))
     print(f"labeled {count}")
+    if args.timing:
+        with open(args.timing, "w") as f:
+            json.dump({"first_forward": forwards[0], "last_forward": forwards[-1]}, f)
 
 
 if __name__ == "__main__":

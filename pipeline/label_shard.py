@@ -185,7 +185,8 @@ def label_shard(
             tick = time.monotonic()
             probs, features = teacher.predict(list(pixels))
             report.forward_seconds += time.monotonic() - tick
-            report.first_forward_at = report.first_forward_at or time.time()
+            report.last_forward_at = time.time()
+            report.first_forward_at = report.first_forward_at or report.last_forward_at
             top_i, top_p, conf, ent, emb = summarise(probs, features, topk, teacher.projection)
             for j, key in enumerate(keys):
                 label = PseudoLabel(

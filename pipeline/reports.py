@@ -43,6 +43,7 @@ class ShardReport:
     seconds: float = 0.0
     forward_seconds: float = 0.0
     first_forward_at: float = 0.0  # wall clock at the end of the first forward pass
+    last_forward_at: float = 0.0  # and of the last: between the two, a job's steady state
     stats: dict = field(default_factory=dict)  # additive summaries: histograms, counts by class
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
