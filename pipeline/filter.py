@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import apache_beam as beam
 
+from data.classes import CLASSES_FILE, write_class_names
 from data.errors import UsageError
 from data.manifest import ErrorLog, StageOutput, finished_manifest, inputs_record
 from data.specs import is_shard_name, shard_entries
@@ -37,8 +38,6 @@ from pipeline.filter_shard import (
     chunk_name,
     merge_sparse,
 )
-from pipeline.label import CLASSES_FILE, LabelArgs
-from pipeline.label import run as label
 from pipeline.reports import (
     ReportProgress,
     clear_failures,
@@ -89,7 +88,12 @@ def _label_folder(args: FilterArgs) -> tuple[dict, list[str]]:
 
 
 def _eval_embeddings(args: FilterArgs, output: str, label_manifest: dict, beam_args) -> str:
-    """Label the evaluation shards with the same teacher, with embeddings (resumable)."""
+    """Label the evaluation shards with the same teacher, with embeddings (resumable). The
+    label stage (and with it torch, seconds of start-up) is imported only here: a filter
+    without --dedup-against runs no model."""
+    from pipeline.label import LabelArgs
+    from pipeline.label import run as label
+
     eval_dir = join(output, WORK, "eval")
     teacher_args = label_manifest["args"]
     label(
@@ -234,7 +238,9 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     names = [chunk_name(i) for i, _ in work]
     with ErrorLog(output) as log:
         merged = merge_reports(output, names, log)
-    write_json(join(output, CLASSES_FILE), _class_names(args.input))
+    names = read_json(join(args.input, CLASSES_FILE))
+    if names is not None:
+        write_class_names(output, names)
     classes = merged.stats.get("classes", {})
     kept_images = merged.samples_in - merged.drops.total()
     return finish_stage(
@@ -256,10 +262,6 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         seconds=round(time.monotonic() - started, 2),
         summary={k: v for k, v in merged.stats.items() if k != "classes"},
     )
-
-
-def _class_names(label_dir: str) -> list[str] | None:
-    return read_json(join(label_dir, CLASSES_FILE))
 
 
 def _nothing_kept(hist: dict, threshold: float) -> str:

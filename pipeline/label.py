@@ -20,10 +20,11 @@ import apache_beam as beam
 import torch
 from apache_beam.utils.shared import Shared
 
+from data.classes import write_class_names
 from data.errors import USER_ERRORS
 from data.manifest import ErrorLog, StageOutput, inputs_record
 from data.specs import shard_entries
-from data.storage import absolute, join, parent, write_json
+from data.storage import absolute, parent, write_json
 from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
 from pipeline.label_decode import default_processes
 from pipeline.label_shard import Teacher, label_shard, sidecar_names
@@ -38,8 +39,6 @@ from pipeline.reports import (
     reported,
 )
 from teachers import describe_teacher, is_run_dir
-
-CLASSES_FILE = "classes.json"
 
 
 @dataclass
@@ -174,7 +173,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     with ErrorLog(output) as log:
         merged = merge_reports(output, names, log, fresh)
     if class_names is not None:
-        write_json(join(output, CLASSES_FILE), class_names)
+        write_class_names(output, class_names)
     return finish_stage(
         out,
         merged,
