@@ -20,6 +20,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from bench.record import append, timed  # noqa: E402
 from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header  # noqa: E402
 from data.storage import write_json  # noqa: E402
 from data.write import write_shard  # noqa: E402
+from pipeline.filter_rules import CLASS_CONFIDENCES, conf_bins, sparse_to_json  # noqa: E402
 
 
 def long_tailed(rng: np.random.Generator, classes: int, n: int) -> np.ndarray:
@@ -48,15 +50,16 @@ def write_labeled_corpus(
     seed: int = 0,
     photo_size: int | None = None,
 ) -> None:
-    """Source shards and their sidecars, as `pipeline label` would leave them: 160-px JPEGs
-    with `photo_size`, else small distinct PNGs (cheap to make, for memory runs)."""
+    """Source shards and their sidecars, as `pipeline label` would leave them (with its
+    per-class confidence counts): 160-px JPEGs with `photo_size`, else small distinct PNGs
+    (cheap to make, for memory runs)."""
     rng = np.random.default_rng(seed)
     palette = []
     for _ in range(64):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
         palette.append(buf.getvalue())
-    shards = 0
+    shards, by_class = 0, {}
     for shard in range(0, records, shard_size):
         name = f"part-{shard // shard_size:06d}.tar"
         n = min(shard_size, records - shard)
@@ -82,7 +85,10 @@ def write_labeled_corpus(
                 )
             )
         write_shard(str(root / "labels" / name), samples)
+        for cls, b in zip(top.tolist(), conf_bins(np.float16(conf)).tolist(), strict=True):
+            by_class.setdefault(cls, Counter())[b] += 1
         shards += 1
+    write_json(str(root / "labels" / CLASS_CONFIDENCES), sparse_to_json(by_class))
     write_json(
         str(root / "labels" / "manifest.json"),
         {

@@ -54,9 +54,7 @@ def main() -> None:
     hist: dict[int, np.ndarray] = {}
     for path in sidecars:
         for _, label in sidecar_records(path):
-            hist.setdefault(label.top1, np.zeros(BINS, np.int64))[
-                int(conf_bin(label.confidence))
-            ] += 1
+            hist.setdefault(label.top1, np.zeros(BINS, np.int64))[conf_bin(label.confidence)] += 1
     rules = threshold_rules(hist, args.threshold, args.per_class, args.max_copies)
 
     Path(args.output).mkdir(parents=True, exist_ok=True)
@@ -79,7 +77,7 @@ def main() -> None:
         source = None
         for shard, label in sidecar_records(path):
             rule = rules.get(label.top1)
-            if rule is None or not rule.keeps(int(conf_bin(label.confidence)), label.key):
+            if rule is None or not rule.keeps(conf_bin(label.confidence), label.key):
                 continue
             copies = rule.copies(label.key)
             if not copies:

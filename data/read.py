@@ -96,7 +96,7 @@ def _checksum_ok(header: bytes) -> bool:
         expected = int(stored, 8)
     except ValueError:
         return False
-    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+    unsigned = sum(header[:148]) + sum(header[156:]) + 8 * 32  # the field counts as spaces
     return expected == unsigned
 
 

@@ -19,6 +19,9 @@ def _ustar_template() -> bytes:
 
 
 _TEMPLATE = _ustar_template()
+# The checksum of the template with its name and size fields empty (zeros) and the checksum
+# field as spaces: a header's checksum is this plus the bytes of its name and size.
+_BASE_SUM = sum(_TEMPLATE[100:124]) + sum(_TEMPLATE[136:148]) + 8 * 32 + sum(_TEMPLATE[156:])
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -31,12 +34,12 @@ def member_header(name: str, size: int) -> bytes:
         info.size, info.mtime, info.mode = size, FIXED_MTIME, 0o444
         info.uname = info.gname = "bigdata"
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    header = bytearray(_TEMPLATE)
-    header[0:100] = raw.ljust(100, b"\0")
-    header[124:136] = b"%011o\0" % size
-    header[148:156] = b" " * 8
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_BASE_SUM + sum(raw) + sum(size_field))
+    return b"".join(
+        (raw.ljust(100, b"\0"), _TEMPLATE[100:124], size_field, _TEMPLATE[136:148], checksum,
+         _TEMPLATE[156:])
+    )  # fmt: skip
 
 
 class TarWriter:
@@ -51,12 +54,13 @@ class TarWriter:
         self.written += len(data)
 
     def write(self, sample: dict) -> None:
-        key = sample["__key__"]
+        """One write per sample: per-call overhead (a bucket file's, fsspec's) is paid once."""
+        key, parts = sample["__key__"], []
         for ext in sorted(k for k in sample if not k.startswith("_")):
             value = sample[ext]
-            value = value.encode() if isinstance(value, str) else bytes(value)
-            self._put(member_header(f"{key}.{ext}", len(value)))
-            self._put(value + b"\0" * (-len(value) % 512))
+            value = value.encode() if isinstance(value, str) else value
+            parts += [member_header(f"{key}.{ext}", len(value)), value, b"\0" * (-len(value) % 512)]
+        self._put(b"".join(parts))
 
     def close(self) -> None:
         """The end-of-archive blocks, padded to a whole record; a second call does nothing."""

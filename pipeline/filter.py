@@ -24,9 +24,12 @@ from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pi
 from pipeline.dedup import EvalIndex
 from pipeline.filter_rules import (
     BINS,
+    CLASS_CONFIDENCES,
     capped_classes,
     dense,
     expected_copies,
+    sparse_from_json,
+    sparse_to_json,
     threshold_rules,
     topk_rules,
 )
@@ -112,12 +115,20 @@ def _eval_embeddings(args: FilterArgs, output: str, label_manifest: dict, beam_a
     return eval_dir
 
 
-def _histograms(sidecars: list[str], plan: FilterPlan, options, url: str) -> dict:
-    """Pass 1, saved under _work/ so a rerun after a kill skips it."""
+def _histograms(
+    label_dir: str, sidecars: list[str], plan: FilterPlan, options, url: str
+) -> tuple[dict, str]:
+    """The per-class confidence counts the rules need, and where they came from. Ranking by
+    top-1 without deduplication counts what the label stage already counted while labeling:
+    its class_confidences.json is read, and no pass reads the sidecars for it. Otherwise
+    pass 1 counts them, saved under _work/ so a rerun after a kill skips it."""
+    if plan.eval_dir is None and plan.top_p == 1:
+        counted = read_json(join(label_dir, CLASS_CONFIDENCES))
+        if counted is not None:
+            return sparse_from_json(counted), "label"
     if read_json(url) is None:
         run_pipeline(options, lambda p: _count(p, sidecars, plan, url))
-    saved = read_json(url)
-    return {int(c): {int(b): n for b, n in bins.items()} for c, bins in saved.items()}
+    return sparse_from_json(read_json(url)), "pass 1"
 
 
 def _count(p: beam.Pipeline, sidecars: list[str], plan: FilterPlan, url: str):
@@ -144,7 +155,7 @@ def _write(p: beam.Pipeline, todo: list, plan: FilterPlan, size: float, rules: d
 
 
 def _save_histograms(pairs: list[tuple[int, dict[int, int]]], url: str) -> None:
-    write_json(url, {str(c): {str(b): n for b, n in bins.items()} for c, bins in sorted(pairs)})
+    write_json(url, sparse_to_json(dict(pairs)))
 
 
 def chunks(sidecars: list[str], expected: float, shard_size: int, workers: int) -> list:
@@ -217,7 +228,10 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         dedup_threshold,
         teacher,
     )
-    hist = dense(_histograms(sidecars, plan, options, join(output, WORK, "histograms.json")))
+    counts, counted_by = _histograms(
+        args.input, sidecars, plan, options, join(output, WORK, "histograms.json")
+    )
+    hist = dense(counts)
     if args.strategy == "topk":
         rules = topk_rules(hist, args.per_class)
     else:
@@ -257,6 +271,7 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         if args.strategy == "threshold"
         else [],
         dedup_threshold=dedup_threshold,
+        confidences_counted_by=counted_by,
         output_shards=len([e for e in list_dir(output) if is_shard_name(e.name)]),
         chunks=len(work),
         seconds=round(time.monotonic() - started, 2),

@@ -19,8 +19,32 @@ import numpy as np
 BINS = 1000
 
 
-def conf_bin(confidence: float | np.ndarray) -> np.ndarray:
-    return np.clip((np.asarray(confidence, np.float64) * BINS).astype(np.int64), 0, BINS - 1)
+# Per-class confidence counts `pipeline label` leaves beside its sidecars: the filter's
+# first pass, already counted while labeling.
+CLASS_CONFIDENCES = "class_confidences.json"
+
+
+def conf_bins(confidence: np.ndarray) -> np.ndarray:
+    """The histogram bin of each confidence (NaN and below 0 in the first bin)."""
+    scaled = np.nan_to_num(np.asarray(confidence, np.float64) * BINS, nan=0.0)
+    return np.clip(scaled, 0, BINS - 1).astype(np.int64)
+
+
+def conf_bin(confidence: float) -> int:
+    """`conf_bins` of one number, in plain Python: the filter asks it of every record."""
+    confidence = float(confidence)
+    if not confidence > 0:  # NaN too
+        return 0
+    return min(int(confidence * BINS), BINS - 1)
+
+
+def sparse_to_json(hists: Mapping[int, Mapping[int, int]]) -> dict[str, dict[str, int]]:
+    """Sparse histograms {class: {bin: count}} with JSON's string keys, classes in order."""
+    return {str(c): {str(b): n for b, n in bins.items()} for c, bins in sorted(hists.items())}
+
+
+def sparse_from_json(value: Mapping[str, Mapping[str, int]]) -> dict[int, dict[int, int]]:
+    return {int(c): {int(b): n for b, n in bins.items()} for c, bins in value.items()}
 
 
 def unit_draw(key: str, salt: str = "") -> float:

@@ -105,7 +105,7 @@ class HistogramFn(beam.DoFn):
         for label, match in _labels_with_matches(url, self.eval_index, lambda d: None):
             if match is None:
                 for cls, prob in _entries(label, self.plan):
-                    hists.setdefault(cls, Counter())[int(conf_bin(prob))] += 1
+                    hists.setdefault(cls, Counter())[conf_bin(prob)] += 1
         for cls, counts in hists.items():
             yield cls, dict(counts)
 
@@ -157,14 +157,14 @@ class Selection:
         for cls, prob in _entries(label, self.plan):
             rule = self.rules.get(cls)
             salt = f"{label.key}/{cls}" if self.plan.strategy == "topk" else label.key
-            if rule is not None and rule.keeps(int(conf_bin(prob)), salt):
+            if rule is not None and rule.keeps(conf_bin(prob), salt):
                 kept += [cls] * rule.copies(label.key)
         if kept:
             return kept, None
         if self.plan.strategy == "topk":
             return [], "not_in_top_k"
         rule = self.rules.get(label.top1)
-        if rule is None or not rule.keeps(int(conf_bin(label.confidence)), label.key):
+        if rule is None or not rule.keeps(conf_bin(label.confidence), label.key):
             return [], "below_threshold"
         return [], "balanced_out"
 

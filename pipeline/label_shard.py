@@ -9,6 +9,7 @@ and so can a plain script on a GPU machine (bench/gpu_label.py).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header
 from data.stages import batched
 from data.storage import basename, join
 from data.write import AtomicShard
+from pipeline.filter_rules import conf_bins, sparse_to_json
 from pipeline.label_decode import make_decoder
 from pipeline.reports import ShardReport, write_shard_report
 from pipeline.summaries import LabelSummary
@@ -144,6 +146,7 @@ def label_shard(
     report = ShardReport(source=url, output=out_url)
     seen: set[str] = set()
     summary = LabelSummary()
+    by_class: dict[int, Counter] = {}  # the filter's confidence counts, per class
 
     def first_of_each_key(samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
@@ -188,6 +191,11 @@ def label_shard(
             report.last_forward_at = time.time()
             report.first_forward_at = report.first_forward_at or report.last_forward_at
             top_i, top_p, conf, ent, emb = summarise(probs, features, topk, teacher.projection)
+            # Binned as the record holds the confidence (float16), as the filter reads it.
+            for cls, b in zip(
+                top_i[:, 0].tolist(), conf_bins(np.float16(conf)).tolist(), strict=True
+            ):
+                by_class.setdefault(cls, Counter())[b] += 1
             for j, key in enumerate(keys):
                 label = PseudoLabel(
                     key,
@@ -203,7 +211,11 @@ def label_shard(
                 summary.add(label.top1, *np.float16([label.confidence, label.entropy]).tolist())
         report.samples_out = shard.count - 1
         report.seconds = time.monotonic() - started
-        report.stats = {**summary.to_json(), "bytes": shard.close_tar()}
+        report.stats = {
+            **summary.to_json(),
+            "bytes": shard.close_tar(),
+            "class_confidences": sparse_to_json(by_class),
+        }
         write_shard_report(out_dir, report, name)
         shard.commit()
     except BaseException:

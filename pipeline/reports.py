@@ -20,7 +20,8 @@ import time
 from collections import Counter
 from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 
 from data.errors import Drop, UsageError
 from data.manifest import ErrorLog, StageOutput
@@ -48,7 +49,8 @@ class ShardReport:
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def to_json(self) -> dict:
-        return {**asdict(self), "drops": [d.to_json() for d in self.drops]}
+        fields = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
+        return {**fields, "drops": [d.to_json() for d in self.drops]}
 
     @classmethod
     def from_json(cls, value: dict) -> ShardReport:

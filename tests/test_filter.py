@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from data.read import iter_samples
 from data.records import decode_pseudo, read_cls
 from data.specs import expand_shards
 from pipeline.filter import FilterArgs, run
+from pipeline.filter_rules import CLASS_CONFIDENCES
 from pipeline.label import LabelArgs
 from pipeline.label import run as label
 from tests.conftest import assert_same_shards, kill_midway, run_cli
@@ -128,11 +130,35 @@ def uninterrupted(labels: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out / "a"
 
 
+@pytest.fixture(scope="module")
+def labels_without_counts(labels: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same label output without the confidence counts the label stage left: the filter
+    must count them itself, in pass 1."""
+    copy = tmp_path_factory.mktemp("labels-copy") / "labels"
+    shutil.copytree(labels, copy)
+    (copy / CLASS_CONFIDENCES).unlink()
+    return copy
+
+
+def test_counts_from_the_label_stage_equal_pass_one(
+    labels: Path, labels_without_counts: Path, uninterrupted: Path, tmp_path: Path
+):
+    args = [*RERUN_ARGS, "--input", str(labels_without_counts), "--output", str(tmp_path)]
+    run_cli(*args, check=True)
+    counted = json.loads((tmp_path / "_work" / "histograms.json").read_text())
+    assert counted == json.loads((labels / CLASS_CONFIDENCES).read_text())
+    assert sum(n for bins in counted.values() for n in bins.values()) == 1300
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (uninterrupted, tmp_path)]
+    assert [m["confidences_counted_by"] for m in manifests] == ["label", "pass 1"]
+    assert not (uninterrupted / "_work" / "histograms.json").exists()
+    assert_same_shards(uninterrupted, tmp_path)
+
+
 @pytest.mark.parametrize("kill_in", ["_work/histograms.json", "train-*.tar"])
 def test_rerun_is_byte_identical_and_sigkill_then_rerun_matches(
-    labels: Path, uninterrupted: Path, tmp_path: Path, kill_in: str
+    labels_without_counts: Path, uninterrupted: Path, tmp_path: Path, kill_in: str
 ):
-    args = [*RERUN_ARGS, "--input", str(labels), "--output", str(tmp_path)]
+    args = [*RERUN_ARGS, "--input", str(labels_without_counts), "--output", str(tmp_path)]
     kill_midway(args, lambda: any(tmp_path.glob(kill_in)))
     assert json.loads((tmp_path / "manifest.json").read_text())["state"] == "running"
     run_cli(*args, check=True)
