@@ -33,7 +33,7 @@ from bench.record import append, timed  # noqa: E402
 from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header  # noqa: E402
 from data.storage import write_json  # noqa: E402
 from data.write import write_shard  # noqa: E402
-from pipeline.filter_rules import CLASS_CONFIDENCES, conf_bins, sparse_to_json  # noqa: E402
+from pipeline.filter_rules import CLASS_CONFIDENCES, conf_bins, save_histograms  # noqa: E402
 
 
 def long_tailed(rng: np.random.Generator, classes: int, n: int) -> np.ndarray:
@@ -88,7 +88,7 @@ def write_labeled_corpus(
         for cls, b in zip(top.tolist(), conf_bins(np.float16(conf)).tolist(), strict=True):
             by_class.setdefault(cls, Counter())[b] += 1
         shards += 1
-    write_json(str(root / "labels" / CLASS_CONFIDENCES), sparse_to_json(by_class))
+    save_histograms(str(root / "labels" / CLASS_CONFIDENCES), by_class)
     write_json(
         str(root / "labels" / "manifest.json"),
         {

@@ -216,12 +216,6 @@ class ErrorLog:
         self.file.write((json.dumps(drop.to_json(), sort_keys=True) + "\n").encode())
         (self.drops if drop.key is not None else self.shard_faults)[drop.reason] += 1
 
-    def add_lines(self, lines: bytes, drops: Counter, shard_faults: Counter) -> None:
-        """Drops already serialised one per line (by a worker), with their counts."""
-        self.file.write(lines)
-        self.drops.update(drops)
-        self.shard_faults.update(shard_faults)
-
     def __enter__(self) -> ErrorLog:
         return self
 

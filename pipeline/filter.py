@@ -26,10 +26,9 @@ from pipeline.filter_rules import (
     BINS,
     CLASS_CONFIDENCES,
     capped_classes,
-    dense,
     expected_copies,
-    sparse_from_json,
-    sparse_to_json,
+    load_histograms,
+    save_histograms,
     threshold_rules,
     topk_rules,
 )
@@ -51,7 +50,11 @@ from pipeline.reports import (
 )
 
 SHARDS_PER_CHUNK = 16  # training shards one chunk writes: copies of an image spread over them
+# Sidecars one chunk reads at most: a worker holds a chunk's kept labels and drops, so this
+# bounds its memory whatever the corpus size and however few images the rules keep.
+SIDECARS_PER_CHUNK = 64
 CHUNK_SEED = 0
+HISTOGRAMS = "histograms.npy"  # pass 1's counts, under _work/
 
 
 @dataclass
@@ -120,15 +123,17 @@ def _histograms(
 ) -> tuple[dict, str]:
     """The per-class confidence counts the rules need, and where they came from. Ranking by
     top-1 without deduplication counts what the label stage already counted while labeling:
-    its class_confidences.json is read, and no pass reads the sidecars for it. Otherwise
+    its class_confidences.npy is read, and no pass reads the sidecars for it. Otherwise
     pass 1 counts them, saved under _work/ so a rerun after a kill skips it."""
     if plan.eval_dir is None and plan.top_p == 1:
-        counted = read_json(join(label_dir, CLASS_CONFIDENCES))
+        counted = load_histograms(join(label_dir, CLASS_CONFIDENCES))
         if counted is not None:
-            return sparse_from_json(counted), "label"
-    if read_json(url) is None:
+            return counted, "label"
+    counted = load_histograms(url)
+    if counted is None:
         run_pipeline(options, lambda p: _count(p, sidecars, plan, url))
-    return sparse_from_json(read_json(url)), "pass 1"
+        counted = load_histograms(url)
+    return counted, "pass 1"
 
 
 def _count(p: beam.Pipeline, sidecars: list[str], plan: FilterPlan, url: str):
@@ -139,8 +144,12 @@ def _count(p: beam.Pipeline, sidecars: list[str], plan: FilterPlan, url: str):
         | "CountConfidences" >> beam.ParDo(HistogramFn(plan))
         | "SumPerClass" >> beam.CombinePerKey(merge_sparse)
         | "Collect" >> beam.combiners.ToList()
-        | "Save" >> beam.Map(_save_histograms, url)
+        | "Save" >> beam.Map(_save_counts, url)
     )
+
+
+def _save_counts(pairs: list[tuple[int, dict[int, int]]], url: str) -> None:
+    save_histograms(url, dict(pairs))
 
 
 def _write(p: beam.Pipeline, todo: list, plan: FilterPlan, size: float, rules: dict):
@@ -154,15 +163,16 @@ def _write(p: beam.Pipeline, todo: list, plan: FilterPlan, size: float, rules: d
     )
 
 
-def _save_histograms(pairs: list[tuple[int, dict[int, int]]], url: str) -> None:
-    write_json(url, sparse_to_json(dict(pairs)))
-
-
 def chunks(sidecars: list[str], expected: float, shard_size: int, workers: int) -> list:
     """Sidecars dealt into chunks of nearly equal size, in a seeded random order: each chunk
-    mixes images from all over the corpus, writes about SHARDS_PER_CHUNK training shards, and
-    there are enough chunks for every worker."""
-    wanted = max(workers, round(expected / (SHARDS_PER_CHUNK * shard_size)))
+    mixes images from all over the corpus, writes about SHARDS_PER_CHUNK training shards
+    (fewer when the rules keep little), reads at most SIDECARS_PER_CHUNK sidecars, and there
+    are enough chunks for every worker."""
+    wanted = max(
+        workers,
+        round(expected / (SHARDS_PER_CHUNK * shard_size)),
+        math.ceil(len(sidecars) / SIDECARS_PER_CHUNK),
+    )
     count = max(1, min(len(sidecars), wanted))
     order = list(sidecars)
     random.Random(CHUNK_SEED).shuffle(order)
@@ -228,10 +238,9 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         dedup_threshold,
         teacher,
     )
-    counts, counted_by = _histograms(
-        args.input, sidecars, plan, options, join(output, WORK, "histograms.json")
+    hist, counted_by = _histograms(
+        args.input, sidecars, plan, options, join(output, WORK, HISTOGRAMS)
     )
-    hist = dense(counts)
     if args.strategy == "topk":
         rules = topk_rules(hist, args.per_class)
     else:
@@ -293,7 +302,7 @@ def _dry_run(args: FilterArgs, options, sidecars: list[str], teacher: str) -> di
         absolute(args.output), args.strategy, args.top_p, args.hard, None, None, teacher
     )
     work = chunks(sidecars, 0, args.shard_size, _workers(options))
-    hist_url = join(plan.out_dir, WORK, "histograms.json")
+    hist_url = join(plan.out_dir, WORK, HISTOGRAMS)
     steps, descriptions = [], []
     for build in (
         lambda p: _count(p, sidecars, plan, hist_url),

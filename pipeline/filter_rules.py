@@ -10,18 +10,21 @@ grow with the corpus.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from data.storage import read_bytes, write_bytes
+
 BINS = 1000
 
 
 # Per-class confidence counts `pipeline label` leaves beside its sidecars: the filter's
 # first pass, already counted while labeling.
-CLASS_CONFIDENCES = "class_confidences.json"
+CLASS_CONFIDENCES = "class_confidences.npy"
 
 
 def conf_bins(confidence: np.ndarray) -> np.ndarray:
@@ -75,14 +78,27 @@ class ClassRule:
 Histograms = Mapping[int, np.ndarray]  # class -> counts per confidence bin (BINS of them)
 
 
-def dense(sparse: Mapping[int, Mapping[int, int]]) -> dict[int, np.ndarray]:
-    """Per-class histograms from the sparse {bin: count} maps pass 1 collects."""
-    hists = {}
+def save_histograms(url: str, sparse: Mapping[int, Mapping[int, int]]) -> None:
+    """Sparse {class: {bin: count}} maps saved as one [classes, BINS] array (.npy): its size
+    is set by the classes, never by the records, and reading it back makes no Python object
+    per bin."""
+    table = np.zeros((max(sparse, default=-1) + 1, BINS), np.int64)
     for cls, counts in sparse.items():
-        hist = np.zeros(BINS, np.int64)
-        hist[np.fromiter(counts.keys(), np.int64)] = np.fromiter(counts.values(), np.int64)
-        hists[int(cls)] = hist
-    return dict(sorted(hists.items()))
+        bins = np.fromiter(counts.keys(), np.int64, len(counts))
+        table[cls, bins] = np.fromiter(counts.values(), np.int64, len(counts))
+    buffer = io.BytesIO()
+    np.save(buffer, table, allow_pickle=False)
+    write_bytes(url, buffer.getvalue())
+
+
+def load_histograms(url: str) -> dict[int, np.ndarray] | None:
+    """The per-class histograms `save_histograms` wrote (classes with no count left out), or
+    None when there is no such file."""
+    try:
+        table = np.load(io.BytesIO(read_bytes(url)), allow_pickle=False)
+    except FileNotFoundError:
+        return None
+    return {int(c): table[c] for c in np.flatnonzero(table.sum(axis=1))}
 
 
 def _above(counts: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from data.manifest import ErrorLog, StageOutput, inputs_record
 from data.specs import shard_entries
 from data.storage import absolute, join, parent, write_json
 from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
-from pipeline.filter_rules import CLASS_CONFIDENCES
+from pipeline.filter_rules import CLASS_CONFIDENCES, save_histograms, sparse_from_json
 from pipeline.label_decode import default_processes
 from pipeline.label_shard import Teacher, label_shard, sidecar_names
 from pipeline.reports import (
@@ -175,7 +175,8 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         merged = merge_reports(output, names, log, fresh)
     if class_names is not None:
         write_class_names(output, class_names)
-    write_json(join(output, CLASS_CONFIDENCES), merged.stats.pop("class_confidences", {}))
+    counted = sparse_from_json(merged.stats.pop("class_confidences", {}))
+    save_histograms(join(output, CLASS_CONFIDENCES), counted)
     return finish_stage(
         out,
         merged,

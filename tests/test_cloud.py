@@ -133,7 +133,7 @@ def test_sigkill_while_labeling_into_a_bucket_then_rerun(
         "manifest.json",
         "errors.jsonl",
         "classes.json",
-        "class_confidences.json",
+        "class_confidences.npy",
     }
 
 

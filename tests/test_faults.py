@@ -326,7 +326,7 @@ def test_label_killed_at_a_random_moment_then_rerun_matches(
     assert not [f for f in _files(out) if TEMP_NAME.match(f)]
     visible = [f for f in _files(out) if not f.startswith("_")]
     assert visible == [
-        "class_confidences.json",
+        "class_confidences.npy",
         "classes.json",
         "errors.jsonl",
         "manifest.json",

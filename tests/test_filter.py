@@ -11,8 +11,8 @@ import pytest
 from data.read import iter_samples
 from data.records import decode_pseudo, read_cls
 from data.specs import expand_shards
-from pipeline.filter import FilterArgs, run
-from pipeline.filter_rules import CLASS_CONFIDENCES
+from pipeline.filter import HISTOGRAMS, SIDECARS_PER_CHUNK, FilterArgs, chunks, run
+from pipeline.filter_rules import CLASS_CONFIDENCES, load_histograms
 from pipeline.label import LabelArgs
 from pipeline.label import run as label
 from tests.conftest import assert_same_shards, kill_midway, run_cli
@@ -145,16 +145,18 @@ def test_counts_from_the_label_stage_equal_pass_one(
 ):
     args = [*RERUN_ARGS, "--input", str(labels_without_counts), "--output", str(tmp_path)]
     run_cli(*args, check=True)
-    counted = json.loads((tmp_path / "_work" / "histograms.json").read_text())
-    assert counted == json.loads((labels / CLASS_CONFIDENCES).read_text())
-    assert sum(n for bins in counted.values() for n in bins.values()) == 1300
+    counted = load_histograms(str(tmp_path / "_work" / HISTOGRAMS))
+    by_label = load_histograms(str(labels / CLASS_CONFIDENCES))
+    assert counted.keys() == by_label.keys() and len(counted) == 10
+    assert all((counted[c] == by_label[c]).all() for c in counted)
+    assert sum(int(h.sum()) for h in counted.values()) == 1300
     manifests = [json.loads((d / "manifest.json").read_text()) for d in (uninterrupted, tmp_path)]
     assert [m["confidences_counted_by"] for m in manifests] == ["label", "pass 1"]
-    assert not (uninterrupted / "_work" / "histograms.json").exists()
+    assert not (uninterrupted / "_work" / HISTOGRAMS).exists()
     assert_same_shards(uninterrupted, tmp_path)
 
 
-@pytest.mark.parametrize("kill_in", ["_work/histograms.json", "train-*.tar"])
+@pytest.mark.parametrize("kill_in", [f"_work/{HISTOGRAMS}", "train-*.tar"])
 def test_rerun_is_byte_identical_and_sigkill_then_rerun_matches(
     labels_without_counts: Path, uninterrupted: Path, tmp_path: Path, kill_in: str
 ):
@@ -163,3 +165,13 @@ def test_rerun_is_byte_identical_and_sigkill_then_rerun_matches(
     assert json.loads((tmp_path / "manifest.json").read_text())["state"] == "running"
     run_cli(*args, check=True)
     assert_same_shards(uninterrupted, tmp_path)
+
+
+def test_a_chunk_reads_a_bounded_number_of_sidecars_however_little_is_kept():
+    sidecars = [f"labels/part-{i:06d}.tar" for i in range(1000)]
+    for expected in (0, 500, 10_000_000):
+        work = chunks(sidecars, expected, shard_size=1000, workers=2)
+        dealt = [url for _, urls in work for url in urls]
+        assert sorted(dealt) == sidecars  # each sidecar in exactly one chunk
+        assert max(len(urls) for _, urls in work) <= SIDECARS_PER_CHUNK
+        assert len(work) >= 2
