@@ -260,7 +260,7 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         raise_failures(output)
     names = [chunk_name(i) for i, _ in work]
     with ErrorLog(output) as log:
-        merged = merge_reports(output, names, log)
+        merged = merge_reports(output, names, log, ahead=2)
     names = read_json(join(args.input, CLASSES_FILE))
     if names is not None:
         write_class_names(output, names)
