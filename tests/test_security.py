@@ -88,9 +88,12 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(digits_dir: Path, tmp_p
         "--set",
         "epochs=1",
     ]
-    # A real run, whose checkpoint is then swapped for one that runs code on unpickling:
-    # the run's manifest matches, so --resume gets as far as reading the checkpoint.
+    # A real run, left as a kill before its end leaves it (manifest "running"), whose
+    # checkpoint is then swapped for one that runs code on unpickling: the manifest matches,
+    # so --resume gets as far as reading the checkpoint.
     assert _pipeline(*args, cwd=tmp_path).returncode == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "state": "running"}))
     marker = tmp_path / "pwned"
     _plant_malicious_checkpoint(run, marker)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
