@@ -22,8 +22,11 @@ from data.errors import UsageError
 DEFAULT_RUNNER = "DirectRunner"
 
 
-def beam_options(runner: str | None, beam_args: list[str]) -> PipelineOptions:
-    """Build the runner's options, unchanged but for local defaults.
+def beam_options(
+    runner: str | None, beam_args: list[str], local_workers: int | None = None
+) -> PipelineOptions:
+    """Build the runner's options, unchanged but for local defaults: on the DirectRunner,
+    `local_workers` threads (default: the cores) unless --direct_num_workers is given.
 
     Unknown flags are an error here: Beam itself would drop them with a log line, and a
     mistyped `--temp_location` should not reach Dataflow as silence.
@@ -34,7 +37,7 @@ def beam_options(runner: str | None, beam_args: list[str]) -> PipelineOptions:
     if runner in ("DirectRunner", "direct"):
         given = " ".join(args)
         if "--direct_num_workers" not in given:
-            args.append(f"--direct_num_workers={os.cpu_count() or 1}")
+            args.append(f"--direct_num_workers={local_workers or os.cpu_count() or 1}")
         if "--direct_running_mode" not in given:
             args.append("--direct_running_mode=multi_threading")
     options = PipelineOptions(args)

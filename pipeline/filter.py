@@ -189,7 +189,9 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
     if args.max_copies < 1:
         raise UsageError(f"--max-copies must be at least 1, got {args.max_copies}")
-    options = beam_options(args.runner, beam_args)
+    # One local thread by default: the filter's work is pure Python under one GIL, so a
+    # second thread adds no speed, only a second chunk's memory (bench_filter.py).
+    options = beam_options(args.runner, beam_args, local_workers=1)
     label_manifest, sidecars = _label_folder(args)
     teacher = label_manifest.get("teacher", "")
     dedup_entries = shard_entries(args.dedup_against) if args.dedup_against else []
