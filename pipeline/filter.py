@@ -263,9 +263,9 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     names = [chunk_name(i) for i, _ in work]
     with ErrorLog(output) as log:
         merged = merge_reports(output, names, log, ahead=2)
-    names = read_json(join(args.input, CLASSES_FILE))
-    if names is not None:
-        write_class_names(output, names)
+    class_names = read_json(join(args.input, CLASSES_FILE))
+    if class_names is not None:
+        write_class_names(output, class_names)
     classes = merged.stats.get("classes", {})
     kept_images = merged.samples_in - merged.drops.total()
     return finish_stage(
