@@ -15,6 +15,7 @@ Then the launcher's time at 130,000 shards and 30 ms per request.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ os.environ.update(
 from bench.record import append  # noqa: E402
 from data.storage import walk_files, write_bytes  # noqa: E402
 from data.write import write_shard  # noqa: E402
+from pipeline.stats import SPEC_KEYS  # noqa: E402
 from teachers import create_model, export_run  # noqa: E402
 from tests.conftest import image_bytes  # noqa: E402
 from tests.servers import start_gcs  # noqa: E402
@@ -81,7 +83,7 @@ def launcher(args: list[str]) -> tuple[float, int]:
 WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
 
-def local_scale(work: Path, teacher: Path, shards: int) -> dict:
+def local_scale(work: Path, teacher: Path, shards: int, with_stats: bool) -> dict:
     src, labels, train = work / f"src{shards}", work / f"labels{shards}", work / f"train{shards}"
     write_tiny_corpus(src, shards)
     label = ["label", "--teacher", str(teacher), "--input", str(src), "--output", str(labels)]
@@ -94,8 +96,22 @@ def local_scale(work: Path, teacher: Path, shards: int) -> dict:
         "filter_fresh": launcher(filt),
         "filter_rerun": launcher(filt),
     }
+    if with_stats:
+        figures["stats"] = stats_both_ways(work, labels)
     shutil.rmtree(src), shutil.rmtree(labels), shutil.rmtree(train)
     return figures
+
+
+def stats_both_ways(work: Path, labels: Path) -> dict:
+    """`pipeline stats` from the label manifest, then a full scan with 2 DirectRunner workers."""
+    answers, seconds = [], []
+    for extra in ([], ["--scan", *WORKERS]):
+        out = work / "stats.json"
+        seconds.append(launcher(["stats", str(labels), "--json", str(out), *extra])[0])
+        answers.append(json.loads(out.read_text()))
+    recorded, scanned = answers
+    same = all(recorded[key] == scanned[key] for key in SPEC_KEYS)
+    return {"seconds": seconds, "sources": [a["source"] for a in answers], "same": same}
 
 
 def gcs_scale(work: Path, teacher: Path, shards: int) -> dict:
@@ -140,7 +156,8 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = work / "teacher"
     export_run(str(teacher), create_model("rs-mini", num_classes=10), "rs-mini", None)
-    small, large = (local_scale(work, teacher, n) for n in args.shards)
+    small = local_scale(work, teacher, args.shards[0], with_stats=True)
+    large = local_scale(work, teacher, args.shards[1], with_stats=False)
     gcs = gcs_scale(work, teacher, args.gcs_shards)
     shutil.rmtree(work)
 
@@ -157,6 +174,7 @@ def main() -> None:
     rerun_130k = gcs["rerun"] - pages + -(-PROJECTED_SHARDS // 1000)
     merge_hours = PROJECTED_SHARDS * REQUEST_SECONDS / 8 / 3600  # reports read 8 at a time
     a, b = args.shards
+    stat = small["stats"]
     append(
         "The launcher at scale: tiny shards, local disk and gs://",
         f"python bench/bench_scale.py --shards {a} {b} --gcs-shards {args.gcs_shards}",
@@ -183,6 +201,12 @@ def main() -> None:
             " s); a first run's launcher-side work is "
             "two listings before the job (130 requests each), progress polls that back off, "
             f"and one read per shard report at the end, 8 at a time: {merge_hours:.2f} h.",
+            "",
+            f"`pipeline stats` on the {a:,}-shard label output ({a * RECORDS:,} records): "
+            f"{stat['seconds'][0]:.1f} s read from the {stat['sources'][0]} (whole process); "
+            f"the full scan (`--scan`, DirectRunner, 2 workers) took {stat['seconds'][1]:.0f} s "
+            f"and its counts are {'the same' if stat['same'] else 'NOT the same'} "
+            f"({', '.join(SPEC_KEYS)}).",
         ],
         "scale",
         {
@@ -191,6 +215,8 @@ def main() -> None:
             "gcs_first_requests_per_shard": per_shard,
             "gcs_rerun_requests": gcs["rerun"],
             "projected_launcher_merge_hours": merge_hours,
+            "stats_seconds": stat["seconds"],
+            "stats_same": stat["same"],
         },
     )
 
