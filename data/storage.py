@@ -96,9 +96,10 @@ def size(url: str) -> int:
     return int(fs.size(path))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
-    """One listed file: its URL (with protocol) and size in bytes."""
+    """One listed file: its URL (with protocol) and size in bytes. Slotted: a launcher holds
+    one per shard, 130,000 of them."""
 
     url: str
     size: int
@@ -123,11 +124,30 @@ def list_dir(url: str) -> list[Entry]:
     """The files directly in a folder (not below it), sorted by name; [] when there is no
     such folder. One listing: on an object store a request per thousand names."""
     fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return _local_entries(url, path)
     try:
         infos = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
     return _entries(url, [i for i in infos if i["name"].rstrip("/") != path.rstrip("/")])
+
+
+def _local_entries(url: str, path: str) -> list[Entry]:
+    """A local folder's files from one scandir, an entry at a time, where fsspec's listing
+    first holds a dict of ten stat fields per file (about 0.8 KB a shard)."""
+    prefix = _with_protocol(url, path.rstrip("/") + "/")
+    try:
+        with os.scandir(path) as found:
+            entries = [
+                Entry(prefix + item.name, item.stat().st_size)
+                for item in found
+                if item.is_file(follow_symlinks=False)
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    entries.sort(key=lambda e: e.url)
+    return entries
 
 
 def glob(pattern: str) -> list[Entry]:

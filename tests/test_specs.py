@@ -4,6 +4,7 @@ import fsspec
 import pytest
 
 from data.specs import ShardSpecError, expand_shards
+from data.storage import _with_protocol, filesystem, list_dir
 from data.write import write_shard
 
 
@@ -46,3 +47,18 @@ def test_fsspec_urls_are_expanded_with_their_protocol():
     assert expand_shards("memory://bucket/shards/*.tar") == [
         f"memory:///bucket/shards/s-{i}.tar" for i in range(3)
     ]
+
+
+def test_a_local_listing_holds_what_fsspec_lists(shard_dir: Path):
+    """The local listing scans the folder itself (lean at 10^5 files); it must name the same
+    files with the same sizes as fsspec's: subfolders and symlinks left out, protocol kept."""
+    (shard_dir / "sub").mkdir()
+    (shard_dir / "link.tar").symlink_to(shard_dir / "part-000000.tar")
+    for url in (str(shard_dir), f"{shard_dir}/", f"file://{shard_dir}"):
+        fs, path = filesystem(url)
+        infos = [i for i in fs.ls(path, detail=True) if i["type"] == "file"]
+        expected = sorted((_with_protocol(url, i["name"]), i["size"]) for i in infos)
+        assert [(e.url, e.size) for e in list_dir(url)] == expected
+        assert len(expected) == 5
+    assert list_dir(str(shard_dir / "missing")) == []
+    assert list_dir(str(shard_dir / "notes.txt")) == []
