@@ -33,7 +33,6 @@ from pipeline.filter_rules import (
     topk_rules,
 )
 from pipeline.filter_shard import (
-    WORK,
     FilterPlan,
     HistogramFn,
     WriteChunkFn,
@@ -48,6 +47,7 @@ from pipeline.reports import (
     raise_failures,
     reported,
 )
+from pipeline.worklist import WORK, WorkList
 
 SHARDS_PER_CHUNK = 16  # training shards one chunk writes: copies of an image spread over them
 # Sidecars one chunk reads at most: a worker holds a chunk's kept labels and drops, so this
@@ -131,17 +131,18 @@ def _histograms(
             return counted, "label"
     counted = load_histograms(url)
     if counted is None:
-        run_pipeline(options, lambda p: _count(p, sidecars, plan, url))
+        with WorkList(plan.out_dir, "count", sidecars) as work:
+            run_pipeline(options, lambda p: _count(p, work, plan, url))
         counted = load_histograms(url)
     return counted, "pass 1"
 
 
-def _count(p: beam.Pipeline, sidecars: list[str], plan: FilterPlan, url: str):
+def _count(p: beam.Pipeline, work: WorkList, plan: FilterPlan, url: str):
     return (
         p
-        | "ListSidecars" >> beam.Create(sidecars)
+        | "ListSidecars" >> beam.Create(work.spans)
         | "SpreadShards" >> beam.Reshuffle()
-        | "CountConfidences" >> beam.ParDo(HistogramFn(plan))
+        | "CountConfidences" >> beam.ParDo(HistogramFn(plan, work.url))
         | "SumPerClass" >> beam.CombinePerKey(merge_sparse)
         | "Collect" >> beam.combiners.ToList()
         | "Save" >> beam.Map(_save_counts, url)
@@ -152,14 +153,14 @@ def _save_counts(pairs: list[tuple[int, dict[int, int]]], url: str) -> None:
     save_histograms(url, dict(pairs))
 
 
-def _write(p: beam.Pipeline, todo: list, plan: FilterPlan, size: float, rules: dict):
+def _write(p: beam.Pipeline, work: WorkList, plan: FilterPlan, size: float, rules: dict):
     rule_table = p | "Rules" >> beam.Create([rules])
     return (
         p
-        | "ListChunks" >> beam.Create(todo)
+        | "ListChunks" >> beam.Create(work.spans)
         | "SpreadChunks" >> beam.Reshuffle()
         | "WriteTrainingShards"
-        >> beam.ParDo(WriteChunkFn(plan, size), beam.pvalue.AsSingleton(rule_table))
+        >> beam.ParDo(WriteChunkFn(plan, size, work.url), beam.pvalue.AsSingleton(rule_table))
     )
 
 
@@ -257,8 +258,11 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     finished = reported(output)
     todo = [c for c in work if chunk_name(c[0]) not in finished]
     if todo:
-        with ReportProgress(output, len(todo), "filter", done_before=len(finished)):
-            run_pipeline(options, lambda p: _write(p, todo, plan, size, rules))
+        with (
+            WorkList(output, "chunks", todo) as chunk_list,
+            ReportProgress(output, len(todo), "filter", done_before=len(finished)),
+        ):
+            run_pipeline(options, lambda p: _write(p, chunk_list, plan, size, rules))
         raise_failures(output)
     names = [chunk_name(i) for i, _ in work]
     with ErrorLog(output) as log:
@@ -307,8 +311,8 @@ def _dry_run(args: FilterArgs, options, sidecars: list[str], teacher: str) -> di
     hist_url = join(plan.out_dir, WORK, HISTOGRAMS)
     steps, descriptions = [], []
     for build in (
-        lambda p: _count(p, sidecars, plan, hist_url),
-        lambda p: _write(p, work, plan, args.shard_size, {}),
+        lambda p: _count(p, WorkList(plan.out_dir, "count", sidecars), plan, hist_url),
+        lambda p: _write(p, WorkList(plan.out_dir, "chunks", work), plan, args.shard_size, {}),
     ):
         description = describe_job(run_pipeline(options, build), options)
         steps += description.get("steps", [])

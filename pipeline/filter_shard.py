@@ -32,8 +32,8 @@ from pipeline.dedup import EvalIndex
 from pipeline.filter_rules import ClassRule, conf_bin, unit_draw
 from pipeline.reports import ShardReport, record_failure, write_shard_report
 from pipeline.summaries import LabelSummary
+from pipeline.worklist import units
 
-WORK = "_work"
 SHUFFLE_BUFFER = 64
 
 
@@ -91,21 +91,22 @@ def _labels_with_matches(url: str, index: EvalIndex | None, on_error) -> Iterato
 
 
 class HistogramFn(beam.DoFn):
-    """Pass 1: per-class confidence histograms of one sidecar, evaluation copies left out,
-    as sparse {bin: count} maps (at 1,000 classes most bins of a shard are empty)."""
+    """Pass 1: per-class confidence histograms of a span of the job's sidecars, evaluation
+    copies left out, as sparse {bin: count} maps (at 1,000 classes most bins are empty)."""
 
-    def __init__(self, plan: FilterPlan) -> None:
-        self.plan = plan
+    def __init__(self, plan: FilterPlan, work_url: str) -> None:
+        self.plan, self.work_url = plan, work_url
 
     def setup(self) -> None:
         self.eval_index = load_eval_index(self.plan)
 
-    def process(self, url: str) -> Iterator[tuple[int, dict[int, int]]]:
+    def process(self, span: tuple[int, int]) -> Iterator[tuple[int, dict[int, int]]]:
         hists: dict[int, Counter] = {}
-        for label, match in _labels_with_matches(url, self.eval_index, lambda d: None):
-            if match is None:
-                for cls, prob in _entries(label, self.plan):
-                    hists.setdefault(cls, Counter())[conf_bin(prob)] += 1
+        for url in units(self.work_url, span):
+            for label, match in _labels_with_matches(url, self.eval_index, lambda d: None):
+                if match is None:
+                    for cls, prob in _entries(label, self.plan):
+                        hists.setdefault(cls, Counter())[conf_bin(prob)] += 1
         for cls, counts in hists.items():
             yield cls, dict(counts)
 
@@ -214,25 +215,26 @@ class _ShuffledShard:
 
 
 class WriteChunkFn(beam.DoFn):
-    """Pass 2: one chunk of sidecars in, its training shards (`train-CHUNK-K.tar`) and one
-    report out. A rerun after a kill passes over the chunk's shards that were committed:
-    the chunk's choices are fixed by the keys, so it refills the rest exactly."""
+    """Pass 2: a span of the job's chunks of sidecars in; per chunk, its training shards
+    (`train-CHUNK-K.tar`) and one report out. A rerun after a kill passes over the chunk's
+    shards that were committed: the chunk's choices are fixed by the keys, so it refills the
+    rest exactly."""
 
-    def __init__(self, plan: FilterPlan, size: float) -> None:
-        self.plan, self.size = plan, size
+    def __init__(self, plan: FilterPlan, size: float, work_url: str) -> None:
+        self.plan, self.size, self.work_url = plan, size, work_url
 
     def setup(self) -> None:
         self.eval_index = load_eval_index(self.plan)
 
-    def process(self, element: tuple[int, list[str]], rules: dict) -> Iterator[dict]:
-        index, sidecars = element
-        name = chunk_name(index)
-        try:
-            report = self._write(name, sidecars, Selection(self.plan, rules))
-        except USER_ERRORS as exc:
-            record_failure(self.plan.out_dir, name, exc)
-            return
-        yield {"chunk": name, "samples_out": report.samples_out}
+    def process(self, span: tuple[int, int], rules: dict) -> Iterator[dict]:
+        for index, sidecars in units(self.work_url, span):
+            name = chunk_name(index)
+            try:
+                report = self._write(name, sidecars, Selection(self.plan, rules))
+            except USER_ERRORS as exc:
+                record_failure(self.plan.out_dir, name, exc)
+                continue
+            yield {"chunk": name, "samples_out": report.samples_out}
 
     def _choose(self, sidecars: list[str], select: Selection, report: ShardReport) -> list:
         """Every kept label with its classes (one per copy), in sidecar order."""

@@ -39,6 +39,7 @@ from pipeline.reports import (
     record_failure,
     reported,
 )
+from pipeline.worklist import WorkList, units
 from teachers import describe_teacher, is_run_dir
 
 
@@ -60,12 +61,15 @@ class LabelArgs:
 
 
 class LabelShardFn(beam.DoFn):
-    """Beam's unit of work: (shard URL, sidecar name) in, its report out. The teacher and its
-    decode processes are set up once per worker process, on the worker's own device, and
-    shared by the threads of that process. A mistake the user can fix is recorded for the
-    launcher, not raised: one line for the user, instead of a retried, failing job."""
+    """Beam's unit of work: a span of the job's (shard URL, sidecar name) list, each shard
+    labeled and reported on its own (a span is one shard unless the job has thousands). The
+    teacher and its decode processes are set up once per worker process, on the worker's own
+    device, and shared by the threads of that process. A mistake the user can fix is recorded
+    for the launcher, not raised: one line for the user, instead of a retried, failing job."""
 
-    def __init__(self, args: LabelArgs, teacher_id: str, threads: int | None) -> None:
+    def __init__(
+        self, args: LabelArgs, teacher_id: str, threads: int | None, work_url: str
+    ) -> None:
         self.spec = (
             args.teacher,
             args.weights,
@@ -76,6 +80,7 @@ class LabelShardFn(beam.DoFn):
         )
         self.out_dir, self.batch_size = args.output, args.batch_size
         self.topk, self.embed, self.threads = args.topk, args.embed, threads
+        self.work_url = work_url
         self.shared = Shared()
 
     def _load(self) -> Teacher:
@@ -94,19 +99,19 @@ class LabelShardFn(beam.DoFn):
         except USER_ERRORS as exc:
             self.failure = exc
 
-    def process(self, element: tuple[str, str]) -> Iterator[dict]:
-        url, name = element
-        try:
-            if self.failure is not None:
-                raise self.failure
-            report = label_shard(
-                url, name, self.out_dir, self.teacher, self.batch_size, self.topk, self.embed
-            )
-        except USER_ERRORS as exc:
-            record_failure(self.out_dir, name, exc)
-            return
-        beam.metrics.Metrics.counter("label", "images").inc(report.samples_out)
-        yield {"output": name, "samples_out": report.samples_out}
+    def process(self, span: tuple[int, int]) -> Iterator[dict]:
+        for url, name in units(self.work_url, span):
+            try:
+                if self.failure is not None:
+                    raise self.failure
+                report = label_shard(
+                    url, name, self.out_dir, self.teacher, self.batch_size, self.topk, self.embed
+                )
+            except USER_ERRORS as exc:
+                record_failure(self.out_dir, name, exc)
+                continue
+            beam.metrics.Metrics.counter("label", "images").inc(report.samples_out)
+            yield {"output": name, "samples_out": report.samples_out}
 
 
 def _threads_per_worker(options) -> int | None:
@@ -127,19 +132,19 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     names = sidecar_names(sources)
     resolved = LabelArgs(**{**asdict(args), "teacher": teacher, "weights": weights})
     resolved.output = absolute(args.output)
-    label = LabelShardFn(resolved, teacher_id, _threads_per_worker(options))
+    threads = _threads_per_worker(options)
 
-    def build(todo: list[tuple[str, str]]):
+    def build(work: WorkList):
         return lambda p: (
             p
-            | "ListShards" >> beam.Create(todo)
+            | "ListShards" >> beam.Create(work.spans)
             | "SpreadShards" >> beam.Reshuffle()
-            | "LabelShards" >> beam.ParDo(label)
+            | "LabelShards" >> beam.ParDo(LabelShardFn(resolved, teacher_id, threads, work.url))
         )
 
     if is_dry_run(options):
-        result = run_pipeline(options, build(list(zip(sources, names, strict=True))))
-        return _dry_run(args, result, options, len(sources))
+        every = WorkList(resolved.output, "label", list(zip(sources, names, strict=True)))
+        return _dry_run(args, run_pipeline(options, build(every)), options, len(sources))
 
     out = StageOutput(
         args.output,
@@ -166,8 +171,11 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     started = time.monotonic()
     if todo:
         before = len(reported(output))
-        with ReportProgress(output, len(todo), "label", done_before=before):
-            run_pipeline(options, build(todo))
+        with (
+            WorkList(output, "label", todo) as work,
+            ReportProgress(output, len(todo), "label", done_before=before),
+        ):
+            run_pipeline(options, build(work))
         raise_failures(output)
     seconds = time.monotonic() - started
     fresh = {n for _, n in todo}

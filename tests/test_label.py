@@ -12,8 +12,10 @@ from data.read import iter_samples
 from data.records import PSEUDO_EXT, decode_pseudo, read_header
 from data.specs import expand_shards
 from data.write import write_shard
+from pipeline import worklist
 from pipeline.beam_options import beam_options
 from pipeline.label import LabelArgs, run
+from pipeline.worklist import WORK
 from tests.conftest import assert_same_shards, hostile_samples, image_bytes, kill_midway, run_cli
 
 
@@ -56,12 +58,16 @@ def test_labels_every_sample_one_sidecar_per_shard_in_order(
 
 
 def test_rerun_is_a_no_op_and_output_does_not_depend_on_worker_count(
-    random_teacher: Path, corpus: Path, tmp_path: Path
+    random_teacher: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     one = tmp_path / "one"
     two = tmp_path / "two"
     _label(random_teacher, str(corpus), one, "--direct_num_workers=1")
+    # As a job of thousands of shards runs: several shards to a Beam element.
+    monkeypatch.setattr(worklist, "SPANS", 3)
     _label(random_teacher, str(corpus), two, "--direct_num_workers=2")
+    monkeypatch.undo()
+    assert not list((two / WORK).glob("*")), "the job's work list is removed once it has run"
     before = {p.name: p.stat().st_mtime_ns for p in one.glob("*.tar")}
     again = _label(random_teacher, str(corpus), one)
     assert again["already_done"] and again["shards"] == len(expand_shards(str(corpus))) == 17

@@ -10,11 +10,13 @@ import pytest
 
 from data.storage import walk_files
 from data.write import write_shard
+from pipeline import worklist
 from pipeline.filter import FilterArgs
 from pipeline.filter import run as filter_run
 from pipeline.label import LabelArgs
 from pipeline.label import run as label_run
 from pipeline.stats import SPEC_KEYS, collect
+from pipeline.worklist import WorkList, units
 from tests.conftest import image_bytes, run_cli
 
 SHARDS = 200
@@ -98,3 +100,18 @@ def test_stats_from_the_manifest_equals_a_full_scan(
             assert recorded[key] == scanned[key], (folder.name, key)
     quick = run_cli("stats", str(labels), "--sample", "0.1")
     assert quick.returncode == 0 and "scan of a 0.1 sample: 20 of 200 shards" in quick.stdout
+
+
+@pytest.mark.parametrize("count, most", [(0, 4), (3, 4), (4, 4), (10, 4), (80_000, 4096)])
+def test_a_job_carries_a_bounded_number_of_even_spans_of_its_work_list(
+    count: int, most: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(worklist, "SPANS", most)
+    items = [[f"part-{i:06d}.tar", i] for i in range(count)]
+    with WorkList(str(tmp_path), "job", items) as work:
+        assert len(work.spans) == min(count, most)
+        lengths = [stop - start for start, stop in work.spans]
+        assert max(lengths, default=0) - min(lengths, default=0) <= 1
+        assert [u for span in work.spans for u in units(work.url, span)] == items
+    assert not Path(work.url).exists()
+    assert WorkList(str(tmp_path), "job", items[:-1]).url != work.url or count == 0
