@@ -3,10 +3,10 @@
 A job over 130,000 shards that carried its (shard, output) pairs in `beam.Create` would put
 them into the job graph (over 10 MB of it, near what Dataflow accepts) and, on the local
 runner, hold them several times over in the launcher: measured, +91 MiB of launcher peak
-from 20,000 to 80,000 shards. Instead the launcher writes the list once, as one JSON file under the output's
-`_work/`, named by its content's digest so that a rerun with other work never reads an old
-list, and the job carries only (start, stop) spans of it: at most SPANS elements, one unit
-each while there are fewer. Each worker process reads the file once.
+from 20,000 to 80,000 shards. Instead the launcher writes the list once, as one JSON file
+under the output's `_work/`, named by its content's digest so that a rerun with other work
+never reads an old list, and the job carries only (start, stop) spans of it: at most SPANS
+elements, one unit each while there are fewer. Each worker process reads the file once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
 
 from data.storage import join, read_bytes, remove, write_bytes
 
@@ -28,8 +27,8 @@ _lock = threading.Lock()
 class WorkList:
     """The units of one job (JSON values), the file they go to, and the spans the job runs."""
 
-    def __init__(self, out_dir: str, step: str, units: Sequence) -> None:
-        data = json.dumps(list(units), separators=(",", ":")).encode()
+    def __init__(self, out_dir: str, step: str, units: list) -> None:
+        data = json.dumps(units, separators=(",", ":")).encode()
         self.url = join(out_dir, WORK, f"{step}-{hashlib.sha256(data).hexdigest()[:16]}.json")
         self._data = data
         count = min(len(units), SPANS)
