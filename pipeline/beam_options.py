@@ -48,6 +48,15 @@ def beam_options(
     return options
 
 
+def workers_in_process(options: PipelineOptions) -> bool:
+    """Whether the runner's workers are threads of this process (the DirectRunner's default
+    modes), so that what the launcher starts for them is theirs to use."""
+    every = options.get_all_options()
+    return every.get("runner") in ("DirectRunner", "direct") and every.get(
+        "direct_running_mode"
+    ) in ("in_memory", "multi_threading")
+
+
 def is_dry_run(options: PipelineOptions) -> bool:
     """Beam's own `--dry_run=True`: DataflowRunner builds the job and returns unsubmitted."""
     return bool(options.view_as(TestOptions).dry_run)

@@ -25,9 +25,15 @@ from data.errors import USER_ERRORS
 from data.manifest import ErrorLog, StageOutput, inputs_record
 from data.specs import shard_entries
 from data.storage import absolute, join, parent, write_json
-from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
+from pipeline.beam_options import (
+    beam_options,
+    describe_job,
+    is_dry_run,
+    run_pipeline,
+    workers_in_process,
+)
 from pipeline.filter_rules import CLASS_CONFIDENCES, save_histograms, sparse_from_json
-from pipeline.label_decode import default_processes
+from pipeline.label_decode import default_processes, warm_pool
 from pipeline.label_shard import Teacher, label_shard, sidecar_names
 from pipeline.reports import (
     ReportProgress,
@@ -85,9 +91,9 @@ class LabelShardFn(beam.DoFn):
 
     def _load(self) -> Teacher:
         teacher, weights, device, teacher_id, decode, processes = self.spec
-        if processes is None:
-            processes = default_processes()
-        return Teacher.load(teacher, weights, device, teacher_id, decode, processes)
+        return Teacher.load(
+            teacher, weights, device, teacher_id, decode, default_processes(processes)
+        )
 
     def setup(self) -> None:
         if self.threads:
@@ -170,6 +176,8 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     todo = [(u, n) for u, n in zip(sources, names, strict=True) if n not in finished]
     started = time.monotonic()
     if todo:
+        if workers_in_process(options):
+            warm_pool(default_processes(args.decode_processes))
         before = len(reported(output))
         with (
             WorkList(output, "label", todo) as work,

@@ -36,8 +36,11 @@ _pools: dict[int, Pool] = {}
 _pools_lock = threading.Lock()
 
 
-def default_processes() -> int:
-    """Decode processes for this worker: its cores (what the machine lets this process use)."""
+def default_processes(asked: int | None = None) -> int:
+    """Decode processes for this worker: `asked` (the --decode-processes flag) when given,
+    else its cores (what the machine lets this process use)."""
+    if asked is not None:
+        return asked
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -54,6 +57,14 @@ def decode_pool(processes: int) -> Pool:
             atexit.register(pool.terminate)  # before the interpreter tears its modules down
             _pools[processes] = pool
         return _pools[processes]
+
+
+def warm_pool(processes: int) -> None:
+    """Start `decode_pool(processes)` on a thread: where the workers are threads of this
+    process, the pool (a fork server importing Pillow, then its forks) comes up on another
+    core while Beam starts, instead of after it."""
+    if processes > 0:
+        threading.Thread(target=decode_pool, args=(processes,), daemon=True).start()
 
 
 class CpuDecoder:

@@ -13,7 +13,7 @@ from data.records import PSEUDO_EXT, decode_pseudo, read_header
 from data.specs import expand_shards
 from data.write import write_shard
 from pipeline import worklist
-from pipeline.beam_options import beam_options
+from pipeline.beam_options import beam_options, workers_in_process
 from pipeline.label import LabelArgs, run
 from pipeline.worklist import WORK
 from tests.conftest import assert_same_shards, hostile_samples, image_bytes, kill_midway, run_cli
@@ -186,6 +186,22 @@ def test_dataflow_options_reach_the_runner_unchanged():
     assert "direct_num_workers" not in " ".join(options.get_all_options(drop_default=True))
     with pytest.raises(UsageError, match="temp_locaton"):
         beam_options(None, ["--temp_locaton=gs://typo"])
+
+
+@pytest.mark.parametrize(
+    ("runner", "args", "in_process"),
+    [
+        (None, [], True),
+        (None, ["--direct_running_mode=in_memory"], True),
+        (None, ["--direct_running_mode=multi_processing"], False),
+        ("DataflowRunner", ["--project=p", "--region=r", "--temp_location=gs://b/t"], False),
+    ],
+)
+def test_the_launcher_warms_the_decode_pool_only_for_workers_in_its_process(
+    runner: str | None, args: list[str], in_process: bool
+):
+    """A pool started by the launcher serves its own threads, never another process's."""
+    assert workers_in_process(beam_options(runner, args)) is in_process
 
 
 @pytest.mark.parametrize(
