@@ -20,6 +20,7 @@ from apache_beam.runners.runner import PipelineResult
 from data.errors import UsageError
 
 DEFAULT_RUNNER = "DirectRunner"
+DIRECT_RUNNERS = ("DirectRunner", "direct")  # Beam's names for its local runner
 
 
 def beam_options(
@@ -34,7 +35,7 @@ def beam_options(
     args = list(beam_args)
     runner = runner or DEFAULT_RUNNER
     args.append(f"--runner={runner}")
-    if runner in ("DirectRunner", "direct"):
+    if runner in DIRECT_RUNNERS:
         given = " ".join(args)
         if "--direct_num_workers" not in given:
             args.append(f"--direct_num_workers={local_workers or os.cpu_count() or 1}")
@@ -48,13 +49,16 @@ def beam_options(
     return options
 
 
+def is_direct(options: PipelineOptions) -> bool:
+    """Whether the job runs on Beam's local runner, in or beside this process."""
+    return options.view_as(StandardOptions).runner in DIRECT_RUNNERS
+
+
 def workers_in_process(options: PipelineOptions) -> bool:
     """Whether the runner's workers are threads of this process (the DirectRunner's default
     modes), so that what the launcher starts for them is theirs to use."""
-    every = options.get_all_options()
-    return every.get("runner") in ("DirectRunner", "direct") and every.get(
-        "direct_running_mode"
-    ) in ("in_memory", "multi_threading")
+    mode = options.get_all_options().get("direct_running_mode")
+    return is_direct(options) and mode in ("in_memory", "multi_threading")
 
 
 def is_dry_run(options: PipelineOptions) -> bool:

@@ -28,6 +28,7 @@ from data.storage import absolute, join, parent, write_json
 from pipeline.beam_options import (
     beam_options,
     describe_job,
+    is_direct,
     is_dry_run,
     run_pipeline,
     workers_in_process,
@@ -122,10 +123,10 @@ class LabelShardFn(beam.DoFn):
 
 def _threads_per_worker(options) -> int | None:
     """On the local runner, split the cores between workers instead of oversubscribing them."""
-    direct = options.get_all_options()
-    if direct.get("runner") not in ("DirectRunner", "direct"):
+    if not is_direct(options):
         return None
-    return max(1, (os.cpu_count() or 1) // max(1, direct.get("direct_num_workers") or 1))
+    workers = options.get_all_options().get("direct_num_workers")
+    return max(1, (os.cpu_count() or 1) // max(1, workers or 1))
 
 
 def run(args: LabelArgs, beam_args: list[str]) -> dict:

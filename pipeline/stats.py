@@ -32,7 +32,7 @@ from data.read import iter_shard
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
 from data.specs import shard_entries
 from data.storage import AtomicFile, absolute, join, parent, read_json, write_json
-from pipeline.beam_options import beam_options, run_pipeline
+from pipeline.beam_options import DIRECT_RUNNERS, beam_options, run_pipeline
 from pipeline.reports import add_into
 from pipeline.summaries import CONF_BINS, ENTROPY_STEP, LabelSummary
 
@@ -150,7 +150,7 @@ def _result_url(options) -> str:
     """Where the scan's workers leave the sum: a local file for the local runner, else under
     the job's --temp_location, which every worker of a remote runner can write."""
     runner = options.view_as(StandardOptions).runner
-    if runner in ("DirectRunner", "direct", None):
+    if runner in (*DIRECT_RUNNERS, None):
         return join(tempfile.mkdtemp(prefix="pipeline-stats-"), "scan.json")
     temp = options.view_as(GoogleCloudOptions).temp_location
     if not temp:
