@@ -84,7 +84,7 @@ def run_case(work: Path, name: str, repeats: int) -> dict:
         # Start-up: launch to the end of the first forward pass, less that batch's own work.
         startup = first - launched - before / plain_rate
         plain_first.append(first - launched)
-        bound.append(plain_s[-1] / (plain_s[-1] - (plain_s[-1] - startup) * (1 - 1 / cores)))
+        bound.append(plain_s[-1] / (startup + (plain_s[-1] - startup) / cores))
         out = work / f"{name}-out{i}"
         launched = time.time()
         label_s.append(timed(_label(teacher, corpus, out, batch))[0])
