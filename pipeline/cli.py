@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from data.decode import DECODERS
 from data.errors import USER_ERRORS
 from students.config import DEVICES, add_arguments, flag_values
 
@@ -195,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--weights", help="state dict (.pth/.safetensors), with a model name")
     label.add_argument("--input", required=True, help="unlabeled shards: dir, glob or braces")
     label.add_argument("--output", required=True, help="folder for the pseudo-label shards")
-    label.add_argument("--batch-size", type=_positive, default=32, help="images per forward (32)")
+    label.add_argument(
+        "--batch-size",
+        type=_positive,
+        help="images per forward pass (default: 256 on a GPU, 32 on the CPU)",
+    )
     label.add_argument("--topk", type=_positive, default=16, help="classes kept per image (16)")
     label.add_argument("--embed", action="store_true", help="store an embedding for dedup")
     label.add_argument(
@@ -206,9 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label.add_argument(
         "--decode",
-        choices=("auto", "cpu", "gpu"),
+        choices=DECODERS,
         default="auto",
-        help="where JPEGs are decoded: gpu is nvJPEG on the teacher's GPU (auto: on CUDA)",
+        help="where JPEGs are decoded: device is torchvision's decoder on the teacher's "
+        "device (nvJPEG on a GPU; gpu is its old name), cpu is Pillow in decode processes "
+        "(auto: device on a GPU, else cpu); what the device path does not take goes the cpu way",
+    )
+    label.add_argument(
+        "--forwards-per-device",
+        type=_positive,
+        help="forward passes in flight at once on each device, whatever the worker threads "
+        "(default: 1 on a GPU, no bound on the CPU)",
+    )
+    label.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the teacher through torch.compile (the first batches pay for compiling)",
     )
     label.add_argument(
         "--decode-processes",

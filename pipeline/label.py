@@ -35,7 +35,7 @@ from pipeline.beam_options import (
 )
 from pipeline.filter_rules import CLASS_CONFIDENCES, save_histograms, sparse_from_json
 from pipeline.label_decode import default_processes, warm_pool
-from pipeline.label_shard import Teacher, label_shard, sidecar_names
+from pipeline.label_shard import Teacher, Teachers, default_batch, label_shard, sidecar_names
 from pipeline.reports import (
     ReportProgress,
     clear_failures,
@@ -48,6 +48,7 @@ from pipeline.reports import (
 )
 from pipeline.worklist import WorkList, units
 from teachers import describe_teacher, is_run_dir
+from teachers.inference import worker_devices
 
 
 @dataclass
@@ -56,12 +57,14 @@ class LabelArgs:
     input: str
     output: str
     weights: str | None = None
-    batch_size: int = 32
+    batch_size: int | None = None  # None: by the worker's device (label_shard.LABEL_BATCH)
     topk: int = 16
     embed: bool = False
     device: str = "auto"
     decode: str = "auto"
     decode_processes: int | None = None  # None: the worker's cores
+    forwards_per_device: int | None = None  # None: 1 on a GPU, no bound on the CPU
+    compile: bool = False
     runner: str | None = None
     overwrite: bool = False
     describe_job: str | None = None
@@ -70,9 +73,10 @@ class LabelArgs:
 class LabelShardFn(beam.DoFn):
     """Beam's unit of work: a span of the job's (shard URL, sidecar name) list, each shard
     labeled and reported on its own (a span is one shard unless the job has thousands). The
-    teacher and its decode processes are set up once per worker process, on the worker's own
-    device, and shared by the threads of that process. A mistake the user can fix is recorded
-    for the launcher, not raised: one line for the user, instead of a retried, failing job."""
+    teachers (one per device the worker sees) and the decode processes are set up once per
+    worker process and shared by its threads, which are spread over the devices. A mistake
+    the user can fix is recorded for the launcher, not raised: one line for the user, instead
+    of a retried, failing job."""
 
     def __init__(
         self, args: LabelArgs, teacher_id: str, threads: int | None, work_url: str
@@ -84,25 +88,31 @@ class LabelShardFn(beam.DoFn):
             teacher_id,
             args.decode,
             args.decode_processes,
+            args.compile,
+            args.forwards_per_device,
         )
         self.out_dir, self.batch_size = args.output, args.batch_size
         self.topk, self.embed, self.threads = args.topk, args.embed, threads
         self.work_url = work_url
         self.shared = Shared()
 
-    def _load(self) -> Teacher:
-        teacher, weights, device, teacher_id, decode, processes = self.spec
-        return Teacher.load(
-            teacher, weights, device, teacher_id, decode, default_processes(processes)
-        )
+    def _teachers(self) -> Teachers:
+        teacher, weights, device, teacher_id, decode, processes, compile, forwards = self.spec
+        processes = default_processes(processes)
+        devices = worker_devices(device)
+
+        def load(where: str) -> Teacher:
+            return Teacher.load(teacher, weights, where, teacher_id, decode, processes, compile)
+
+        return Teachers(load, devices, forwards)
 
     def setup(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
         tag = hashlib.sha1(repr(self.spec).encode()).hexdigest()
-        self.teacher, self.failure = None, None
+        self.teacher, self.slot, self.failure = None, None, None
         try:
-            self.teacher = self.shared.acquire(self._load, tag=tag)
+            self.teacher, self.slot = self.shared.acquire(self._teachers, tag=tag).assign()
         except USER_ERRORS as exc:
             self.failure = exc
 
@@ -111,8 +121,9 @@ class LabelShardFn(beam.DoFn):
             try:
                 if self.failure is not None:
                     raise self.failure
+                batch = self.batch_size or default_batch(self.teacher.device)
                 report = label_shard(
-                    url, name, self.out_dir, self.teacher, self.batch_size, self.topk, self.embed
+                    url, name, self.out_dir, self.teacher, batch, self.topk, self.embed, self.slot
                 )
             except USER_ERRORS as exc:
                 record_failure(self.out_dir, name, exc)

@@ -1,39 +1,52 @@
-"""Feeding the teacher: decoding and the eval crop run beside the forward pass, in order.
+"""Feeding the teacher: reading, hashing, decoding and the eval crop run beside the forward
+pass, in order, and hand the forward pass uint8 batches already on its device.
 
-On CPU the images of each chunk (a batch's worth of samples) go to a pool of decode
-processes, a few chunks ahead of the forward pass, and come back in the order they went:
-the batches, and so the sidecar's bytes, do not depend on the number of processes. The
-pool's processes fork from a fork server that imported only Pillow and numpy, so they
-start in a fraction of a second and never inherit a threaded Beam worker's locks. On CUDA,
-JPEGs are decoded in batches on the GPU (nvJPEG) and resized and cropped there; any other
-format, and any JPEG nvJPEG refuses, goes the CPU way with its drop reasons.
+Two decoders, one contract (chunks of `(key, image bytes, content hash)` in, `Decoded`
+chunks out, in order):
+- `CpuDecoder`: each chunk goes to a pool of decode processes, a few chunks ahead; the pool's
+  processes fork from a fork server that imported only Pillow and numpy, so they start in a
+  fraction of a second and never inherit a threaded Beam worker's locks.
+- `DeviceDecoder`: JPEGs are decoded in batches by `torchvision.io.decode_jpeg` on the
+  teacher's device (nvJPEG on CUDA, libjpeg-turbo on CPU: the same code either way) and
+  resized and cropped there; every image it does not take (another format, a CMYK JPEG, one
+  too large, one it refuses) goes to the CPU pool on its own, with the pool's read-ahead,
+  and meets the others on the device.
+Batches are cut at fixed positions of the decodable samples, so the sidecar's bytes do not
+depend on the number of processes. On CUDA the pixels travel as uint8 from pinned memory on
+a side stream, so the copy overlaps the forward pass of the batch before.
 """
 
 from __future__ import annotations
 
 import atexit
-import io
 import multiprocessing
 import os
 import threading
+import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.pool import Pool
 
+import numpy as np
 import torch
-from PIL import Image
 
-from data.decode import MAX_PIXELS, EvalCrop, eval_chunk
+from data.decode import DECODERS, MAX_PIXELS, EvalCrop, eval_stack, jpeg_header
 from data.errors import UsageError
+from data.records import content_hash
 
-DECODERS = ("auto", "cpu", "gpu")
 AHEAD_PER_PROCESS = 2  # chunks queued per decode process: enough to never leave one idle
-Chunk = list[tuple[str, bytes]]  # (key, image bytes)
-Decoded = list[tuple[str, bytes, "torch.Tensor | None", "str | None"]]  # + HWC uint8, reason
+AHEAD_CHUNKS = 2  # chunks whose CPU share is queued while the device decodes the one before
+HASH_SLICES = 4  # a chunk's content hashes, in this many tasks of the hashing threads
+Item = tuple[str, bytes, bytes]  # key, image bytes, content hash
 
 _pools: dict[int, Pool] = {}
 _pools_lock = threading.Lock()
+_hashers: list[ThreadPoolExecutor] = []
 
 
 def default_processes(asked: int | None = None) -> int:
@@ -67,99 +80,246 @@ def warm_pool(processes: int) -> None:
         threading.Thread(target=decode_pool, args=(processes,), daemon=True).start()
 
 
+def _hash_all(images: list[bytes]) -> list[bytes]:
+    return [content_hash(data) for data in images]
+
+
+def content_hashes(images: list[bytes]) -> list[bytes]:
+    """The content hashes of a chunk, on a few threads of this process: BLAKE2b releases the
+    GIL, so hashing runs on other cores than the thread that reads (and the one that drives
+    the device)."""
+    with _pools_lock:
+        if not _hashers:
+            _hashers.append(ThreadPoolExecutor(HASH_SLICES, thread_name_prefix="hash"))
+    step = -(-len(images) // HASH_SLICES) or 1
+    parts = [images[i : i + step] for i in range(0, len(images), step)]
+    return [h for part in _hashers[0].map(_hash_all, parts) for h in part]
+
+
+@dataclass
+class InputTally:
+    """What one shard's input side did: decode seconds (summed over the processes and the
+    device path) and how many images each way decoded."""
+
+    decode_seconds: float = 0.0
+    on_device: int = 0
+    on_cpu: int = 0
+
+
+@dataclass
+class Decoded:
+    """A decoded chunk: the usable samples' keys, hashes and pixels ((n, crop, crop, 3)
+    uint8 on the teacher's device), and (key, reason) for the others."""
+
+    keys: list[str]
+    hashes: list[bytes]
+    pixels: torch.Tensor
+    drops: list[tuple[str, str]] = field(default_factory=list)
+
+
+class DeviceFeed:
+    """How pixels reach the teacher's device. On CUDA: from pinned memory, on a side stream of
+    the input thread, each batch marked by an event the forward's stream waits for. On CPU
+    the same calls are plain (no copy, no stream)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def context(self):
+        """Where the input thread's device work runs."""
+        return torch.cuda.stream(self.stream) if self.cuda else nullcontext()
+
+    def to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(pixels)
+        if self.cuda:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def mark(self) -> torch.cuda.Event | None:
+        """An event after the input thread's work so far (None on CPU)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    @staticmethod
+    def accept(pixels: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+        """Make the current stream wait for `pixels`, and keep their memory from reuse by the
+        side stream until the current stream is done with them."""
+        if ready is not None:
+            current = torch.cuda.current_stream(pixels.device)
+            current.wait_event(ready)
+            pixels.record_stream(current)
+
+
+class _Done:
+    """A result computed in this thread, read as a pool's AsyncResult is."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def get(self) -> object:
+        return self.value
+
+
 class CpuDecoder:
     """Chunks in, decoded chunks out, in order; `processes=0` decodes in this thread."""
 
-    def __init__(self, crop: EvalCrop, processes: int) -> None:
-        self.crop, self.processes = crop, processes
+    def __init__(self, crop: EvalCrop, processes: int, feed: DeviceFeed) -> None:
+        self.crop, self.processes, self.feed = crop, processes, feed
         self.pool = decode_pool(processes) if processes > 0 else None
+        self.work = partial(eval_stack, crop)
 
-    def __call__(self, chunks: Iterable[Chunk]) -> Iterator[Decoded]:
-        work = partial(eval_chunk, self.crop)
+    def submit(self, images: list[bytes]):
+        """Start decoding `images`; `.get()` gives eval_stack's (pixels, reasons, seconds)."""
         if self.pool is None:
-            for chunk in chunks:
-                yield _joined(chunk, work([data for _, data in chunk]))
-            return
+            return _Done(self.work(images))
+        return self.pool.apply_async(self.work, (images,))
+
+    def __call__(self, chunks: Iterable[list[Item]], tally: InputTally) -> Iterator[Decoded]:
         pending: deque = deque()
+        ahead = AHEAD_PER_PROCESS * max(1, self.processes)
         for chunk in chunks:
-            pending.append((chunk, self.pool.apply_async(work, ([data for _, data in chunk],))))
-            if len(pending) > AHEAD_PER_PROCESS * self.processes:
-                done, result = pending.popleft()
-                yield _joined(done, result.get())
+            pending.append((chunk, self.submit([data for _, data, _ in chunk])))
+            if len(pending) > ahead:
+                yield self._finish(*pending.popleft(), tally)
         while pending:
-            done, result = pending.popleft()
-            yield _joined(done, result.get())
+            yield self._finish(*pending.popleft(), tally)
+
+    def _finish(self, chunk: list[Item], result, tally: InputTally) -> Decoded:
+        pixels, reasons, seconds = result.get()
+        tally.decode_seconds += seconds
+        tally.on_cpu += len(chunk)
+        out = Decoded([], [], self.feed.to_device(pixels))
+        for (key, _, digest), reason in zip(chunk, reasons, strict=True):
+            if reason is None:
+                out.keys.append(key)
+                out.hashes.append(digest)
+            else:
+                out.drops.append((key, reason))
+        return out
 
 
-def _joined(chunk: Chunk, results: list) -> Decoded:
-    return [
-        (key, data, None if pixels is None else torch.from_numpy(pixels), reason)
-        for (key, data), (pixels, reason) in zip(chunk, results, strict=True)
-    ]
+def device_takes(data: bytes) -> bool:
+    """A JPEG the device path decodes: Huffman-coded, gray or YCbCr (CMYK's colour conversion
+    differs between decoders; Pillow's is the reference), not over the pixel limit, and whole
+    (ending in its end-of-image marker). Everything else is the CPU path's, with its reasons."""
+    header = jpeg_header(data)
+    return (
+        header is not None
+        and header.components in (1, 3)
+        and 0 < header.width * header.height <= MAX_PIXELS
+        and data[-2:] == b"\xff\xd9"
+    )
 
 
-def _gpu_decodable(data: bytes) -> bool:
-    """A JPEG whose header is small enough: the CPU path names everything else's reason."""
-    if data[:3] != b"\xff\xd8\xff":
-        return False
-    try:
-        width, height = Image.open(io.BytesIO(data)).size
-    except Exception:  # undecodable headers are the CPU path's to name
-        return False
-    return 0 < width * height <= MAX_PIXELS
+class DeviceDecoder:
+    """JPEG batches decoded and cropped on the teacher's device; the CPU pool for the rest."""
 
-
-class GpuDecoder:
-    """nvJPEG batches on the device, the eval crop there too; a CPU decoder for the rest."""
-
-    def __init__(self, crop: EvalCrop, device: str, fallback: CpuDecoder) -> None:
+    def __init__(self, crop: EvalCrop, device: torch.device, cpu: CpuDecoder) -> None:
         from torchvision.transforms import InterpolationMode
 
-        self.crop, self.device, self.fallback = crop, torch.device(device), fallback
+        self.crop, self.device, self.cpu, self.feed = crop, device, cpu, cpu.feed
         self.interpolation = InterpolationMode(crop.interpolation)
 
-    def _on_gpu(self, images: list[bytes]) -> list[torch.Tensor] | None:
+    def __call__(self, chunks: Iterable[list[Item]], tally: InputTally) -> Iterator[Decoded]:
+        pending: deque = deque()
+        for chunk in chunks:
+            taken = [i for i, (_, data, _) in enumerate(chunk) if device_takes(data)]
+            chosen = set(taken)
+            rest = {i: self.cpu.submit([chunk[i][1]]) for i in range(len(chunk)) if i not in chosen}
+            pending.append((chunk, taken, rest))
+            if len(pending) > AHEAD_CHUNKS:
+                yield self._finish(*pending.popleft(), tally)
+        while pending:
+            yield self._finish(*pending.popleft(), tally)
+
+    def _finish(self, chunk: list[Item], taken: list[int], rest: dict, tally: InputTally):
+        started = time.perf_counter()
+        crops = self._decode([chunk[i][1] for i in taken]) if taken else []
+        on_device = {}
+        for i, pixels in zip(taken, crops, strict=True):
+            if pixels is None:  # refused by the device decoder: the CPU names its reason
+                rest[i] = self.cpu.submit([chunk[i][1]])
+            else:
+                on_device[i] = pixels
+        tally.decode_seconds += time.perf_counter() - started
+        tally.on_device += len(on_device)
+        tally.on_cpu += len(rest)
+        keys, hashes, drops, cpu_rows, cpu_at, device_at = [], [], [], [], [], []
+        for i, (key, _, digest) in enumerate(chunk):
+            if i in on_device:
+                device_at.append(len(keys))
+            else:
+                pixels, reasons, seconds = rest[i].get()
+                tally.decode_seconds += seconds
+                if reasons[0] is not None:
+                    drops.append((key, reasons[0]))
+                    continue
+                cpu_at.append(len(keys))
+                cpu_rows.append(pixels)
+            keys.append(key)
+            hashes.append(digest)
+        size = self.crop.crop
+        out = torch.empty((len(keys), size, size, 3), dtype=torch.uint8, device=self.device)
+        if device_at:
+            out[device_at] = torch.stack([on_device[i] for i in sorted(on_device)])
+        if cpu_at:
+            out[cpu_at] = self.feed.to_device(np.concatenate(cpu_rows))
+        return Decoded(keys, hashes, out, drops)
+
+    def _decode(self, images: list[bytes]) -> list[torch.Tensor | None]:
+        """Crops of `images` decoded on the device, None for each one it refuses. Out of
+        memory is never a bad image: the batch is halved, and a single image that does not
+        fit fails the shard with one line."""
         from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice
+                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        except torch.OutOfMemoryError as exc:
+            if len(images) == 1:
+                raise UsageError(
+                    f"{self.device} ran out of memory decoding one JPEG of {len(images[0])} "
+                    "bytes: lower --batch-size, or use --decode cpu"
+                ) from exc
+            half = len(images) // 2
+            return self._decode(images[:half]) + self._decode(images[half:])
+        except RuntimeError:  # one bad JPEG fails the batch: find it, decode the others
+            if len(images) == 1:
+                return [None]
+            return [crop for data in images for crop in self._decode([data])]
+        return self._crops(decoded)
+
+    def _crops(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The eval resize and center crop, one call per group of images of the same size;
+        (3, H, W) in, (crop, crop, 3) out."""
         from torchvision.transforms.v2 import functional as F
 
-        try:
-            decoded = decode_jpeg(
-                [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images],
-                mode=ImageReadMode.RGB,
-                device=self.device,
-            )
-        except RuntimeError:  # a JPEG nvJPEG refuses: the whole chunk goes the CPU way
-            return None
-        size = self.crop.crop
-        return [
-            F.center_crop(
-                F.resize(image, [self.crop.resize], self.interpolation, antialias=True),
-                [size, size],
-            ).permute(1, 2, 0)
-            for image in decoded
-        ]
-
-    def __call__(self, chunks: Iterable[Chunk]) -> Iterator[Decoded]:
-        for chunk in chunks:
-            fast = [i for i, (_, data) in enumerate(chunk) if _gpu_decodable(data)]
-            pixels = self._on_gpu([chunk[i][1] for i in fast]) if fast else None
-            by_index = dict(zip(fast, pixels, strict=True)) if pixels is not None else {}
-            rest = [item for i, item in enumerate(chunk) if i not in by_index]
-            slow = iter(next(self.fallback([rest])) if rest else [])
-            out = []
-            for i, (key, data) in enumerate(chunk):
-                out.append((key, data, by_index[i], None) if i in by_index else next(slow))
-            yield out
+        size, groups = self.crop.crop, {}
+        for i, image in enumerate(images):
+            groups.setdefault(tuple(image.shape), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for members in groups.values():
+            batch = torch.stack([images[i] for i in members])
+            resized = F.resize(batch, [self.crop.resize], self.interpolation, antialias=True)
+            cropped = F.center_crop(resized, [size, size]).permute(0, 2, 3, 1)
+            for j, i in enumerate(members):
+                out[i] = cropped[j]
+        return out
 
 
 def make_decoder(crop: EvalCrop, mode: str, device: str, processes: int):
-    """The decoder a worker feeds its teacher with: `auto` is the GPU's on CUDA."""
+    """The decoder a worker feeds its teacher with: `auto` is the device path on CUDA."""
     if mode not in DECODERS:
         raise UsageError(f"--decode must be one of {', '.join(DECODERS)}, got {mode!r}")
-    cpu = CpuDecoder(crop, processes)
-    on_cuda = torch.device(device).type == "cuda"
-    if mode == "gpu" and not on_cuda:
-        raise UsageError("--decode gpu needs the teacher on a CUDA device")
-    if mode == "gpu" or (mode == "auto" and on_cuda):
-        return GpuDecoder(crop, device, cpu)
+    where = torch.device(device)
+    cpu = CpuDecoder(crop, processes, DeviceFeed(where))
+    if mode in ("device", "gpu") or (mode == "auto" and where.type == "cuda"):
+        return DeviceDecoder(crop, where, cpu)
     return cpu

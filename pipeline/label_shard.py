@@ -8,9 +8,12 @@ and so can a plain script on a GPU machine (bench/gpu_label.py).
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,12 +22,12 @@ import torch
 from data.decode import find_image
 from data.errors import Drop, UsageError
 from data.read import iter_shard
-from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header
-from data.stages import batched
+from data.records import PseudoLabel, pseudo_sample, shard_header
+from data.stages import Behind, ahead
 from data.storage import basename, join
 from data.write import AtomicShard
 from pipeline.filter_rules import conf_bins, sparse_to_json
-from pipeline.label_decode import make_decoder
+from pipeline.label_decode import DeviceFeed, InputTally, content_hashes, make_decoder
 from pipeline.reports import ShardReport, write_shard_report
 from pipeline.summaries import LabelSummary
 from teachers import Predictor, load_teacher, resolve_device
@@ -75,16 +78,42 @@ def embedding_projection(dim: int, out_dim: int = EMBED_DIM) -> torch.Tensor | N
     return torch.randn(dim, out_dim, generator=gen) / out_dim**0.5
 
 
+LABEL_BATCH = {"cuda": 256, "cpu": 32}  # --batch-size by device: an H100 is launch-bound at 32
+INPUT_AHEAD = 3  # decoded batches waiting for the forward pass
+OUTPUT_BEHIND = 4  # labeled batches waiting to be written
+
+
+def default_batch(device: str) -> int:
+    return LABEL_BATCH.get(torch.device(device).type, LABEL_BATCH["cpu"])
+
+
+@dataclass
+class Labels:
+    """A batch's labels on their way back from the device: top-k indices and probabilities,
+    entropy and (when asked for) the embedding, with the event that marks them copied."""
+
+    keys: list[str]
+    hashes: list[bytes]
+    parts: list[torch.Tensor]
+    copied: torch.cuda.Event | None
+
+    def arrays(self) -> list[np.ndarray]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return [part.numpy() for part in self.parts]
+
+
 @dataclass
 class Teacher:
-    """What a worker process holds once: the model, how to feed it, and its decoder."""
+    """What a worker holds once per device: the model, how to feed it, and its decoder."""
 
     predictor: Predictor
     decoder: Callable
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: torch.Tensor  # per channel, on the device: normalising needs no copy
+    std: torch.Tensor
     teacher_id: str
     projection: torch.Tensor | None
+    fits: int = 0  # the largest batch known to fit in the device's memory (0: not limited)
 
     @classmethod
     def load(
@@ -95,6 +124,7 @@ class Teacher:
         expected_id: str | None = None,
         decode: str = "auto",
         processes: int = 0,
+        compile: bool = False,
     ) -> Teacher:
         device = resolve_device(device)
         model, info = load_teacher(teacher, weights, device=device)
@@ -103,23 +133,104 @@ class Teacher:
                 f"the teacher's weights changed after the job started ({expected_id} then, "
                 f"{info.teacher_id} now): rerun the command"
             )
-        predictor = Predictor(model, device=device)
-        with torch.inference_mode():
-            size = info.eval_size
-            _, feats = predictor.predict(torch.zeros(1, 3, size, size))
+        predictor = Predictor(model, device=device, compile=compile)
+        size = info.eval_size
+        _, feats = predictor.forward(torch.zeros(1, 3, size, size, device=device))
+        projection = embedding_projection(feats.shape[1])
         return cls(
             predictor,
             make_decoder(eval_crop(info), decode, device, processes),
-            info.mean,
-            info.std,
+            torch.tensor(info.mean, device=device),
+            torch.tensor(info.std, device=device),
             info.teacher_id,
-            embedding_projection(feats.shape[1]),
+            None if projection is None else projection.to(device),
         )
 
-    def predict(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities and features of a batch of HWC uint8 crops, normalised where they
-        lie (on the GPU when they were decoded there)."""
-        return self.predictor.predict(normalize(torch.stack(pixels), self.mean, self.std))
+    @property
+    def device(self) -> torch.device:
+        return self.predictor.device
+
+    @torch.inference_mode()
+    def label(self, batch: Batch, k: int, embed: bool) -> Labels:
+        """Normalise, forward, softmax, top-k, entropy and the embedding of a uint8 batch on
+        its device; only the k values per sample (and the embedding) are copied back, without
+        waiting for them: `Labels.arrays` does."""
+        DeviceFeed.accept(batch.pixels, batch.ready)
+        probs, features = self._forward(normalize(batch.pixels, self.mean, self.std))
+        top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
+        parts = [top_i, top_p, entropy]
+        if embed:
+            emb = features @ self.projection if self.projection is not None else features
+            parts.append(torch.nn.functional.normalize(emb, dim=1))
+        parts = [part.to("cpu", non_blocking=True) for part in parts]
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.device))
+        return Labels(batch.keys, batch.hashes, parts, copied)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass in pieces that fit: out of memory halves the pieces (remembered
+        for the batches after), and is never taken for a bad image; one image that does not
+        fit fails the shard with one line."""
+        step = self.fits or len(x)
+        try:
+            outs = [self.predictor.forward(x[i : i + step]) for i in range(0, len(x), step)]
+        except torch.OutOfMemoryError as exc:
+            if step == 1:
+                raise UsageError(
+                    f"{self.device} ran out of memory in the forward pass of one image: "
+                    "label on a larger device, or with a smaller teacher"
+                ) from exc
+            self.fits = step // 2
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return self._forward(x)
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([p for p, _ in outs]), torch.cat([f for _, f in outs])
+
+
+class Teachers:
+    """A worker process's teachers, one per device it sees, each loaded when a thread first
+    needs it. Threads are spread over the devices in turn, from one chosen by the process id
+    (the processes of one machine start on different devices); `forwards` bounds the
+    forward passes in flight on each device (None: 1 on a GPU, none on the CPU), so memory
+    does not grow with the threads."""
+
+    def __init__(
+        self, load: Callable[[str], Teacher], devices: list[str], forwards: int | None
+    ) -> None:
+        self.load, self.devices, self.loaded = load, devices, {}
+        self.slots = {d: _slot(d, forwards) for d in devices}
+        self.turn = os.getpid() % len(devices)
+        self.lock = threading.Lock()
+
+    def assign(self) -> tuple[Teacher, AbstractContextManager]:
+        """The teacher (and its device's slot) for the next thread."""
+        with self.lock:
+            device = self.devices[self.turn % len(self.devices)]
+            self.turn += 1
+            if device not in self.loaded:
+                self.loaded[device] = self.load(device)
+            return self.loaded[device], self.slots[device]
+
+
+def _slot(device: str, forwards: int | None) -> AbstractContextManager:
+    if forwards is None:
+        forwards = 1 if torch.device(device).type == "cuda" else 0
+    return threading.BoundedSemaphore(forwards) if forwards > 0 else nullcontext()
+
+
+@dataclass
+class Batch:
+    """A forward pass's worth of decodable samples, pixels on the teacher's device."""
+
+    keys: list[str]
+    hashes: list[bytes]
+    pixels: torch.Tensor
+    ready: torch.cuda.Event | None
 
 
 def summarise(
@@ -134,91 +245,144 @@ def summarise(
 
 
 def label_shard(
-    url: str, name: str, out_dir: str, teacher: Teacher, batch_size: int, topk: int, embed: bool
+    url: str,
+    name: str,
+    out_dir: str,
+    teacher: Teacher,
+    batch_size: int,
+    topk: int,
+    embed: bool,
+    slot: AbstractContextManager | None = None,
 ) -> ShardReport:
     """Label one shard into the sidecar `out_dir/name`; returns what went in and out.
 
-    Every sample read is counted once: labeled, or dropped with a reason. A key seen twice in
-    one shard keeps its first sample (a second label under the same key could never be told
-    apart from the first downstream)."""
+    Three threads: one reads, hashes and decodes (`ahead`), this one drives the device (one
+    call per batch, nothing per image), one writes the records (`Behind`). `slot` bounds the
+    forward passes in flight on the device. Every sample read is counted once: labeled, or
+    dropped with a reason. A key seen twice in one shard keeps its first sample (a second
+    label under the same key could never be told apart from the first downstream)."""
     started = time.monotonic()
     out_url = join(out_dir, name)
     report = ShardReport(source=url, output=out_url)
-    seen: set[str] = set()
+    input_drops: list[Drop] = []  # the input thread's; joined to the report at the end
+    tally = InputTally()
     summary = LabelSummary()
     by_class: dict[int, Counter] = {}  # the filter's confidence counts, per class
-
-    def first_of_each_key(samples: Iterator[dict]) -> Iterator[dict]:
-        for sample in samples:
-            report.samples_in += 1
-            if sample["__key__"] in seen:
-                report.drops.append(
-                    Drop(url, sample["__key__"], "duplicate_key", "an earlier sample has it")
-                )
-                continue
-            seen.add(sample["__key__"])
-            yield sample
+    feed = teacher.decoder.feed
 
     def read_error(drop: Drop) -> None:
-        report.drops.append(drop)
+        input_drops.append(drop)
         if drop.key is not None:  # a sample read from the shard but never yielded (unsafe name)
             report.samples_in += 1
 
-    def images() -> Iterator[tuple[str, bytes]]:
-        for sample in first_of_each_key(iter_shard(url, read_error)):
-            found = find_image(sample)
-            if found is None:
-                report.drops.append(Drop(url, sample["__key__"], "no_image"))
-            else:
-                yield sample["__key__"], found[1]
-
-    def decodable() -> Iterator[tuple[str, torch.Tensor, bytes]]:
-        for chunk in teacher.decoder(batched(images(), batch_size)):
-            for key, data, pixels, reason in chunk:
-                if reason is not None:
-                    report.drops.append(Drop(url, key, reason))
+    def chunks() -> Iterator[list]:
+        seen: set[str] = set()
+        samples = iter_shard(url, read_error)
+        while True:
+            tick = time.monotonic()
+            chunk = []
+            for sample in samples:
+                report.samples_in += 1
+                key = sample["__key__"]
+                found = find_image(sample)
+                if key in seen:
+                    input_drops.append(Drop(url, key, "duplicate_key", "an earlier sample has it"))
+                elif found is None:
+                    seen.add(key)
+                    input_drops.append(Drop(url, key, "no_image"))
                 else:
-                    yield key, pixels, content_hash(data)
+                    seen.add(key)
+                    chunk.append((key, found[1]))
+                    if len(chunk) == batch_size:
+                        break
+            if not chunk:
+                report.read_seconds += time.monotonic() - tick
+                return
+            hashes = content_hashes([data for _, data in chunk])
+            report.read_seconds += time.monotonic() - tick
+            yield [(key, data, digest) for (key, data), digest in zip(chunk, hashes, strict=True)]
+
+    def batches() -> Iterator[Batch]:
+        """Decoded chunks cut into batches of `batch_size` decodable samples."""
+        keys: list[str] = []
+        hashes: list[bytes] = []
+        parts: list[torch.Tensor] = []
+        with feed.context():
+            for decoded in teacher.decoder(chunks(), tally):
+                input_drops.extend(Drop(url, key, reason) for key, reason in decoded.drops)
+                keys += decoded.keys
+                hashes += decoded.hashes
+                parts.append(decoded.pixels)
+                while len(keys) >= batch_size:
+                    pixels = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    yield Batch(
+                        keys[:batch_size], hashes[:batch_size], pixels[:batch_size], feed.mark()
+                    )
+                    keys, hashes, parts = (
+                        keys[batch_size:],
+                        hashes[batch_size:],
+                        [pixels[batch_size:]],
+                    )
+            if keys:
+                yield Batch(keys, hashes, torch.cat(parts), feed.mark())
+
+    def write(labels: Labels) -> None:
+        top_i, top_p, ent, *emb = labels.arrays()
+        conf = top_p[:, 0]
+        # Binned as the record holds the confidence (float16), as the filter reads it.
+        for cls, b in zip(top_i[:, 0].tolist(), conf_bins(np.float16(conf)).tolist(), strict=True):
+            by_class.setdefault(cls, Counter())[b] += 1
+        for j, key in enumerate(labels.keys):
+            label = PseudoLabel(
+                key,
+                top_i[j],
+                top_p[j].astype(np.float16),
+                float(conf[j]),
+                float(ent[j]),
+                labels.hashes[j],
+                emb[0][j].astype(np.float16) if embed else None,
+            )
+            shard.write(pseudo_sample(label))
+            # What the record holds (float16), so a scan of the sidecars agrees exactly.
+            summary.add(label.top1, *np.float16([label.confidence, label.entropy]).tolist())
 
     shard = AtomicShard(out_url)
+    writer = Behind(write, OUTPUT_BEHIND)
     try:
         shard.write(shard_header(teacher=teacher.teacher_id, source=url, topk=topk, embed=embed))
-        for batch in batched(decodable(), batch_size):
-            keys, pixels, hashes = zip(*batch, strict=True)
+        inputs = ahead(batches(), INPUT_AHEAD)
+        while True:
             tick = time.monotonic()
-            probs, features = teacher.predict(list(pixels))
+            batch = next(inputs, None)
+            report.input_wait_seconds += time.monotonic() - tick
+            if batch is None:
+                break
+            tick = time.monotonic()
+            with slot or nullcontext():
+                labels = teacher.label(batch, topk, embed)
             report.forward_seconds += time.monotonic() - tick
             report.last_forward_at = time.time()
             report.first_forward_at = report.first_forward_at or report.last_forward_at
-            top_i, top_p, conf, ent, emb = summarise(probs, features, topk, teacher.projection)
-            # Binned as the record holds the confidence (float16), as the filter reads it.
-            for cls, b in zip(
-                top_i[:, 0].tolist(), conf_bins(np.float16(conf)).tolist(), strict=True
-            ):
-                by_class.setdefault(cls, Counter())[b] += 1
-            for j, key in enumerate(keys):
-                label = PseudoLabel(
-                    key,
-                    top_i[j],
-                    top_p[j].astype(np.float16),
-                    float(conf[j]),
-                    float(ent[j]),
-                    hashes[j],
-                    emb[j].astype(np.float16) if embed else None,
-                )
-                shard.write(pseudo_sample(label))
-                # What the record holds (float16), so a scan of the sidecars agrees exactly.
-                summary.add(label.top1, *np.float16([label.confidence, label.entropy]).tolist())
+            tick = time.monotonic()
+            writer.put(labels)
+            report.output_wait_seconds += time.monotonic() - tick
+        tick = time.monotonic()
+        writer.close()
+        report.drops = input_drops
         report.samples_out = shard.count - 1
-        report.seconds = time.monotonic() - started
+        report.decode_seconds, report.write_seconds = tally.decode_seconds, writer.busy_seconds
+        report.on_device, report.on_cpu = tally.on_device, tally.on_cpu
         report.stats = {
             **summary.to_json(),
             "bytes": shard.close_tar(),
             "class_confidences": sparse_to_json(by_class),
         }
+        report.output_wait_seconds += time.monotonic() - tick
+        report.seconds = time.monotonic() - started
         write_shard_report(out_dir, report, name)
         shard.commit()
     except BaseException:
+        writer.close(abandon=True)
         shard.abort()
         raise
     return report

@@ -31,6 +31,17 @@ from data.storage import join, list_dir, read_bytes, read_json, remove, write_by
 REPORTS = "_reports"
 FAILURES = "_failures"
 READ_AHEAD = 32  # reports fetched at once while merging: latency hidden, memory bounded
+TIME_SPLIT = (  # where a unit's time went, summed into the manifest
+    "seconds",
+    "input_wait_seconds",
+    "forward_seconds",
+    "output_wait_seconds",
+    "read_seconds",
+    "decode_seconds",
+    "write_seconds",
+    "on_device",
+    "on_cpu",
+)
 MAX_POLL_SHARE = 0.05  # a progress poll may cost at most this share of the time between polls
 
 
@@ -41,8 +52,15 @@ class ShardReport:
     samples_in: int = 0
     samples_out: int = 0
     drops: list[Drop] = field(default_factory=list)
-    seconds: float = 0.0
-    forward_seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the unit, on the thread that drives the device:
+    input_wait_seconds: float = 0.0  # waiting for the next decoded batch
+    forward_seconds: float = 0.0  # the forward pass and what runs on the device with it
+    output_wait_seconds: float = 0.0  # waiting for the writer (and the last records written)
+    read_seconds: float = 0.0  # busy times beside it: reading and hashing,
+    decode_seconds: float = 0.0  # decoding and cropping (summed over the decode processes),
+    write_seconds: float = 0.0  # and encoding and writing the records
+    on_device: int = 0  # images decoded on the teacher's device
+    on_cpu: int = 0  # and by the CPU decoder
     first_forward_at: float = 0.0  # wall clock at the end of the first forward pass
     last_forward_at: float = 0.0  # and of the last: between the two, a job's steady state
     stats: dict = field(default_factory=dict)  # additive summaries: histograms, counts by class
@@ -99,8 +117,7 @@ class Merged:
     samples_in: int = 0
     samples_out: int = 0
     fresh_samples_out: int = 0  # of the units this run did (not an earlier one)
-    seconds: float = 0.0
-    forward_seconds: float = 0.0
+    time_split: Counter = field(default_factory=Counter)  # the reports' *_seconds and counts
     drops: Counter = field(default_factory=Counter)
     shard_faults: Counter = field(default_factory=Counter)
     stats: dict = field(default_factory=dict)
@@ -132,8 +149,8 @@ def merge_reports(
         merged.samples_out += report.samples_out
         if name in fresh:
             merged.fresh_samples_out += report.samples_out
-        merged.seconds += report.seconds
-        merged.forward_seconds += report.forward_seconds
+        for key in TIME_SPLIT:
+            merged.time_split[key] += getattr(report, key)
         for drop in report.drops:
             log.add(drop)
         add_into(merged.stats, report.stats)
