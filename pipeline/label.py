@@ -193,7 +193,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         before = len(reported(output))
         with (
             WorkList(output, "label", todo) as work,
-            ReportProgress(output, len(todo), "label", done_before=before),
+            ReportProgress(output, len(todo), "label", done_before=before, rates=True),
         ):
             run_pipeline(options, build(work))
         raise_failures(output)
@@ -214,6 +214,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         shards_done_before=len(names) - len(fresh),
         seconds=round(seconds, 2),
         images_per_second=round(merged.fresh_samples_out / max(seconds, 1e-9), 2) if fresh else 0.0,
+        time_split={k: round(v, 3) for k, v in merged.time_split.items()},
         summary=merged.stats,
     )
 

@@ -42,7 +42,8 @@ TIME_SPLIT = (  # where a unit's time went, summed into the manifest
     "on_device",
     "on_cpu",
 )
-MAX_POLL_SHARE = 0.05  # a progress poll may cost at most this share of the time between polls
+MAX_POLL_SHARE = 0.05
+SAMPLED_PER_POLL = 8  # reports a poll reads for the bar's rates: its cost stays bounded  # a progress poll may cost at most this share of the time between polls
 
 
 @dataclass
@@ -195,21 +196,49 @@ class ReportProgress:
 
     Each poll is a listing of `_reports/`, whose cost grows with the shard count; the
     interval grows with it, so that polling never costs more than a small share of the
-    time (at 130,000 reports on a bucket, a poll every minute or so)."""
+    time (at 130,000 reports on a bucket, a poll every minute or so). With `rates`, each poll
+    also reads a few of the new reports (at most SAMPLED_PER_POLL) and the bar shows the
+    images per second and the share of time the forward pass waited for input."""
 
     def __init__(
-        self, out_dir: str, total: int, desc: str, done_before: int, interval: float = 1.0
+        self,
+        out_dir: str,
+        total: int,
+        desc: str,
+        done_before: int,
+        interval: float = 1.0,
+        rates: bool = False,
     ) -> None:
         self.out_dir, self.interval, self.done_before = out_dir, interval, done_before
+        self.rates, self.seen, self.started = rates, set(), time.monotonic()
+        self.sampled = Counter()
         self.bar = progress_bar(total=total, desc=desc, unit="shard")
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
     def _update(self) -> float:
         started = time.monotonic()
-        done = len(list_dir(join(self.out_dir, REPORTS))) - self.done_before
+        names = {e.name for e in list_dir(join(self.out_dir, REPORTS))}
+        done = len(names) - self.done_before
+        if self.rates and done > 0:
+            self._sample(names)
         self.bar.update(min(done, self.bar.total) - self.bar.n)
         return time.monotonic() - started
+
+    def _sample(self, names: set[str]) -> None:
+        new = sorted(names - self.seen)
+        self.seen |= names
+        for name in new[:SAMPLED_PER_POLL]:
+            report = read_json(join(self.out_dir, REPORTS, name)) or {}
+            self.sampled["shards"] += 1
+            for key in ("samples_out", "seconds", "input_wait_seconds"):
+                self.sampled[key] += report.get(key, 0)
+        if self.sampled["shards"] and self.sampled["seconds"]:
+            per_shard = self.sampled["samples_out"] / self.sampled["shards"]
+            done = max(0, len(names) - self.done_before)
+            rate = per_shard * done / max(time.monotonic() - self.started, 1e-9)
+            wait = self.sampled["input_wait_seconds"] / self.sampled["seconds"]
+            self.bar.set_postfix_str(f"{rate:,.0f} img/s, waiting for input {wait:.0%}")
 
     def _poll(self) -> None:
         wait = self.interval

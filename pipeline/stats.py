@@ -223,6 +223,7 @@ def report_from_scan(summary: dict, manifest: dict, how: str) -> dict:
         },
         "drops": manifest.get("drops", {}),
         "shard_faults": summary.get("faults", {}) | manifest.get("shard_faults", {}),
+        "time_split": manifest.get("time_split") or {},
     }
 
 
@@ -313,8 +314,42 @@ def format_report(report: dict, class_names: list[str] | None) -> str:
         rows.append(
             ("damaged shards", ", ".join(f"{r}: {n}" for r, n in report["shard_faults"].items()))
         )
+    rows += time_rows(report["time_split"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+INPUT_BOUND = 0.1  # the share of time the forward pass may wait for input before it is the story
+
+
+def time_rows(split: dict) -> list[tuple[str, str]]:
+    """Where a label job's worker time went, and in words whether its input held it back:
+    how a user sizes the CPUs a GPU needs."""
+    total = split.get("seconds", 0)
+    if not total:
+        return []
+    wait = split["input_wait_seconds"] / total
+    images = split["on_device"] + split["on_cpu"]
+    verdict = (
+        f"input-bound: the forward pass waited for input {wait:.0%} of the time; give each "
+        "device more decode processes (cores) or decode on it (--decode device)"
+        if wait >= INPUT_BOUND
+        else f"not input-bound: the forward pass waited for input {wait:.0%} of the time"
+    )
+    return [
+        (
+            "worker time",
+            f"{total:,.1f} s: forward {split['forward_seconds'] / total:.0%}, waiting for input "
+            f"{wait:.0%}, waiting for the writer {split['output_wait_seconds'] / total:.0%}",
+        ),
+        (
+            "input side",
+            f"read {split['read_seconds']:,.1f} s, decode {split['decode_seconds']:,.1f} s "
+            f"({split['on_device'] / max(images, 1):.0%} of images on the device), "
+            f"write {split['write_seconds']:,.1f} s",
+        ),
+        ("verdict", verdict),
+    ]
 
 
 def plot(report: dict, class_names: list[str] | None, path: str) -> None:
