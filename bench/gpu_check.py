@@ -1,0 +1,233 @@
+"""The GPU check: the label stage on a GPU against the bare forward pass, in one call.
+
+    python bench/gpu_check.py --json gpu.json        # on a CUDA machine: rs-152 at 256 px
+    python bench/gpu_check.py --device cpu --model rs-mini --size 32 --images 48 \\
+        --sizes 40-120 --batch-size 8 --steps 2      # the same code on a CPU, at tiny sizes
+
+It needs PyTorch, torchvision, Pillow, numpy, fsspec and safetensors, and no Beam: it runs
+`pipeline.label_shard.label_shard`, the per-shard work of `pipeline label`, directly.
+
+1. writes shards of web variety on the spot, on every core (sizes 150-1,000 px, about 12%
+   progressive and 4% CMYK JPEGs, 10% PNG/WebP/GIF, 2% undecodable: bench/corpus.WEB_MIX);
+2. (a) times the bare forward: batch x 3 x size x size, bf16 autocast, channels-last, CUDA
+   events after a warm-up, eager and through torch.compile;
+3. (b) times the label stage's own per-shard code end to end (read, hash, decode, eval crop,
+   forward, top-k, sidecar written) on `--threads` worker threads sharing one teacher, with
+   CPU decoding in N processes and with the device path (nvJPEG on CUDA);
+4. prints img/s of each, (b)/(a), img/s per decode core, the share of time the forward pass
+   waited for input, the card, the driver and the core count, and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.corpus import web_samples  # noqa: E402
+from data.write import write_shard  # noqa: E402
+from pipeline.label_decode import default_processes  # noqa: E402
+from pipeline.label_shard import Teacher, label_shard  # noqa: E402
+from teachers import create_model, export_run  # noqa: E402
+
+
+def _write_shard(root: Path, per_shard: int, sizes: tuple[int, int], index: int) -> str:
+    url = str(root / f"web-{index:06d}.tar")
+    samples = web_samples(per_shard, seed=index, sizes=sizes)
+    for sample in samples:
+        sample["__key__"] = f"s{index:06d}-{sample['__key__']}"
+    write_shard(url, samples)
+    return url
+
+
+def write_corpus(root: Path, images: int, per_shard: int, sizes: tuple[int, int]) -> list[str]:
+    """Shards of web variety, one process per core (a shard per task)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards = max(1, images // per_shard)
+    with ProcessPoolExecutor(default_processes()) as pool:
+        return list(pool.map(partial(_write_shard, root, per_shard, sizes), range(shards)))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward(body, device: torch.device, batch: int, size: int, steps: int) -> float:
+    """Images/s of the forward pass alone, on a batch already on the device."""
+    on_cuda = device.type == "cuda"
+    x = torch.randn(batch, 3, size, size, device=device)
+    if on_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):
+        for _ in range(3):
+            body(x)
+        _sync(device)
+        if on_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                body(x)
+            end.record()
+            torch.cuda.synchronize(device)
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            tick = time.perf_counter()
+            for _ in range(steps):
+                body(x)
+            seconds = time.perf_counter() - tick
+    return batch * steps / seconds
+
+
+def label_rate(
+    teacher: Teacher, urls: list[str], out: Path, batch: int, threads: int
+) -> dict[str, float]:
+    """The label stage's per-shard work over all shards on `threads` threads sharing the
+    teacher (one forward pass in flight on a GPU, as a worker runs), after one warm-up shard."""
+    slot = threading.BoundedSemaphore(1) if teacher.device.type == "cuda" else None
+    label_shard(urls[0], "warm.tar", str(out / "warm"), teacher, batch, 16, False, slot)
+    _sync(teacher.device)
+    tick = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        reports = list(
+            pool.map(
+                lambda iu: label_shard(
+                    iu[1], f"s{iu[0]:06d}.tar", str(out), teacher, batch, 16, False, slot
+                ),
+                enumerate(urls),
+            )
+        )
+    _sync(teacher.device)
+    seconds = time.perf_counter() - tick
+    images = sum(r.samples_out for r in reports)
+    worker = sum(r.seconds for r in reports)
+    return {
+        "img_s": images / seconds,
+        "images": images,
+        "dropped": sum(len(r.drops) for r in reports),
+        "stall_share": sum(r.input_wait_seconds for r in reports) / worker,
+        "on_device": sum(r.on_device for r in reports),
+        "on_cpu": sum(r.on_cpu for r in reports),
+    }
+
+
+def _driver() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine(device: torch.device) -> dict:
+    import torchvision
+
+    on_cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or "cpu",
+        "driver": _driver() if on_cuda else None,
+        "cores": default_processes(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def label_section(args: argparse.Namespace, work: Path) -> dict:
+    device = torch.device(args.device)
+    low, high = (int(v) for v in args.sizes.split("-"))
+    started = time.perf_counter()
+    urls = write_corpus(work / "corpus", args.images, args.per_shard, (low, high))
+    figures: dict = {"corpus_seconds": round(time.perf_counter() - started, 1)}
+
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=1000).eval()
+    run = work / "teacher"
+    export_run(str(run), model, args.model, None)
+    meta = json.loads((run / "model.json").read_text())
+    meta.update(eval_size=args.size, crop_pct=args.size / (args.size + 32))
+    (run / "model.json").write_text(json.dumps(meta))
+
+    teacher = Teacher.load(str(run), None, args.device, decode="cpu", processes=args.processes)
+    predictor = teacher.predictor
+    bare = bare_forward(predictor.body, device, args.batch_size, args.size, args.steps)
+    figures["bare_forward_img_s"] = round(bare, 1)
+    if args.compile:
+        started = time.perf_counter()
+        compiled = torch.compile(predictor.body)
+        figures["bare_compiled_img_s"] = round(
+            bare_forward(compiled, device, args.batch_size, args.size, args.steps), 1
+        )
+        figures["compile_seconds"] = round(time.perf_counter() - started, 1)
+    for decode in ("cpu", "device"):
+        if decode == "device":
+            teacher = Teacher.load(
+                str(run), None, args.device, decode="device", processes=args.processes
+            )
+        rate = label_rate(
+            teacher, urls, work / f"labels-{decode}", args.batch_size, args.threads
+        )
+        figures[f"label_{decode}_decode"] = {
+            **{k: round(v, 3) for k, v in rate.items()},
+            "over_bare": round(rate["img_s"] / bare, 3),
+            "img_s_per_decode_core": round(rate["img_s"] / max(1, args.processes), 1),
+        }
+    return figures
+
+
+SECTIONS = {"label": label_section}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", default="rs-152")
+    parser.add_argument("--size", type=int, default=256, help="eval resolution (256)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--images", type=int, default=8192)
+    parser.add_argument("--per-shard", type=int, default=512)
+    parser.add_argument("--sizes", default="150-1000", help="web image sides, px (150-1000)")
+    parser.add_argument("--processes", type=int, default=default_processes(), help="decode")
+    parser.add_argument("--threads", type=int, default=2, help="worker threads (2)")
+    parser.add_argument("--steps", type=int, default=20, help="timed bare forward steps")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="label")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    figures: dict = {
+        **machine(device),
+        "args": {k: v for k, v in vars(args).items() if k != "json"},
+    }
+    for name in args.sections.split(","):
+        started = time.perf_counter()
+        figures[name] = SECTIONS[name](args, work)
+        figures[name]["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps({name: figures[name]}, indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
