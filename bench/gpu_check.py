@@ -181,9 +181,7 @@ def label_section(args: argparse.Namespace, work: Path) -> dict:
             teacher = Teacher.load(
                 str(run), None, args.device, decode="device", processes=args.processes
             )
-        rate = label_rate(
-            teacher, urls, work / f"labels-{decode}", args.batch_size, args.threads
-        )
+        rate = label_rate(teacher, urls, work / f"labels-{decode}", args.batch_size, args.threads)
         figures[f"label_{decode}_decode"] = {
             **{k: round(v, 3) for k, v in rate.items()},
             "over_bare": round(rate["img_s"] / bare, 3),

@@ -151,12 +151,19 @@ class Teacher:
         return self.predictor.device
 
     @torch.inference_mode()
+    def prepare(self, keys: list[str], hashes: list[bytes], pixels: torch.Tensor) -> Batch:
+        """A batch of uint8 crops on the device, normalised there by the input thread (on
+        its side stream on CUDA), so the driving thread only runs the model."""
+        inputs = normalize(pixels, self.mean, self.std)
+        return Batch(keys, hashes, inputs, self.decoder.feed.mark())
+
+    @torch.inference_mode()
     def label(self, batch: Batch, k: int, embed: bool) -> Labels:
-        """Normalise, forward, softmax, top-k, entropy and the embedding of a uint8 batch on
-        its device; only the k values per sample (and the embedding) are copied back, without
+        """Forward, softmax, top-k, entropy and the embedding of a prepared batch on its
+        device; only the k values per sample (and the embedding) are copied back, without
         waiting for them: `Labels.arrays` does."""
-        DeviceFeed.accept(batch.pixels, batch.ready)
-        probs, features = self._forward(normalize(batch.pixels, self.mean, self.std))
+        DeviceFeed.accept(batch.inputs, batch.ready)
+        probs, features = self._forward(batch.inputs)
         top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
         parts = [top_i, top_p, entropy]
@@ -225,11 +232,11 @@ def _slot(device: str, forwards: int | None) -> AbstractContextManager:
 
 @dataclass
 class Batch:
-    """A forward pass's worth of decodable samples, pixels on the teacher's device."""
+    """A forward pass's worth of decodable samples, normalised on the teacher's device."""
 
     keys: list[str]
     hashes: list[bytes]
-    pixels: torch.Tensor
+    inputs: torch.Tensor  # (n, 3, crop, crop) float, laid out channels-last
     ready: torch.cuda.Event | None
 
 
@@ -307,7 +314,7 @@ def label_shard(
         keys: list[str] = []
         hashes: list[bytes] = []
         parts: list[torch.Tensor] = []
-        with feed.context():
+        with feed.context(), torch.inference_mode():
             for decoded in teacher.decoder(chunks(), tally):
                 input_drops.extend(Drop(url, key, reason) for key, reason in decoded.drops)
                 keys += decoded.keys
@@ -315,16 +322,13 @@ def label_shard(
                 parts.append(decoded.pixels)
                 while len(keys) >= batch_size:
                     pixels = torch.cat(parts) if len(parts) > 1 else parts[0]
-                    yield Batch(
-                        keys[:batch_size], hashes[:batch_size], pixels[:batch_size], feed.mark()
+                    yield teacher.prepare(
+                        keys[:batch_size], hashes[:batch_size], pixels[:batch_size]
                     )
-                    keys, hashes, parts = (
-                        keys[batch_size:],
-                        hashes[batch_size:],
-                        [pixels[batch_size:]],
-                    )
+                    keys, hashes = keys[batch_size:], hashes[batch_size:]
+                    parts = [pixels[batch_size:]]
             if keys:
-                yield Batch(keys, hashes, torch.cat(parts), feed.mark())
+                yield teacher.prepare(keys, hashes, torch.cat(parts))
 
     def write(labels: Labels) -> None:
         top_i, top_p, ent, *emb = labels.arrays()
