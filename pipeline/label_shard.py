@@ -350,27 +350,32 @@ def label_shard(
             # What the record holds (float16), so a scan of the sidecars agrees exactly.
             summary.add(label.top1, *np.float16([label.confidence, label.entropy]).tolist())
 
+    def lap() -> float:
+        """Seconds since the last lap: every moment of the driving thread is counted once."""
+        nonlocal last
+        now = time.monotonic()
+        seconds, last = now - last, now
+        return seconds
+
+    last = started
     shard = AtomicShard(out_url)
     writer = Behind(write, OUTPUT_BEHIND)
     try:
         shard.write(shard_header(teacher=teacher.teacher_id, source=url, topk=topk, embed=embed))
         inputs = ahead(batches(), INPUT_AHEAD)
+        report.output_seconds += lap()
         while True:
-            tick = time.monotonic()
             batch = next(inputs, None)
-            report.input_wait_seconds += time.monotonic() - tick
+            report.input_wait_seconds += lap()
             if batch is None:
                 break
-            tick = time.monotonic()
             with slot or nullcontext():
                 labels = teacher.label(batch, topk, embed)
-            report.forward_seconds += time.monotonic() - tick
+            report.forward_seconds += lap()
             report.last_forward_at = time.time()
             report.first_forward_at = report.first_forward_at or report.last_forward_at
-            tick = time.monotonic()
             writer.put(labels)
-            report.output_wait_seconds += time.monotonic() - tick
-        tick = time.monotonic()
+            report.output_seconds += lap()
         writer.close()
         report.drops = input_drops
         report.samples_out = shard.count - 1
@@ -381,7 +386,7 @@ def label_shard(
             "bytes": shard.close_tar(),
             "class_confidences": sparse_to_json(by_class),
         }
-        report.output_wait_seconds += time.monotonic() - tick
+        report.output_seconds += lap()
         report.seconds = time.monotonic() - started
         write_shard_report(out_dir, report, name)
         shard.commit()

@@ -35,7 +35,7 @@ TIME_SPLIT = (  # where a unit's time went, summed into the manifest
     "seconds",
     "input_wait_seconds",
     "forward_seconds",
-    "output_wait_seconds",
+    "output_seconds",
     "read_seconds",
     "decode_seconds",
     "write_seconds",
@@ -56,7 +56,7 @@ class ShardReport:
     seconds: float = 0.0  # wall time of the unit, on the thread that drives the device:
     input_wait_seconds: float = 0.0  # waiting for the next decoded batch
     forward_seconds: float = 0.0  # the forward pass and what runs on the device with it
-    output_wait_seconds: float = 0.0  # waiting for the writer (and the last records written)
+    output_seconds: float = 0.0  # opening the output, handing to the writer, its last records
     read_seconds: float = 0.0  # busy times beside it: reading and hashing,
     decode_seconds: float = 0.0  # decoding and cropping (summed over the decode processes),
     write_seconds: float = 0.0  # and encoding and writing the records

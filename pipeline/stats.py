@@ -340,7 +340,7 @@ def time_rows(split: dict) -> list[tuple[str, str]]:
         (
             "worker time",
             f"{total:,.1f} s: forward {split['forward_seconds'] / total:.0%}, waiting for input "
-            f"{wait:.0%}, waiting for the writer {split['output_wait_seconds'] / total:.0%}",
+            f"{wait:.0%}, output {split['output_seconds'] / total:.0%}",
         ),
         (
             "input side",
