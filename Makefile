@@ -33,6 +33,7 @@ test: lint
 # each appends a dated section to BENCHMARKS.md, and cost.py projects them to 130M images.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_label.py
+	$(BIN)/python bench/bench_drive.py --before 9e69e4b
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_scale.py
