@@ -32,11 +32,11 @@ from sklearn.datasets import load_digits
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.record import append  # noqa: E402
-from data.decode import decode_image  # noqa: E402
 from data.digits import digit_png, write_digits  # noqa: E402
-from data.records import content_hash  # noqa: E402
+from data.records import content_hash, read_pseudo_shard  # noqa: E402
+from data.write import write_shard  # noqa: E402
 from pipeline import dedup  # noqa: E402
-from pipeline.label_shard import Teacher, summarise  # noqa: E402
+from pipeline.label_shard import Teacher, label_shard  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FPR = 0.005  # pipeline filter's default --dedup-fpr
@@ -87,15 +87,14 @@ def mosaics(count: int, seed: int, scans: range, tile: int = TILE) -> list[Image
 
 
 def embed(teacher: Teacher, blobs: list[bytes]) -> np.ndarray:
-    """The stored embedding of each encoded image, as `pipeline label --embed` writes it."""
-    rows = []
-    for start in range(0, len(blobs), 256):
-        batch = torch.stack(
-            [teacher.transform(decode_image(b)[0]) for b in blobs[start : start + 256]]
-        )
-        probs, feats = teacher.predictor.predict(batch)
-        rows.append(summarise(probs, feats, 1, teacher.projection)[4].astype(np.float16))
-    return np.concatenate(rows).astype(np.float32)
+    """The stored embedding of each encoded image, written by `pipeline label --embed`'s own
+    per-shard code and read back from its sidecar."""
+    work = Path(tempfile.mkdtemp(prefix="embed-"))
+    src = work / "src.tar"
+    write_shard(str(src), [{"__key__": f"e{i:07d}", "png": b} for i, b in enumerate(blobs)])
+    label_shard(str(src), "out.tar", str(work / "out"), teacher, 256, 1, True)
+    labels = read_pseudo_shard(str(work / "out" / "out.tar"), lambda drop: None)
+    return np.stack([label.embedding for label in labels]).astype(np.float32)
 
 
 def nearest_other_threshold(index, fpr: float) -> float:

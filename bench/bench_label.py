@@ -126,7 +126,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-label-"))
-    cores = len(os.sched_getaffinity(0))
     results = {name: run_case(work, name, args.repeats) for name in CASES}
 
     compute = results["compute-bound"]
@@ -155,9 +154,7 @@ def main() -> None:
         "**plain / label, median of alternated runs**",
         lambda r: f"**{r['ratio']:.2f}**",
     )
-    rows.append(
-        f"| target | >= {CASES['decode-bound'][3]} | >= {CASES['compute-bound'][3]} |"
-    )
+    rows.append(f"| target | >= {CASES['decode-bound'][3]} | >= {CASES['compute-bound'][3]} |")
     row(
         "images/s (label, median run)",
         lambda r: f"{r['images'] / statistics.median(r['label_s']):.0f}",

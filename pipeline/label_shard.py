@@ -240,17 +240,6 @@ class Batch:
     ready: torch.cuda.Event | None
 
 
-def summarise(
-    probs: torch.Tensor, features: torch.Tensor, k: int, projection: torch.Tensor | None
-) -> tuple[np.ndarray, ...]:
-    """Top-k, confidence, entropy and (optionally) a unit-length embedding for a batch."""
-    top_p, top_i = probs.topk(min(k, probs.shape[1]), dim=1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
-    emb = features @ projection if projection is not None else features
-    emb = torch.nn.functional.normalize(emb.float(), dim=1)
-    return (top_i.numpy(), top_p.numpy(), top_p[:, 0].numpy(), entropy.numpy(), emb.numpy())
-
-
 def label_shard(
     url: str,
     name: str,
