@@ -109,7 +109,7 @@ def _eval_embeddings(args: FilterArgs, output: str, label_manifest: dict, beam_a
             input=args.dedup_against,
             output=eval_dir,
             embed=True,
-            batch_size=teacher_args.get("batch_size", 32),
+            batch_size=teacher_args.get("batch_size"),
             device=teacher_args.get("device", "auto"),
             runner=args.runner,
         ),
