@@ -36,16 +36,24 @@ def student_loss(
     ratio: float,
     label_smoothing: float = 0.1,
     temperature: float = 1.0,
+    shares: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, labeled, pseudo) for one forward pass over the labeled batch followed by the
     pseudo-labeled batch: total = CE(labeled, smoothed) + ratio * soft CE(pseudo).
 
     With both terms batch means, the total weighs every image alike, labeled or not, and
-    is (1 + ratio) times the mean loss of the concatenated batch.
+    is (1 + ratio) times the mean loss of the concatenated batch. For a micro-batch,
+    `shares` are its shares of the step's labeled and pseudo-labeled images: each term is
+    weighted by its share, so the micro-batches' totals add up to the whole step's loss (and
+    their gradients to its gradient). A part with no images of a kind adds nothing for it.
     """
     n = labels.shape[0]
-    labeled = F.cross_entropy(logits[:n].float(), labels, label_smoothing=label_smoothing)
+    zero = torch.zeros((), device=logits.device)
+    labeled = (
+        F.cross_entropy(logits[:n].float(), labels, label_smoothing=label_smoothing) if n else zero
+    )
     if pseudo_targets is None or pseudo_targets.shape[0] == 0:
-        return labeled, labeled.detach(), torch.zeros((), device=logits.device)
+        return shares[0] * labeled, labeled.detach(), zero
     pseudo = soft_cross_entropy(logits[n:], pseudo_targets, temperature)
-    return labeled + ratio * pseudo, labeled.detach(), pseudo.detach()
+    total = shares[0] * labeled + ratio * shares[1] * pseudo
+    return total, labeled.detach(), pseudo.detach()

@@ -18,6 +18,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 
@@ -118,6 +119,68 @@ def mixed_batches(labeled: Iterable, pseudo: Iterable | None) -> Iterator[Batch]
             yield images, labels, pseudo_images, targets, dict(Counter(drops) + Counter(more))
 
 
+def micro_splits(labeled: int, pseudo: int, micro_batch: int) -> list[tuple[slice, slice]]:
+    """(labeled, pseudo) slices of a step's batch, one pair per micro-batch of at most about
+    `micro_batch` images, each with its even share of both kinds (0: one part)."""
+    parts = 1 if not micro_batch else max(1, math.ceil((labeled + pseudo) / micro_batch))
+    cut = lambda n, i: round(i * n / parts)  # noqa: E731
+    return [
+        (slice(cut(labeled, i), cut(labeled, i + 1)), slice(cut(pseudo, i), cut(pseudo, i + 1)))
+        for i in range(parts)
+    ]
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    recipe: Recipe,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over a labeled (+ pseudo-labeled) batch, in `recipe.micro_batch`
+    parts whose gradients accumulate (DDP synchronises only the last): each part's loss is
+    weighted by its share of the step's images of each kind, so the step's gradient is the
+    whole batch's. Returns the step's (loss, labeled loss, pseudo loss), on the device."""
+    images, labels, pseudo_images, targets = batch
+    on_cuda = device.type == "cuda"
+    n, m = labels.shape[0], 0 if pseudo_images is None else pseudo_images.shape[0]
+    parts = micro_splits(n, m, recipe.micro_batch)
+    totals = [torch.zeros((), device=device) for _ in range(3)]
+    optimizer.zero_grad(set_to_none=True)
+    for j, (lab, pse) in enumerate(parts):
+        x = images[lab] if not m else torch.cat([images[lab], pseudo_images[pse]])
+        x = x.to(device, non_blocking=True)
+        if on_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels[lab].to(device, non_blocking=True)
+        t = None if not m else targets[pse].to(device, non_blocking=True)
+        shares = ((lab.stop - lab.start) / n, (pse.stop - pse.start) / max(m, 1))
+        last = j == len(parts) - 1
+        sync = (
+            model.no_sync()
+            if isinstance(model, DistributedDataParallel) and not last
+            else nullcontext()
+        )
+        with sync:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                logits = model(x)
+            loss, labeled_loss, pseudo_loss = student_loss(
+                logits,
+                y,
+                t,
+                recipe.unlabeled_ratio,
+                recipe.label_smoothing,
+                recipe.temperature,
+                shares,
+            )
+            loss.backward()
+        totals[0] += loss.detach()
+        totals[1] += shares[0] * labeled_loss
+        totals[2] += shares[1] * pseudo_loss
+    optimizer.step()
+    return totals[0], totals[1], totals[2]
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -134,7 +197,6 @@ def train_one_epoch(
     in memory for a benchmark), advancing the run's progress `bar` if there is one; returns this
     process's mean losses, the LR, images/s and the samples the loaders dropped, by reason."""
     model.train()
-    on_cuda = device.type == "cuda"
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
     losses = {name: utils.Average() for name in ("loss", "loss_labeled", "loss_pseudo")}
     images_seen, lr, start = 0, 0.0, time.perf_counter()
@@ -143,27 +205,10 @@ def train_one_epoch(
         if i == steps:
             break
         dropped.update(drops)
-        if pseudo_images is not None:
-            images = torch.cat([images, pseudo_images])
-            targets = targets.to(device, non_blocking=True)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if on_cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            logits = model(images)
-        loss, labeled_loss, pseudo_loss = student_loss(
-            logits,
-            labels,
-            targets,
-            recipe.unlabeled_ratio,
-            recipe.label_smoothing,
-            recipe.temperature,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        loss, labeled_loss, pseudo_loss = train_step(
+            model, optimizer, (images, labels, pseudo_images, targets), recipe, device
+        )
         scheduler.step()
         ema.update_parameters(unwrapped)
 
@@ -171,7 +216,7 @@ def train_one_epoch(
         losses["loss"].add(loss.item(), n)
         losses["loss_labeled"].add(labeled_loss.item(), n)
         losses["loss_pseudo"].add(pseudo_loss.item(), n)
-        images_seen += images.shape[0] * world
+        images_seen += (n + (0 if pseudo_images is None else len(pseudo_images))) * world
         if bar is not None:
             rate = images_seen / (time.perf_counter() - start)
             shown = {"loss": f"{losses['loss'].mean:.3f}", "img_s": f"{rate:.0f}"}
@@ -293,6 +338,13 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     batch = recipe.batch_size // env.world
     pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch)
     preset = train_preset(table, recipe)
+    if env.is_main:
+        parts = len(micro_splits(batch, pseudo_batch, recipe.micro_batch))
+        print(
+            f"{batch} labeled + {pseudo_batch} pseudo-labeled images per step per process, "
+            f"in {parts} micro-batch{'es' if parts > 1 else ''} of about "
+            f"{math.ceil((batch + pseudo_batch) / parts)} (micro_batch {recipe.micro_batch})"
+        )
     stream = partial(
         train_loader,
         rank=env.rank,

@@ -322,3 +322,42 @@ def test_a_stream_of_nothing_but_unusable_samples_is_an_error():
     assert [t.tolist() for _, t, _ in out] == [[1], [1]]
     with pytest.raises(ValueError, match="3 samples in a row .* no_class in s.tar"):
         list(batches(drops, batch_size=1, limit=3))
+
+
+def _step(micro_batch: int, batch: tuple) -> tuple[list[torch.Tensor], torch.Tensor]:
+    from students.config import Recipe
+    from students.train import train_step
+
+    torch.manual_seed(0)
+    model = create_model("rs-mini", num_classes=10, drop_rate=0.0, drop_path_rate=0.0).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    recipe = Recipe(model="rs-mini", micro_batch=micro_batch, unlabeled_ratio=3.0)
+    loss, _, _ = train_step(model, optimizer, batch, recipe, torch.device("cpu"))
+    return [p.detach().clone() for p in model.parameters()], loss
+
+
+def test_micro_batches_give_the_update_of_the_whole_batch():
+    """Eval-mode batch norm (its statistics are the running ones, the same for every split),
+    no dropout: the only difference left is the split, so the updates must agree."""
+    from students.train import micro_splits
+
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 10, (16,), generator=gen)
+    targets = torch.softmax(torch.randn(48, 10, generator=gen), dim=1)
+    batch = (torch.randn(16, 3, 32, 32, generator=gen), labels,
+             torch.randn(48, 3, 32, 32, generator=gen), targets)  # fmt: skip
+    whole, whole_loss = _step(0, batch)
+    split, split_loss = _step(16, batch)  # B/4 of the 64 images: four parts
+    assert len(micro_splits(16, 48, 16)) == 4
+    assert all((s.stop - s.start, t.stop - t.start) == (4, 12) for s, t in micro_splits(16, 48, 16))
+    assert torch.allclose(whole_loss, split_loss, rtol=1e-5)
+    moved = sum(float((p - q).abs().sum()) for p, q in zip(whole, _step(0, batch)[0], strict=True))
+    assert moved == 0.0  # the step is deterministic: equal updates are not luck
+    for p, q in zip(whole, split, strict=True):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-4)
+    # An uneven split: parts of unequal sizes, one without labeled images, still the same.
+    uneven, _ = _step(7, (batch[0][:3], labels[:3], batch[2][:20], targets[:20]))
+    plain, _ = _step(0, (batch[0][:3], labels[:3], batch[2][:20], targets[:20]))
+    assert any(s.stop == s.start for s, _ in micro_splits(3, 20, 7))
+    for p, q in zip(plain, uneven, strict=True):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-4)

@@ -232,6 +232,33 @@ def test_pseudo_labeled_shards_train_in_the_same_step(tmp_path: Path):
     assert result["val_top1"] >= 0.57, log
 
 
+def test_micro_batches_keep_the_step_count_and_schedule_and_are_recorded(tmp_path: Path):
+    from students.train import train
+
+    data = tmp_path / "digits"
+    write_digits(str(data), labeled=200, seed=0)
+    _pseudo_shards(data / "unlabeled", tmp_path / "pseudo")
+    logs = {}
+    for micro in (0, 16):
+        out = tmp_path / f"micro{micro}"
+        train(
+            model="rs-mini",
+            labeled=str(data / "labeled"),
+            pseudo=str(tmp_path / "pseudo"),
+            out=str(out),
+            config=DEMO,
+            epochs=2,
+            batch_size=16,  # 16 labeled + 48 pseudo-labeled: four micro-batches of 16
+            overrides=[f"micro_batch={micro}"],
+        )
+        logs[micro] = _log(out)
+        assert yaml.safe_load((out / "config.yaml").read_text())["micro_batch"] == micro
+    for whole, split in zip(logs[0], logs[16], strict=True):
+        assert (whole["step"], whole["lr"]) == (split["step"], split["lr"])
+        # Batch statistics come from 16 images instead of 64: close, not equal.
+        assert abs(whole["loss"] - split["loss"]) < 0.25 * whole["loss"]
+
+
 # --- distributed data and weights --------------------------------------------------------
 
 
