@@ -486,3 +486,32 @@ def test_a_rank_that_fails_ends_the_torchrun_job_with_its_error(tmp_path: Path):
         "pipeline train-student: error: 1000 samples in a row could not be used, the last for "
         f"no_class in {data / 'labeled' / 'labeled-000001.tar'}: are these the right shards?"
     ]
+
+
+_STEP_PEAK = """
+import resource, sys, torch
+from students.config import Recipe
+from students.train import train_step
+from teachers import create_model
+torch.manual_seed(0)
+model = create_model("rs-50", num_classes=100).train()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+gen = torch.Generator().manual_seed(0)
+batch = (torch.randn(64, 3, 128, 128, generator=gen), torch.randint(0, 100, (64,)), None, None)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+train_step(model, optimizer, batch, Recipe(model="rs-50", micro_batch=int(sys.argv[1])), torch.device("cpu"))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_micro_batches_cut_the_peak_memory_of_a_step():
+    """One rs-50 step at 128 px on 64 images, whole and in micro-batches of 8, each in a
+    process of its own: the peak grows by the activations the backward pass keeps."""
+    grown = {}
+    for micro in (0, 8):
+        result = subprocess.run(
+            [sys.executable, "-c", _STEP_PEAK, str(micro)],
+            capture_output=True, text=True, check=True, timeout=600,
+        )  # fmt: skip
+        grown[micro] = int(result.stdout.split()[-1])
+    assert grown[8] <= 0.6 * grown[0], grown
