@@ -111,11 +111,13 @@ class Recipe:
     shuffle_buffer: int = _key(
         2000, "samples held per loader worker (raw bytes, before decoding)", low=1
     )
-    micro_batch: int = _key(
-        0,
+    micro_batch: int | None = _key(
+        None,
         "images (labeled + pseudo) per forward and backward per process, gradients "
-        "accumulated over a step's micro-batches; 0: the whole per-process batch",
+        "accumulated over a step's micro-batches; 0: the whole per-process batch; null: the "
+        "model table's (what fits a 40 GiB GPU)",
         low=0,
+        table="micro_batch",
     )
     workers: int = _key(4, "loader processes per data stream and per training process", low=0)
     eval_batch_size: int = _key(256, "images per validation batch", low=1)

@@ -119,9 +119,9 @@ def mixed_batches(labeled: Iterable, pseudo: Iterable | None) -> Iterator[Batch]
             yield images, labels, pseudo_images, targets, dict(Counter(drops) + Counter(more))
 
 
-def micro_splits(labeled: int, pseudo: int, micro_batch: int) -> list[tuple[slice, slice]]:
+def micro_splits(labeled: int, pseudo: int, micro_batch: int | None) -> list[tuple[slice, slice]]:
     """(labeled, pseudo) slices of a step's batch, one pair per micro-batch of at most about
-    `micro_batch` images, each with its even share of both kinds (0: one part)."""
+    `micro_batch` images, each with its even share of both kinds (0 or None: one part)."""
     parts = 1 if not micro_batch else max(1, math.ceil((labeled + pseudo) / micro_batch))
     cut = lambda n, i: round(i * n / parts)  # noqa: E731
     return [

@@ -23,6 +23,18 @@ from teachers.weights import WeightsSource, apply_weights, read_weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RS50_LAYERS = (3, 4, 6, 3)
+# Images per forward and backward at the train resolution that fit a 40 GiB GPU in bf16:
+# from activation memory measured on a CPU by bench/bench_micro.py (BENCHMARKS.md). The
+# small members train on CPUs, whole batches (0).
+MICRO = {
+    "rs-50": 464,
+    "rs-101": 232,
+    "rs-152": 120,
+    "rs-200": 88,
+    "rs-270": 64,
+    "rs-350": 48,
+    "rs-420": 32,
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class ModelConfig:
     drop_rate: float = 0.25
     drop_path_rate: float = 0.0
     randaugment_magnitude: int = 15  # level out of 10 on the TF reference's scale
+    micro_batch: int = 0  # images per forward and backward that fit a 40 GiB GPU (bench_micro)
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -85,13 +98,15 @@ MODELS: dict[str, ModelConfig] = {
         _small("rs-mini", 32, depth=0.25, width=0.25, crop_padding=0),
         _small("rs-tiny", 32, depth=0.5, width=0.5, crop_padding=0),
         _small("rs-small", 128, depth=1.0, width=0.5),
-        _paper(50, RS50_LAYERS, 160, randaugment_magnitude=10),
-        _paper(101, (3, 4, 23, 3), 192),
-        _paper(152, (3, 8, 36, 3), 256),
-        _paper(200, (3, 24, 36, 3), 256, drop_path_rate=0.1),
-        _paper(270, (4, 29, 53, 4), 256, drop_path_rate=0.1),
-        _paper(350, (4, 36, 72, 4), 256, drop_path_rate=0.1),
-        _paper(420, (4, 44, 87, 4), 320, drop_rate=0.4, drop_path_rate=0.1),
+        _paper(50, RS50_LAYERS, 160, randaugment_magnitude=10, micro_batch=MICRO["rs-50"]),
+        _paper(101, (3, 4, 23, 3), 192, micro_batch=MICRO["rs-101"]),
+        _paper(152, (3, 8, 36, 3), 256, micro_batch=MICRO["rs-152"]),
+        _paper(200, (3, 24, 36, 3), 256, drop_path_rate=0.1, micro_batch=MICRO["rs-200"]),
+        _paper(270, (4, 29, 53, 4), 256, drop_path_rate=0.1, micro_batch=MICRO["rs-270"]),
+        _paper(350, (4, 36, 72, 4), 256, drop_path_rate=0.1, micro_batch=MICRO["rs-350"]),
+        _paper(
+            420, (4, 44, 87, 4), 320, drop_rate=0.4, drop_path_rate=0.1, micro_batch=MICRO["rs-420"]
+        ),
     )
 }
 

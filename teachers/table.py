@@ -46,6 +46,7 @@ def models_table(names: Sequence[str] | None = None) -> list[dict]:
                 "dropout": cfg.drop_rate,
                 "stochastic_depth": cfg.drop_path_rate,
                 "randaugment": cfg.randaugment_magnitude,
+                "micro_batch": cfg.micro_batch,
             }
         )
     return rows
@@ -62,6 +63,7 @@ HEADERS = {
     "dropout": "dropout",
     "stochastic_depth": "stoch. depth",
     "randaugment": "RandAugment",
+    "micro_batch": "micro-batch",
 }
 
 
