@@ -51,6 +51,7 @@ def test_one_imagenet_recipe_takes_each_size_from_the_model_table():
         assert recipe.stochastic_depth == table.drop_path_rate
         assert recipe.image_size == table.train_size
         assert recipe.randaugment_magnitude == table.randaugment_magnitude
+        assert recipe.micro_batch == table.micro_batch > 0
         assert None not in recipe.to_dict().values()
     # The paper's per-size numbers, as the table gives them.
     small, large = (
