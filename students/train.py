@@ -339,11 +339,12 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch)
     preset = train_preset(table, recipe)
     if env.is_main:
-        parts = len(micro_splits(batch, pseudo_batch, recipe.micro_batch))
+        mixed = pseudo_batch if pseudo_urls else 0
+        parts = len(micro_splits(batch, mixed, recipe.micro_batch))
         print(
-            f"{batch} labeled + {pseudo_batch} pseudo-labeled images per step per process, "
+            f"{batch} labeled + {mixed} pseudo-labeled images per step per process, "
             f"in {parts} micro-batch{'es' if parts > 1 else ''} of about "
-            f"{math.ceil((batch + pseudo_batch) / parts)} (micro_batch {recipe.micro_batch})"
+            f"{math.ceil((batch + mixed) / parts)} (micro_batch {recipe.micro_batch})"
         )
     stream = partial(
         train_loader,
