@@ -10,7 +10,7 @@ It needs PyTorch, torchvision, Pillow, numpy, fsspec and safetensors, and no Bea
 1. writes shards of web variety on the spot, on every core (sizes 150-1,000 px, about 12%
    progressive and 4% CMYK JPEGs, 10% PNG/WebP/GIF, 2% undecodable: bench/corpus.WEB_MIX);
 2. (a) times the bare forward: batch x 3 x size x size, bf16 autocast, channels-last, CUDA
-   events after a warm-up, eager and through torch.compile;
+   synchronised after a warm-up, eager and through torch.compile;
 3. (b) times the label stage's own per-shard code end to end (read, hash, decode, eval crop,
    forward, top-k, sidecar written) on `--threads` worker threads sharing one teacher, with
    CPU decoding in N processes and with the device path (nvJPEG on CUDA);
@@ -26,7 +26,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.corpus import web_samples  # noqa: E402
 from data.write import write_shard  # noqa: E402
 from pipeline.label_decode import default_processes  # noqa: E402
-from pipeline.label_shard import Teacher, label_shard  # noqa: E402
+from pipeline.label_shard import Teacher, forward_slot, label_shard  # noqa: E402
 from teachers import create_model, export_run  # noqa: E402
 
 
@@ -66,28 +65,24 @@ def _sync(device: torch.device) -> None:
 
 
 def bare_forward(body, device: torch.device, batch: int, size: int, steps: int) -> float:
-    """Images/s of the forward pass alone, on a batch already on the device."""
-    on_cuda = device.type == "cuda"
-    x = torch.randn(batch, 3, size, size, device=device)
-    if on_cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=on_cuda):
+    """Images/s of the forward pass alone, on a channels-last batch already on the device,
+    in the precision the label stage runs it in; the device is synchronised before and after
+    the timed steps, so the clock holds all their work."""
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
+    with (
+        torch.inference_mode(),
+        torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"),
+    ):
         for _ in range(3):
             body(x)
         _sync(device)
-        if on_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                body(x)
-            end.record()
-            torch.cuda.synchronize(device)
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            tick = time.perf_counter()
-            for _ in range(steps):
-                body(x)
-            seconds = time.perf_counter() - tick
+        tick = time.perf_counter()
+        for _ in range(steps):
+            body(x)
+        _sync(device)
+        seconds = time.perf_counter() - tick
     return batch * steps / seconds
 
 
@@ -96,7 +91,7 @@ def label_rate(
 ) -> dict[str, float]:
     """The label stage's per-shard work over all shards on `threads` threads sharing the
     teacher (one forward pass in flight on a GPU, as a worker runs), after one warm-up shard."""
-    slot = threading.BoundedSemaphore(1) if teacher.device.type == "cuda" else None
+    slot = forward_slot(str(teacher.device), None)
     label_shard(urls[0], "warm.tar", str(out / "warm"), teacher, batch, 16, False, slot)
     _sync(teacher.device)
     tick = time.perf_counter()

@@ -137,13 +137,21 @@ class DeviceFeed:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
-    def mark(self) -> torch.cuda.Event | None:
-        """An event after the input thread's work so far (None on CPU)."""
+    def mark(self, current: bool = False) -> torch.cuda.Event | None:
+        """An event after the work queued so far on the input thread's side stream (with
+        `current`, on the calling thread's current stream); None on CPU, where work is done
+        when the call returns."""
         if not self.cuda:
             return None
         event = torch.cuda.Event()
-        event.record(self.stream)
+        event.record(torch.cuda.current_stream(self.device) if current else self.stream)
         return event
+
+    def release_cached(self) -> None:
+        """Hand the allocator's cached blocks back, before retrying what ran out of memory
+        (the CPU allocator caches nothing)."""
+        if self.cuda:
+            torch.cuda.empty_cache()
 
     @staticmethod
     def accept(pixels: torch.Tensor, ready: torch.cuda.Event | None) -> None:

@@ -171,11 +171,7 @@ class Teacher:
             emb = features @ self.projection if self.projection is not None else features
             parts.append(torch.nn.functional.normalize(emb, dim=1))
         parts = [part.to("cpu", non_blocking=True) for part in parts]
-        copied = None
-        if self.device.type == "cuda":
-            copied = torch.cuda.Event()
-            copied.record(torch.cuda.current_stream(self.device))
-        return Labels(batch.keys, batch.hashes, parts, copied)
+        return Labels(batch.keys, batch.hashes, parts, self.decoder.feed.mark(current=True))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward pass in pieces that fit: out of memory halves the pieces (remembered
@@ -191,8 +187,7 @@ class Teacher:
                     "label on a larger device, or with a smaller teacher"
                 ) from exc
             self.fits = step // 2
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self.decoder.feed.release_cached()
             return self._forward(x)
         if len(outs) == 1:
             return outs[0]
@@ -210,7 +205,7 @@ class Teachers:
         self, load: Callable[[str], Teacher], devices: list[str], forwards: int | None
     ) -> None:
         self.load, self.devices, self.loaded = load, devices, {}
-        self.slots = {d: _slot(d, forwards) for d in devices}
+        self.slots = {d: forward_slot(d, forwards) for d in devices}
         self.turn = os.getpid() % len(devices)
         self.lock = threading.Lock()
 
@@ -224,7 +219,9 @@ class Teachers:
             return self.loaded[device], self.slots[device]
 
 
-def _slot(device: str, forwards: int | None) -> AbstractContextManager:
+def forward_slot(device: str, forwards: int | None) -> AbstractContextManager:
+    """What a thread holds while it runs a forward pass on `device`: at most `forwards` at
+    once (None: 1 on a GPU, no bound on the CPU)."""
     if forwards is None:
         forwards = 1 if torch.device(device).type == "cuda" else 0
     return threading.BoundedSemaphore(forwards) if forwards > 0 else nullcontext()

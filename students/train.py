@@ -123,11 +123,11 @@ def micro_splits(labeled: int, pseudo: int, micro_batch: int | None) -> list[tup
     """(labeled, pseudo) slices of a step's batch, one pair per micro-batch of at most about
     `micro_batch` images, each with its even share of both kinds (0 or None: one part)."""
     parts = 1 if not micro_batch else max(1, math.ceil((labeled + pseudo) / micro_batch))
-    cut = lambda n, i: round(i * n / parts)  # noqa: E731
-    return [
-        (slice(cut(labeled, i), cut(labeled, i + 1)), slice(cut(pseudo, i), cut(pseudo, i + 1)))
-        for i in range(parts)
-    ]
+
+    def piece(n: int, i: int) -> slice:
+        return slice(round(i * n / parts), round((i + 1) * n / parts))
+
+    return [(piece(labeled, i), piece(pseudo, i)) for i in range(parts)]
 
 
 def train_step(
