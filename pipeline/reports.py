@@ -42,8 +42,8 @@ TIME_SPLIT = (  # where a unit's time went, summed into the manifest
     "on_device",
     "on_cpu",
 )
-MAX_POLL_SHARE = 0.05
-SAMPLED_PER_POLL = 8  # reports a poll reads for the bar's rates: its cost stays bounded  # a progress poll may cost at most this share of the time between polls
+MAX_POLL_SHARE = 0.05  # a progress poll may cost at most this share of the time between polls
+SAMPLED_PER_POLL = 8  # reports a poll reads for the bar's rates: its cost stays bounded
 
 
 @dataclass
@@ -221,11 +221,11 @@ class ReportProgress:
         names = {e.name for e in list_dir(join(self.out_dir, REPORTS))}
         done = len(names) - self.done_before
         if self.rates and done > 0:
-            self._sample(names)
+            self._sample(names, done)
         self.bar.update(min(done, self.bar.total) - self.bar.n)
         return time.monotonic() - started
 
-    def _sample(self, names: set[str]) -> None:
+    def _sample(self, names: set[str], done: int) -> None:
         new = sorted(names - self.seen)
         self.seen |= names
         for name in new[:SAMPLED_PER_POLL]:
@@ -235,7 +235,6 @@ class ReportProgress:
                 self.sampled[key] += report.get(key, 0)
         if self.sampled["shards"] and self.sampled["seconds"]:
             per_shard = self.sampled["samples_out"] / self.sampled["shards"]
-            done = max(0, len(names) - self.done_before)
             rate = per_shard * done / max(time.monotonic() - self.started, 1e-9)
             wait = self.sampled["input_wait_seconds"] / self.sampled["seconds"]
             self.bar.set_postfix_str(f"{rate:,.0f} img/s, waiting for input {wait:.0%}")
