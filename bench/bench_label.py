@@ -1,6 +1,6 @@
 """`pipeline label` against a plain single-process loop doing the same work, whole processes.
 
-    python bench/bench_label.py [--repeats 3]
+    python bench/bench_label.py [--repeats 3] [--before REV]
 
 Two cases, each alternating plain and Beam runs on the same shards, median of plain time /
 label time:
@@ -17,6 +17,10 @@ own start-up and exit (imports, model load) and its work spread over every core 
 cost at all: plain_s / (plain start-up + plain work / cores). Where it is below the target,
 no input path can meet the target at this corpus size; the steady state is then what says
 whether the cores are used.
+
+With `--before REV`, each decode-bound repeat also runs REV's `pipeline label` (from a git
+worktree) on the same shards, between the two: the ratio of the two labels, measured in the
+same minutes, says whether a change moved the stage, whatever the machine's speed that day.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import write_corpus  # noqa: E402
-from bench.record import append, timed  # noqa: E402
+from bench.record import ROOT, append, timed  # noqa: E402
 from teachers import create_model, export_run, get_config  # noqa: E402
 
 CASES = {  # name: (model, images, batch size, target plain / label)
@@ -64,7 +69,8 @@ def _reports(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in (out / "_reports").glob("*.json")]
 
 
-def run_case(work: Path, name: str, repeats: int) -> dict:
+def run_case(work: Path, name: str, repeats: int, old: Path | None = None) -> dict:
+    """`old`: a checkout of an earlier revision, whose label runs too (see --before)."""
     model, images, batch, _ = CASES[name]
     torch.manual_seed(0)
     teacher = work / f"teacher-{model}"
@@ -73,7 +79,7 @@ def run_case(work: Path, name: str, repeats: int) -> dict:
     write_corpus(str(corpus), images)
     timed(_plain(teacher, corpus, batch))  # the file cache and imports, once
     plain_s, label_s, forward_share, first_batch, steady = [], [], [], [], []
-    plain_first, label_tail, bound = [], [], []
+    plain_first, label_tail, bound, before_s = [], [], [], []
     cores = len(os.sched_getaffinity(0))
     timing = work / "plain-timing.json"
     for i in range(repeats):
@@ -86,6 +92,10 @@ def run_case(work: Path, name: str, repeats: int) -> dict:
         startup = first - launched - before / plain_rate
         plain_first.append(first - launched)
         bound.append(plain_s[-1] / (startup + (plain_s[-1] - startup) / cores))
+        if old is not None:
+            old_out = work / f"{name}-before{i}"
+            before_s.append(timed(_label(teacher, corpus, old_out, batch), cwd=old)[0])
+            shutil.rmtree(old_out)
         out = work / f"{name}-out{i}"
         launched = time.time()
         label_s.append(timed(_label(teacher, corpus, out, batch))[0])
@@ -107,6 +117,12 @@ def run_case(work: Path, name: str, repeats: int) -> dict:
         "plain_s": plain_s,
         "label_s": label_s,
         "ratio": statistics.median(p / q for p, q in zip(plain_s, label_s, strict=True)),
+        "before_s": before_s,
+        "before_over_now": (
+            statistics.median(p / q for p, q in zip(before_s, label_s, strict=True))
+            if before_s
+            else None
+        ),
         "forward_share": statistics.median(forward_share),
         "first_batch_s": statistics.median(first_batch),
         "plain_first_batch_s": statistics.median(plain_first),
@@ -124,9 +140,21 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--before", help="also time this revision's label (decode-bound)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-label-"))
-    results = {name: run_case(work, name, args.repeats) for name in CASES}
+    old = None
+    if args.before:
+        old = work / "old"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", str(old), args.before])
+    try:
+        results = {
+            name: run_case(work, name, args.repeats, old if name == "decode-bound" else None)
+            for name in CASES
+        }
+    finally:
+        if old is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)])
 
     compute = results["compute-bound"]
     sidecars = sorted(compute["out"].glob("*.tar"))
@@ -150,6 +178,14 @@ def main() -> None:
     )
     row("plain loop wall s (runs)", lambda r: ", ".join(f"{s:.1f}" for s in r["plain_s"]))
     row("pipeline label wall s (runs)", lambda r: ", ".join(f"{s:.1f}" for s in r["label_s"]))
+    decode = results["decode-bound"]
+    if decode["before_s"]:
+        runs = ", ".join(f"{s:.1f}" for s in decode["before_s"])
+        rows.append(f"| label at {args.before}, wall s (runs) | {runs} | |")
+        rows.append(
+            f"| **label at {args.before} / label now, median** | "
+            f"**{decode['before_over_now']:.2f}** | |"
+        )
     row(
         "**plain / label, median of alternated runs**",
         lambda r: f"**{r['ratio']:.2f}**",
@@ -182,7 +218,8 @@ def main() -> None:
     ]
     append(
         "pipeline label vs plain loop: decode-bound and compute-bound",
-        f"python bench/bench_label.py --repeats {args.repeats}",
+        f"python bench/bench_label.py --repeats {args.repeats}"
+        + (f" --before {args.before}" if args.before else ""),
         rows,
         "label",
         {
@@ -194,6 +231,7 @@ def main() -> None:
             "first_batch_s": results["decode-bound"]["first_batch_s"],
             "steady_ratio_decode_bound": results["decode-bound"]["steady_ratio"],
             "bound_decode_bound": results["decode-bound"]["bound"],
+            "before_over_now_decode_bound": decode["before_over_now"],
             "payload_bytes_per_record": payload,
             "sidecar_bytes_per_record": on_disk,
             "peak_rss_mib": [mem_1x / 1024, mem_4x / 1024],

@@ -17,10 +17,13 @@ _PEAK = (
 )
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak resident memory (KiB) of one whole process."""
+def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int]:
+    """Wall seconds and peak resident memory (KiB) of one whole process; `cwd`: a checkout
+    whose code `python -m` runs instead of this one's."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, cwd=cwd
+    )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
