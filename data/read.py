@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 from data.errors import Drop
-from data.storage import open_read
+from data.storage import TIMEOUT_VARIABLE, open_read, request_timeout
 
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
@@ -43,6 +43,30 @@ class ShardFault(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+class StorageError(OSError):
+    """Reading a shard failed in the storage (a time-out, a lost connection, a server error
+    after the client's retries), not in the shard's bytes: an error of the run, never a
+    dropped shard, since every later shard would be dropped the same way."""
+
+
+def _storage_error(url: str, exc: OSError) -> StorageError:
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        detail += (
+            f" (no answer within {request_timeout():g} s, after the storage client's retries; "
+            f"{TIMEOUT_VARIABLE} sets the time-out)"
+        )
+    return StorageError(f"reading {url}: {detail}")
+
+
+def _is_damage(exc: BaseException, compressed: bool) -> bool:
+    """Whether an error while reading is the shard's own damage (a compressed stream cut or
+    corrupt) rather than the storage failing under it."""
+    if isinstance(exc, (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)):
+        return True
+    return compressed and type(exc) is OSError and exc.errno is None  # bz2: "Invalid data"
 
 
 class _Prepended:
@@ -169,13 +193,17 @@ def _shard_samples(url: str, on_error: Callable[[Drop], None]) -> Iterator[dict]
     """Samples of one shard; what is lost is reported once, as a shard-level Drop."""
     try:
         raw = open_read(url)
-    except _STREAM_ERRORS as exc:
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         on_error(Drop(url, None, "unreadable_shard", str(exc)))
         return
+    except OSError as exc:
+        raise _storage_error(url, exc) from exc
     sample: dict | None = None
     duplicate_reported = False
+    stream = raw
     try:
-        for name, data in tar_members(_decompressed(raw)):
+        stream = _decompressed(raw)
+        for name, data in tar_members(stream):
             match = _KEY_EXT.match(name)
             if not match:
                 continue
@@ -196,8 +224,11 @@ def _shard_samples(url: str, on_error: Callable[[Drop], None]) -> Iterator[dict]
         if sample is not None:
             yield sample
         on_error(Drop(url, None, fault.reason, str(fault)))
-    except _STREAM_ERRORS as exc:  # the compressed stream itself is cut or damaged
-        if sample is not None:
+    except _STREAM_ERRORS as exc:
+        compressed = stream is not raw and not isinstance(stream, _Prepended)
+        if not _is_damage(exc, compressed):
+            raise _storage_error(url, exc) from exc
+        if sample is not None:  # the compressed stream itself is cut or damaged
             yield sample
         on_error(Drop(url, None, "truncated_shard", str(exc) or type(exc).__name__))
     finally:

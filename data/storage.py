@@ -31,13 +31,48 @@ TEMP_MARK = ".tmp-"  # local temporary files: NAME.tmp-<12 hex>
 SPOOL_BYTES = 64 << 20  # an object-store write is held in memory up to this size, then on disk
 READ_BLOCK = 16 << 20  # a remote read fetches this much per request: few GETs per shard
 COPY_CHUNK = 8 << 20
+# Seconds an object-store request may wait for a connection or for the next bytes of its
+# answer before the client retries it (gcsfs 6 times, s3fs 5, with back-off) and then fails:
+# a lost answer is an error, never a wait for ever. gcsfs sets no limit of its own.
+TIMEOUT_VARIABLE = "PIPELINE_STORAGE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def request_timeout() -> float:
+    value = os.environ.get(TIMEOUT_VARIABLE, "")
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_VARIABLE}={value!r}: give a number of seconds above 0")
+    return seconds
+
+
+def _client_options(protocol: str | None) -> dict:
+    """The request time-outs of the object-store clients, under any the user set in
+    fsspec's own configuration (which win)."""
+    own = fsspec.config.conf.get(protocol or "", {})
+    if protocol in ("gs", "gcs"):
+        if "requests_timeout" in own:
+            return {}
+        import aiohttp
+
+        seconds = request_timeout()
+        return {"requests_timeout": aiohttp.ClientTimeout(sock_connect=seconds, sock_read=seconds)}
+    if protocol in ("s3", "s3a"):
+        seconds = request_timeout()
+        config = {"connect_timeout": seconds, "read_timeout": seconds}
+        return {"config_kwargs": config | own.get("config_kwargs", {})}
+    return {}
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem of `url` and the path within it, with listing caches off."""
+    """The filesystem of `url` and the path within it, with listing caches off and every
+    request under a time-out."""
     if "://" not in url or url.startswith("file://"):
         return fsspec.core.url_to_fs(url)
-    return fsspec.core.url_to_fs(url, use_listings_cache=False)
+    return fsspec.core.url_to_fs(url, use_listings_cache=False, **_client_options(_protocol(url)))
 
 
 def is_local(url: str) -> bool:

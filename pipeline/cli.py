@@ -343,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # Beam logs import-time warnings about optional cloud clients to the root logger; the user
     # sees our summaries and warnings unless they ask for the runner's logs.
-    logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "ERROR").upper())
+    level = os.environ.get("PIPELINE_LOG_LEVEL")
+    logging.basicConfig(level=(level or "ERROR").upper())
+    if not level:  # the storage clients log each request they give up on, with a traceback;
+        # the error that ends the command says it once, in one line
+        for client in ("gcsfs", "s3fs"):
+            logging.getLogger(client).setLevel(logging.CRITICAL)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "beam", False):

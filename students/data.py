@@ -8,11 +8,15 @@ once. Both split shards by node (disjoint across ranks) and then by loader worke
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -23,7 +27,7 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
 from data.decode import IMAGE_EXTS, decode_image, find_image
-from data.errors import Drop
+from data.errors import USER_ERRORS, Drop
 from data.read import iter_samples, member_names
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
 
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], torch.Tensor]
 MAX_DROPS_IN_A_ROW = 1000
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 # --- shard lists -------------------------------------------------------------------------
@@ -83,13 +88,36 @@ def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
     return iter_samples((shard["url"] for shard in src), _log_drop)
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A user's mistake or a storage failure met in a loader worker, carried to the training
+    loop as its message: raised there as one line, where PyTorch's own re-raise would give
+    "Caught ... in DataLoader worker process 0" and the worker's traceback."""
+
+    message: str
+    storage: bool
+
+    def error(self) -> Exception:
+        return OSError(self.message) if self.storage else ValueError(self.message)
+
+
 def batches(
     src: Iterable, batch_size: int, *, keep_last: bool = False, limit: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]] | Failed]:
     """Stage: (inputs, targets, drops) batches, `drops` counting by reason the samples a
     decoder left out since the previous batch, so they reach the loop that shows them. With
     `keep_last` the last batch may be short (or empty, carrying only drops). `limit`: so many
-    unusable samples in a row are an error (shards without classes, say), not a hang."""
+    unusable samples in a row are an error (shards without classes, say), not a hang. A
+    user error ends the stream as a `Failed` item (see `Loader`)."""
+    try:
+        yield from _batches(src, batch_size, keep_last, limit)
+    except USER_ERRORS as exc:
+        yield Failed(str(exc) or type(exc).__name__, isinstance(exc, OSError))
+
+
+def _batches(
+    src: Iterable, batch_size: int, keep_last: bool, limit: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]]]:
     items, drops, in_a_row = [], Counter(), 0
     for item in src:
         if isinstance(item, Drop):
@@ -209,6 +237,38 @@ class PseudoDecoder:
 # --- loaders -----------------------------------------------------------------------------
 
 
+def end_with_parent(parent: int, worker_id: int) -> None:
+    """A loader worker's start: it dies with the process it loads for (Linux's parent-death
+    signal). PyTorch's own watchdog looks only between batches, never while a read blocks.
+    The signal follows the thread that started the worker: loaders start in the main one."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except AttributeError:  # no prctl: not Linux, where the watchdog alone must do
+        return
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Loader:
+    """A DataLoader whose workers end with this process and whose `Failed` items are raised
+    here, as the one-line errors they are."""
+
+    def __init__(self, dataset: Iterable, workers: int, **options: object) -> None:
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            worker_init_fn=partial(end_with_parent, os.getpid()) if workers else None,
+            **options,
+        )
+
+    def __iter__(self) -> Iterator:
+        for item in self.loader:
+            if isinstance(item, Failed):
+                raise item.error()
+            yield item
+
+
 def train_loader(
     urls: Sequence[str],
     decode: Callable[[dict], object],
@@ -222,7 +282,7 @@ def train_loader(
     shuffle_buffer: int,
     pin_memory: bool = False,
     stream: int = 0,
-) -> DataLoader:
+) -> Loader:
     """An endless stream of (images, targets, drops) batches for one rank in one epoch;
     `stream` tells apart the streams of one rank (labeled, pseudo-labeled) so they draw
     apart."""
@@ -238,10 +298,9 @@ def train_loader(
         wds.map(decode),
         partial(batches, batch_size=batch_size, limit=MAX_DROPS_IN_A_ROW),
     )
-    return DataLoader(
+    return Loader(
         pipeline,
-        batch_size=None,
-        num_workers=workers,
+        workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(stream_seed),  # seeds each worker's augmentation
     )
@@ -256,14 +315,14 @@ def eval_loader(
     rank: int = 0,
     world: int = 1,
     workers: int = 2,
-) -> DataLoader:
+) -> Loader | list:
     """Every labeled sample of this rank's shards once, in (images, labels, drops) batches.
 
     With fewer shards than ranks, the ranks past the last shard read nothing.
     """
     shards = list(urls)[rank::world]
     if not shards:  # webdataset's shard list must not be empty: this rank has nothing to read
-        return DataLoader([], batch_size=None)
+        return []
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards),
         wds.split_by_worker,
@@ -271,7 +330,7 @@ def eval_loader(
         wds.map(LabeledDecoder(transform, num_classes)),
         partial(batches, batch_size=batch_size, keep_last=True),
     )
-    return DataLoader(pipeline, batch_size=None, num_workers=min(workers, len(shards)))
+    return Loader(pipeline, min(workers, len(shards)))
 
 
 # --- what the shards hold ----------------------------------------------------------------

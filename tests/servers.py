@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -117,3 +118,61 @@ def start_s3(workdir: Path) -> Server:
     _wait_until_up(url, proc, log)
     os.environ["AWS_ENDPOINT_URL_S3"] = url
     return Server("s3", url, log, proc)
+
+
+class SilentRelay:
+    """A TCP relay on 127.0.0.1 in front of a server, that can go silent as a lost network
+    or a wedged server does: after `silence()`, every connection (open or new) is held open
+    and read from, and nothing more is answered. Runs in threads of the test process."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit("//", 1)[-1].split(":")
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.silent = threading.Event()
+        self.relayed = 0  # connections relayed before the silence
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        self.silent.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self._held.append(client)
+            if self.silent.is_set():
+                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
+                continue
+            self.relayed += 1
+            upstream = socket.create_connection(self.target)
+            self._held.append(upstream)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _swallow(self, client: socket.socket) -> None:
+        while client.recv(1 << 16):
+            pass
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if self.silent.is_set():  # the bytes are read and never delivered
+                    continue
+                sink.sendall(data)
+        except OSError:
+            pass
+        if not self.silent.is_set():  # one side closed: close the other, as a relay does
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self._held:
+            conn.close()

@@ -1,0 +1,225 @@
+"""The trainer where its users train: shards, validation, checkpoints and export in a bucket
+(fake-gcs-server, moto) with the default recipe's batch and loader workers, for several
+epochs, under torchrun too; and a bucket that stops answering mid-run, which must end the
+run with one line and leave no loader worker behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from data.storage import read_bytes, read_json, walk_files
+from tests.conftest import run_cli
+from tests.servers import SilentRelay
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+EPOCH_LINE = re.compile(r"^epoch (\d+), ")
+
+
+@pytest.fixture(scope="module")
+def buckets(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The digits (200 labeled images in shards of 50) in a bucket of each store."""
+    found = {}
+    for store in ("gcs_server", "s3_server"):
+        bucket = request.getfixturevalue(store).make_bucket("train-digits")
+        result = run_cli("data", "digits", "--out", f"{bucket}/d", "--shard-size", "50")
+        assert result.returncode == 0, result.stderr
+        found[store] = bucket
+    return found
+
+
+def _train(bucket: str, out: str, *extra: str) -> list[str]:
+    return [
+        "-m", "pipeline", "train-student", "--model", "rs-mini", "--labeled",
+        f"{bucket}/d/labeled", "--val", f"{bucket}/d/val", "--out", out, *extra,
+    ]  # fmt: skip
+
+
+def _log(run: str) -> list[dict]:
+    return [json.loads(line) for line in read_bytes(f"{run}/log.jsonl").splitlines()]
+
+
+def _family(pid: int) -> list[int]:
+    """A process and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _connections(pids: list[int], port: int) -> int:
+    """Open TCP connections of these processes to 127.0.0.1:port."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if remote_port == port and fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED
+            count += 1
+    return count
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.parametrize("store", ["gcs_server", "s3_server"])
+def test_three_epochs_of_the_default_batch_with_loader_workers_in_a_bucket(
+    store: str, buckets: dict[str, str], request: pytest.FixtureRequest
+):
+    """The default recipe (a batch of 4,096 from 200 images, 4 loader workers) reads the
+    shards over and over; its connections to the store stay as many as after epoch 1."""
+    server, bucket = request.getfixturevalue(store), buckets[store]
+    port = int(server.url.rsplit(":", 1)[1])
+    out = f"{bucket}/default-run"
+    proc = subprocess.Popen(
+        [sys.executable, *_train(bucket, out, "--epochs", "3")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    counts = []
+    for line in proc.stdout:
+        if EPOCH_LINE.match(line):
+            counts.append(_connections(_family(proc.pid), port))
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=600) == 0, stderr[-3000:]
+    assert len(counts) == 3 and max(counts[1:]) <= counts[0], counts
+    log = _log(out)
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert all(r["val_samples"] == 297 for r in log), log
+    assert read_json(f"{out}/manifest.json")["state"] == "done"
+    assert {u.rsplit("/", 1)[-1] for u in walk_files(out)} >= {
+        "config.yaml", "log.jsonl", "checkpoint.pt", "model.safetensors", "model.json",
+    }  # fmt: skip
+
+
+def test_torchrun_two_ranks_train_three_epochs_in_a_bucket(buckets: dict[str, str]):
+    bucket = buckets["gcs_server"]
+    out = f"{bucket}/torchrun-run"
+    result = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2"]
+        + _train(bucket, out, "--epochs", "3", "--set", "workers=2"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = _log(out)
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert all(r["val_samples"] == 297 for r in log), log  # both ranks' halves, summed
+    assert read_json(f"{out}/manifest.json")["state"] == "done"
+
+
+def _through_relay(bucket: str, relay: SilentRelay, tmp_path: Path, **env: str):
+    """A trainer reading the bucket through `relay`, its run on the local disk, and a thread
+    collecting its output lines."""
+    proc = subprocess.Popen(
+        [sys.executable, *_train(bucket, str(tmp_path / "run"), "--epochs", "50")]
+        + ["--batch-size", "64", "--set", "workers=2", "--set", "epoch_samples=128"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "STORAGE_EMULATOR_HOST": relay.url, **env},
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.monotonic() + 240
+    while not any(EPOCH_LINE.match(line) for line in lines):  # training, its loaders running
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.2)
+    return proc, lines
+
+
+def test_a_bucket_that_stops_answering_ends_the_run_with_one_line(
+    gcs_server, buckets: dict[str, str], tmp_path: Path
+):
+    """Every request has a time-out (here 1 s) and the client's retries: a silent server is
+    an error of the run after them, named in one line, not a wait for ever nor a shard
+    counted as truncated; the loader workers end with it."""
+    relay = SilentRelay(gcs_server.url)
+    try:
+        proc, lines = _through_relay(
+            buckets["gcs_server"], relay, tmp_path, PIPELINE_STORAGE_TIMEOUT="1"
+        )
+        silenced = time.monotonic()
+        relay.silence()
+        time.sleep(0.5)
+        workers = _family(proc.pid)[1:]
+        assert workers
+        code = proc.wait(timeout=300)
+        waited = time.monotonic() - silenced
+    finally:
+        relay.close()
+    output = "".join(lines)
+    assert code == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in output, output[-3000:]
+    assert re.match(r"pipeline train-student: error: reading gs://\S+\.tar: ", errors[0])
+    assert waited < 120, waited
+    time.sleep(1)
+    assert not _alive(workers)
+
+
+def test_killing_the_trainer_ends_its_loader_workers(
+    gcs_server, buckets: dict[str, str], tmp_path: Path
+):
+    """Its workers blocked in reads of a silent server (with the default time-out of a
+    minute), the trainer is killed: they end with it, not when their reads time out."""
+    relay = SilentRelay(gcs_server.url)
+    try:
+        proc, _ = _through_relay(buckets["gcs_server"], relay, tmp_path)
+        relay.silence()
+        time.sleep(2)
+        workers = _family(proc.pid)[1:]
+        assert workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while _alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _alive(workers)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        relay.close()
+    assert not left
