@@ -30,6 +30,7 @@ from students.ema import ModelEma  # noqa: E402
 from students.presets import train_preset  # noqa: E402
 from students.train import lr_schedule, mixed_batches, param_groups, train_one_epoch  # noqa: E402
 from teachers import create_model, get_config  # noqa: E402
+from teachers.inference import Normalizer  # noqa: E402
 
 CLASSES = 1000
 
@@ -78,7 +79,7 @@ def main() -> None:
         ema,
         steps=args.steps,
         recipe=recipe,
-        device=torch.device("cpu"),
+        normal=Normalizer(table.mean, table.std, torch.device("cpu")),
     )
 
     real = mixed_batches(iter(loader), None)

@@ -27,7 +27,6 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.pool import Pool
@@ -38,6 +37,7 @@ import torch
 from data.decode import DECODERS, MAX_PIXELS, EvalCrop, eval_stack, jpeg_header
 from data.errors import UsageError
 from data.records import content_hash
+from teachers.inference import DeviceFeed
 
 AHEAD_PER_PROCESS = 2  # chunks queued per decode process: enough to never leave one idle
 AHEAD_CHUNKS = 2  # chunks whose CPU share is queued while the device decodes the one before
@@ -115,52 +115,6 @@ class Decoded:
     hashes: list[bytes]
     pixels: torch.Tensor
     drops: list[tuple[str, str]] = field(default_factory=list)
-
-
-class DeviceFeed:
-    """How pixels reach the teacher's device. On CUDA: from pinned memory, on a side stream of
-    the input thread, each batch marked by an event the forward's stream waits for. On CPU
-    the same calls are plain (no copy, no stream)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-
-    def context(self):
-        """Where the input thread's device work runs."""
-        return torch.cuda.stream(self.stream) if self.cuda else nullcontext()
-
-    def to_device(self, pixels: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(pixels)
-        if self.cuda:
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
-
-    def mark(self, current: bool = False) -> torch.cuda.Event | None:
-        """An event after the work queued so far on the input thread's side stream (with
-        `current`, on the calling thread's current stream); None on CPU, where work is done
-        when the call returns."""
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device) if current else self.stream)
-        return event
-
-    def release_cached(self) -> None:
-        """Hand the allocator's cached blocks back, before retrying what ran out of memory
-        (the CPU allocator caches nothing)."""
-        if self.cuda:
-            torch.cuda.empty_cache()
-
-    @staticmethod
-    def accept(pixels: torch.Tensor, ready: torch.cuda.Event | None) -> None:
-        """Make the current stream wait for `pixels`, and keep their memory from reuse by the
-        side stream until the current stream is done with them."""
-        if ready is not None:
-            current = torch.cuda.current_stream(pixels.device)
-            current.wait_event(ready)
-            pixels.record_stream(current)
 
 
 class _Done:

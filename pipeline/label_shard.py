@@ -27,11 +27,11 @@ from data.stages import Behind, ahead
 from data.storage import basename, join
 from data.write import AtomicShard
 from pipeline.filter_rules import conf_bins, sparse_to_json
-from pipeline.label_decode import DeviceFeed, InputTally, content_hashes, make_decoder
+from pipeline.label_decode import InputTally, content_hashes, make_decoder
 from pipeline.reports import ShardReport, write_shard_report
 from pipeline.summaries import LabelSummary
 from teachers import Predictor, load_teacher, resolve_device
-from teachers.inference import eval_crop, normalize
+from teachers.inference import DeviceFeed, eval_crop, normalize
 
 EMBED_DIM = 256
 

@@ -18,27 +18,31 @@ from data.progress import progress_bar
 from data.specs import expand_shards
 from students.data import eval_loader
 from students.utils import all_reduce_sum
-from teachers import Predictor, eval_transform, load_teacher, resolve_device
+from teachers import Predictor, TeacherInfo, load_teacher, resolve_device
+from teachers.inference import Normalizer, eval_pixels
 
 
 def evaluate(
     model: nn.Module,
     loader: Iterable,
     device: torch.device | str,
+    info: TeacherInfo,
     distributed: bool = False,
     progress: bool = False,
 ) -> dict:
-    """{"top1", "top5", "samples", "dropped"} over (images, labels, drops) batches; with
-    `distributed`, summed over all ranks, each rank having read its own part of the shards."""
+    """{"top1", "top5", "samples", "dropped"} over (uint8 images, labels, drops) batches,
+    normalised on the device with the model's `info`; with `distributed`, summed over all
+    ranks, each rank having read its own part of the shards."""
     device = torch.device(device)
     predictor = Predictor(model, device)
+    normal = Normalizer(info.mean, info.std, device)
     counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, samples, dropped
     with progress_bar(desc="eval", unit="img", disable=not progress, leave=False) as bar:
         for images, labels, drops in loader:
             dropped = sum(drops.values())
             counts[3] += dropped
             if labels.numel():
-                probs, _ = predictor.predict(images)
+                probs, _ = predictor.predict(normal(images))
                 hits = probs.topk(min(5, probs.shape[1]), dim=1).indices == labels[:, None]
                 counts[:3] += torch.tensor(
                     [hits[:, 0].sum(), hits.any(dim=1).sum(), labels.numel()], dtype=torch.float64
@@ -74,5 +78,5 @@ def evaluate_run(
             f"{data_spec} holds classes {names[:5]}... but {run_dir} was trained on "
             f"{info.class_names[:5]}...: class ids would be scored against the wrong classes"
         )
-    loader = eval_loader(urls, eval_transform(info), info.num_classes, batch_size, workers=workers)
-    return evaluate(model, loader, device, progress=progress)
+    loader = eval_loader(urls, eval_pixels(info), info.num_classes, batch_size, workers=workers)
+    return evaluate(model, loader, device, info, progress=progress)

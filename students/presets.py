@@ -3,14 +3,16 @@ own preprocessing for evaluation.
 
 Training runs in the loader workers on PIL images at the training size: RandomResizedCrop
 first, so every later step touches only the cropped pixels, then an optional flip and
-RandAugment on the reference's scale (`students.randaugment`), and only then conversion to
-float and normalisation.
+RandAugment on the reference's scale (`students.randaugment`). The result stays uint8 (a
+quarter of float32's bytes between processes and to the GPU) and is normalised where the
+model runs (`teachers.inference.Normalizer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -23,13 +25,11 @@ from teachers.registry import ModelConfig
 
 
 class TrainPreset:
-    """PIL image -> normalised float CHW tensor with the student's input noise."""
+    """PIL image -> uint8 HWC tensor with the student's input noise."""
 
     def __init__(
         self,
         size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
         interpolation: str = "bicubic",
         crop_scale: Sequence[float] = (0.08, 1.0),
         flip: bool = True,
@@ -44,23 +44,16 @@ class TrainPreset:
             steps.append(T.RandomHorizontalFlip())
         if randaugment_ops > 0:
             steps.append(tf_randaugment(randaugment_ops, randaugment_magnitude))
-        steps += [
-            T.PILToTensor(),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(list(mean), list(std)),
-        ]
         self.transform = T.Compose(steps)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+        return torch.from_numpy(np.array(self.transform(image), dtype=np.uint8))
 
 
 def train_preset(cfg: ModelConfig, recipe: Recipe) -> TrainPreset:
     """The student's input noise for a model of the table under a resolved recipe."""
     return TrainPreset(
         size=recipe.image_size,
-        mean=cfg.mean,
-        std=cfg.std,
         interpolation=cfg.interpolation,
         crop_scale=recipe.crop_scale,
         flip=recipe.flip,

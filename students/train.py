@@ -47,8 +47,10 @@ from students.ema import ModelEma
 from students.eval import evaluate
 from students.losses import student_loss
 from students.presets import model_info, train_preset
-from teachers import create_model, eval_transform, export_run, get_config
+from teachers import create_model, export_run, get_config
+from teachers.inference import DeviceFeed, Normalizer, eval_pixels
 
+SHOW_EVERY = 10  # steps between two readings of the losses for the progress bar
 # (labeled images, labels, pseudo images or None, pseudo soft targets or None, samples the
 # loaders dropped since the last batch, by reason)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, int]]
@@ -119,6 +121,33 @@ def mixed_batches(labeled: Iterable, pseudo: Iterable | None) -> Iterator[Batch]
             yield images, labels, pseudo_images, targets, dict(Counter(drops) + Counter(more))
 
 
+def on_device(batches: Iterable[Batch], feed: DeviceFeed) -> Iterator[Batch]:
+    """The batches with their tensors on the feed's device, one batch ahead: on CUDA the
+    copy of batch i+1 (from the loaders' pinned memory, on a side stream) runs while the step
+    of batch i does; on CPU the tensors stay where they are."""
+
+    def send(batch: Batch) -> tuple[Batch, torch.cuda.Event | None]:
+        with feed.context():
+            moved = tuple(None if t is None else feed.to_device(t) for t in batch[:4])
+        return (*moved, batch[4]), feed.mark()
+
+    ahead = None
+    for batch in batches:
+        sent = send(batch)
+        if ahead is not None:
+            yield _accepted(*ahead)
+        ahead = sent
+    if ahead is not None:
+        yield _accepted(*ahead)
+
+
+def _accepted(batch: Batch, ready: torch.cuda.Event | None) -> Batch:
+    for tensor in batch[:4]:
+        if tensor is not None:
+            DeviceFeed.accept(tensor, ready)
+    return batch
+
+
 def micro_splits(labeled: int, pseudo: int, micro_batch: int | None) -> list[tuple[slice, slice]]:
     """(labeled, pseudo) slices of a step's batch, one pair per micro-batch of at most about
     `micro_batch` images, each with its even share of both kinds (0 or None: one part)."""
@@ -135,23 +164,23 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     recipe: Recipe,
-    device: torch.device,
+    normal: Normalizer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over a labeled (+ pseudo-labeled) batch, in `recipe.micro_batch`
-    parts whose gradients accumulate (DDP synchronises only the last): each part's loss is
-    weighted by its share of the step's images of each kind, so the step's gradient is the
-    whole batch's. Returns the step's (loss, labeled loss, pseudo loss), on the device."""
+    """One optimizer step over a labeled (+ pseudo-labeled) batch of uint8 images, in
+    `recipe.micro_batch` parts whose gradients accumulate (DDP synchronises only the last):
+    each part is normalised on the model's device (`normal`), and its loss weighted by its
+    share of the step's images of each kind, so the step's gradient is the whole batch's.
+    Returns the step's (loss, labeled loss, pseudo loss), on the device."""
     images, labels, pseudo_images, targets = batch
+    device = normal.device
     on_cuda = device.type == "cuda"
     n, m = labels.shape[0], 0 if pseudo_images is None else pseudo_images.shape[0]
     parts = micro_splits(n, m, recipe.micro_batch)
     totals = [torch.zeros((), device=device) for _ in range(3)]
     optimizer.zero_grad(set_to_none=True)
     for j, (lab, pse) in enumerate(parts):
-        x = images[lab] if not m else torch.cat([images[lab], pseudo_images[pse]])
-        x = x.to(device, non_blocking=True)
-        if on_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normal(images[lab] if not m else torch.cat([images[lab], pseudo_images[pse]]))
+        x = x.contiguous(memory_format=torch.channels_last if on_cuda else torch.contiguous_format)
         y = labels[lab].to(device, non_blocking=True)
         t = None if not m else targets[pse].to(device, non_blocking=True)
         shares = ((lab.stop - lab.start) / n, (pse.stop - pse.start) / max(m, 1))
@@ -189,46 +218,63 @@ def train_one_epoch(
     batches: Iterable[Batch],
     steps: int,
     recipe: Recipe,
-    device: torch.device,
+    normal: Normalizer,
     world: int = 1,
     bar: tqdm | None = None,
 ) -> dict:
     """`steps` optimizer steps over any iterable of batches (the shard loaders, or batches held
     in memory for a benchmark), advancing the run's progress `bar` if there is one; returns this
-    process's mean losses, the LR, images/s and the samples the loaders dropped, by reason."""
+    process's mean losses, the LR, images/s, the share of the time spent waiting for data and
+    the samples the loaders dropped, by reason.
+
+    The losses are summed on the device and read every `SHOW_EVERY` steps, so no step waits
+    for the device to finish the one before; the wait for data is the time the loop spends
+    asking the loaders for the next batch."""
     model.train()
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
-    losses = {name: utils.Average() for name in ("loss", "loss_labeled", "loss_pseudo")}
-    images_seen, lr, start = 0, 0.0, time.perf_counter()
+    sums = torch.zeros(
+        3, dtype=torch.float64, device=normal.device
+    )  # loss, labeled, pseudo x images
+    labeled_seen, images_seen, lr, waited = 0, 0, 0.0, 0.0
     dropped: Counter = Counter()
-    for i, (images, labels, pseudo_images, targets, drops) in enumerate(batches):
-        if i == steps:
-            break
+    start = time.perf_counter()
+    source = iter(batches)
+    for i in range(steps):
+        asked = time.perf_counter()
+        images, labels, pseudo_images, targets, drops = next(source)
+        waited += time.perf_counter() - asked
         dropped.update(drops)
         lr = optimizer.param_groups[0]["lr"]
-        loss, labeled_loss, pseudo_loss = train_step(
-            model, optimizer, (images, labels, pseudo_images, targets), recipe, device
+        losses = train_step(
+            model, optimizer, (images, labels, pseudo_images, targets), recipe, normal
         )
         scheduler.step()
         ema.update_parameters(unwrapped)
 
         n = labels.shape[0]
-        losses["loss"].add(loss.item(), n)
-        losses["loss_labeled"].add(labeled_loss.item(), n)
-        losses["loss_pseudo"].add(pseudo_loss.item(), n)
+        sums += torch.stack(losses).double() * n
+        labeled_seen += n
         images_seen += (n + (0 if pseudo_images is None else len(pseudo_images))) * world
         if bar is not None:
-            rate = images_seen / (time.perf_counter() - start)
-            shown = {"loss": f"{losses['loss'].mean:.3f}", "img_s": f"{rate:.0f}"}
-            if dropped:
-                shown["dropped"] = sum(dropped.values())
-            bar.set_postfix(shown, refresh=False)
+            if i % SHOW_EVERY == 0 or i == steps - 1:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(
+                    {
+                        "loss": f"{sums[0].item() / labeled_seen:.3f}",
+                        "img_s": f"{images_seen / elapsed:.0f}",
+                        "data_wait": f"{waited / elapsed:.0%}",
+                    }
+                    | ({"dropped": sum(dropped.values())} if dropped else {}),
+                    refresh=False,
+                )
             bar.update()
     utils.broadcast_buffers(unwrapped, ema.module)
     elapsed = time.perf_counter() - start
-    stats = {name: avg.mean for name, avg in losses.items()}
+    means = (sums / max(labeled_seen, 1)).tolist()
+    stats = dict(zip(("loss", "loss_labeled", "loss_pseudo"), means, strict=True))
     stats["lr"] = lr  # of the epoch's last step
     stats["images_per_s"] = images_seen / elapsed
+    stats["data_wait"] = waited / elapsed
     stats["dropped"] = dict(sorted(dropped.items()))
     return stats
 
@@ -338,6 +384,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     batch = recipe.batch_size // env.world
     pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch)
     preset = train_preset(table, recipe)
+    normal, feed = Normalizer(table.mean, table.std, env.device), DeviceFeed(env.device)
     if env.is_main:
         mixed = pseudo_batch if pseudo_urls else 0
         parts = len(micro_splits(batch, mixed, recipe.micro_batch))
@@ -359,7 +406,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     val_loader = (
         eval_loader(
             val_urls,
-            eval_transform(info),
+            eval_pixels(info),
             num_classes,
             recipe.eval_batch_size,
             rank=env.rank,
@@ -452,10 +499,10 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
                 optimizer,
                 scheduler,
                 ema,
-                mixed_batches(labeled, pseudo),
+                on_device(mixed_batches(labeled, pseudo), feed),
                 steps_per_epoch,
                 recipe,
-                env.device,
+                normal,
                 world=env.world,
                 bar=bar,
             )
@@ -465,7 +512,9 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
                 **_mean_over_ranks(stats, env),
             }
             if val_loader is not None:
-                metrics = evaluate(ema.module, val_loader, env.device, distributed=env.enabled)
+                metrics = evaluate(
+                    ema.module, val_loader, env.device, info, distributed=env.enabled
+                )
                 record.update({f"val_{key}": value for key, value in metrics.items()})
             log.append(record)
             if env.is_main:
@@ -495,11 +544,11 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
 
 
 def _mean_over_ranks(stats: dict, env: utils.Distributed) -> dict:
-    """Losses averaged over ranks, drops summed; images/s as it is (each rank counted the
-    whole world)."""
+    """Losses and data-wait shares averaged over ranks, drops summed; images/s as it is (each
+    rank counted the whole world)."""
     if not env.enabled:
         return stats
-    keys = ("loss", "loss_labeled", "loss_pseudo")
+    keys = ("loss", "loss_labeled", "loss_pseudo", "data_wait")
     values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
     if env.device.type == "cuda":
         values = values.to(env.device)
@@ -515,6 +564,7 @@ def _mean_over_ranks(stats: dict, env: utils.Distributed) -> dict:
 def _summary(record: dict) -> str:
     parts = [f"epoch {record['epoch']}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.4g}"]
     parts.append(f"{record['images_per_s']:.0f} img/s")
+    parts.append(f"data wait {record['data_wait']:.0%}")
     if "val_top1" in record:
         parts.append(f"val top-1 {100 * record['val_top1']:.2f}%")
     if record.get("dropped"):

@@ -198,21 +198,6 @@ def write_log(run_dir: str, records: list[dict]) -> None:
     write_bytes(join(run_dir, LOG_FILE), text.encode())
 
 
-class Average:
-    """A running mean for the progress bar and the epoch's log line."""
-
-    def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
-
-    def add(self, value: float, n: int = 1) -> None:
-        self.total += value * n
-        self.count += n
-
-    @property
-    def mean(self) -> float:
-        return self.total / max(self.count, 1)
-
-
 # --- the run directory's claim -----------------------------------------------------------
 
 MID_RUN_CHANGES = ("epochs",)  # the recipe keys --resume may change: a longer run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -64,18 +65,88 @@ def normalize(
     return scaled.sub_(as_channels(mean).view(-1, 1, 1)).div_(as_channels(std).view(-1, 1, 1))
 
 
+class DeviceFeed:
+    """How pixels reach the device of a model (a teacher labeling, a student training). On
+    CUDA: from pinned memory, on a side stream of the thread that feeds it, each batch marked
+    by an event the model's stream waits for. On CPU the same calls are plain (no copy, no
+    stream)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def context(self):
+        """Where the input thread's device work runs."""
+        return torch.cuda.stream(self.stream) if self.cuda else nullcontext()
+
+    def to_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        tensor = torch.as_tensor(pixels)
+        if self.cuda and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def mark(self, current: bool = False) -> torch.cuda.Event | None:
+        """An event after the work queued so far on the input thread's side stream (with
+        `current`, on the calling thread's current stream); None on CPU, where work is done
+        when the call returns."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device) if current else self.stream)
+        return event
+
+    def release_cached(self) -> None:
+        """Hand the allocator's cached blocks back, before retrying what ran out of memory
+        (the CPU allocator caches nothing)."""
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    def accept(pixels: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+        """Make the current stream wait for `pixels`, and keep their memory from reuse by the
+        side stream until the current stream is done with them."""
+        if ready is not None:
+            current = torch.cuda.current_stream(pixels.device)
+            current.wait_event(ready)
+            pixels.record_stream(current)
+
+
+class Normalizer:
+    """uint8 [N, H, W, 3] pixels (anywhere) -> the model's normalised float [N, 3, H, W] on
+    `device`: what loaders send as uint8 (a quarter of float32's bytes) is made float where
+    the model runs, with the mean and std already there."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return normalize(pixels.to(self.device, non_blocking=True), self.mean, self.std)
+
+
+def _pixels(image: Image.Image, crop: EvalCrop) -> torch.Tensor:
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.asarray(crop(image)).copy())
+
+
 def _transform(
     image: Image.Image, crop: EvalCrop, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return normalize(torch.from_numpy(np.asarray(crop(image)).copy()), mean, std)
+    return normalize(_pixels(image, crop), mean, std)
+
+
+def eval_pixels(info: TeacherInfo) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> uint8 HWC tensor at the teacher's eval resolution (shorter side resized
+    to eval_size / crop_pct, center crop eval_size), for a `Normalizer` on the model's
+    device. A partial of a module function, so Beam and loader workers can pickle it."""
+    return partial(_pixels, crop=eval_crop(info))
 
 
 def eval_transform(info: TeacherInfo) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalised float CHW tensor at the teacher's eval resolution: shorter side
-    resized to eval_size / crop_pct, center crop eval_size. A partial of a module function,
-    so Beam can pickle it to its workers."""
+    """`eval_pixels`, normalised on the CPU: float CHW."""
     return partial(_transform, crop=eval_crop(info), mean=info.mean, std=info.std)
 
 

@@ -32,6 +32,7 @@ from students.presets import TrainPreset
 from students.randaugment import randaugment_ops
 from students.train import lr_schedule, peak_lr, warmup_cosine
 from teachers import create_model, get_config
+from teachers.inference import Normalizer
 from tests.conftest import image_bytes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -202,12 +203,15 @@ def test_randaugment_has_the_tf_reference_strength():
     assert len(ops) == 16 and {"Cutout", "Invert", "SolarizeAdd"} <= ops
 
 
-def test_train_preset_crops_augments_and_normalises():
-    preset = TrainPreset(32, (0.5,) * 3, (0.25,) * 3, crop_scale=(0.5, 1.0), flip=False)
+def test_train_preset_crops_and_augments_to_uint8_normalised_on_the_device():
+    preset = TrainPreset(32, crop_scale=(0.5, 1.0), flip=False)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8))
     out = preset(image)
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    assert out.min() >= -2 and out.max() <= 2  # (x - 0.5) / 0.25 for x in [0, 1]
+    assert out.shape == (32, 32, 3) and out.dtype == torch.uint8
+    normal = Normalizer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))(out[None])
+    assert normal.shape == (1, 3, 32, 32) and normal.dtype == torch.float32
+    expected = (out.permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+    assert torch.allclose(normal[0], expected, atol=1e-5)
 
 
 # --- schedule and EMA --------------------------------------------------------------------
@@ -313,7 +317,7 @@ def test_decoders_turn_bad_samples_into_reasons():
 
 
 def test_a_stream_of_nothing_but_unusable_samples_is_an_error():
-    from students.data import batches
+    from students.data import Failed, Loader, batches
 
     good = (torch.zeros(1), 1)
     drops = [Drop("s.tar", f"k{i}", "no_class") for i in range(3)]
@@ -321,8 +325,11 @@ def test_a_stream_of_nothing_but_unusable_samples_is_an_error():
     out = list(batches([drops[0], good, drops[1], good], batch_size=1, limit=2))
     assert [d for _, _, d in out] == [{"no_class": 1}, {"no_class": 1}]
     assert [t.tolist() for _, t, _ in out] == [[1], [1]]
+    # In a loader worker the error ends the stream as an item, raised by the loop as itself.
+    (failed,) = list(batches(drops, batch_size=1, limit=3))
+    assert isinstance(failed, Failed) and not failed.storage
     with pytest.raises(ValueError, match="3 samples in a row .* no_class in s.tar"):
-        list(batches(drops, batch_size=1, limit=3))
+        list(Loader([failed], workers=0))
 
 
 def _step(micro_batch: int, batch: tuple) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -333,7 +340,8 @@ def _step(micro_batch: int, batch: tuple) -> tuple[list[torch.Tensor], torch.Ten
     model = create_model("rs-mini", num_classes=10, drop_rate=0.0, drop_path_rate=0.0).eval()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     recipe = Recipe(model="rs-mini", micro_batch=micro_batch, unlabeled_ratio=3.0)
-    loss, _, _ = train_step(model, optimizer, batch, recipe, torch.device("cpu"))
+    normal = Normalizer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    loss, _, _ = train_step(model, optimizer, batch, recipe, normal)
     return [p.detach().clone() for p in model.parameters()], loss
 
 
@@ -345,8 +353,11 @@ def test_micro_batches_give_the_update_of_the_whole_batch():
     gen = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 10, (16,), generator=gen)
     targets = torch.softmax(torch.randn(48, 10, generator=gen), dim=1)
-    batch = (torch.randn(16, 3, 32, 32, generator=gen), labels,
-             torch.randn(48, 3, 32, 32, generator=gen), targets)  # fmt: skip
+
+    def pixels(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 32, 32, 3), generator=gen, dtype=torch.uint8)
+
+    batch = (pixels(16), labels, pixels(48), targets)
     whole, whole_loss = _step(0, batch)
     split, split_loss = _step(16, batch)  # B/4 of the 64 images: four parts
     assert len(micro_splits(16, 48, 16)) == 4

@@ -312,6 +312,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     from students.presets import train_preset
     from students.train import mixed_batches, param_groups, train_one_epoch
     from teachers import create_model, get_config
+    from teachers.inference import Normalizer
 
     torch.set_num_threads(1)
     os.environ |= {
@@ -349,7 +350,8 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
             labels_seen.append(batch[1])
             yield batch
 
-    train_one_epoch(ddp, optimizer, scheduler, ema, batches(), 4, recipe, env.device)
+    normal = Normalizer((0.5,) * 3, (0.25,) * 3, env.device)
+    train_one_epoch(ddp, optimizer, scheduler, ema, batches(), 4, recipe, normal)
     torch.save(
         {
             "model": model.state_dict(),
@@ -488,18 +490,58 @@ def test_a_rank_that_fails_ends_the_torchrun_job_with_its_error(tmp_path: Path):
     ]
 
 
+_FAIL_ON_RANK_0 = """
+import os, sys
+import students.train
+from pipeline.cli import main
+real = students.train.train_step
+def train_step(*args, **kwargs):
+    if os.environ["RANK"] == "0":
+        raise RuntimeError("an unexpected failure on rank 0")
+    return real(*args, **kwargs)
+students.train.train_step = train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_unexpected_error_on_one_rank_ends_the_torchrun_job_with_it(tmp_path: Path):
+    """Not a user mistake but a bug: rank 0 raises in its first step, with loader workers
+    running, while rank 1 waits for it in the gradient all-reduce; the job ends in seconds
+    with rank 0's traceback, not when a collective times out half an hour later."""
+    data = tmp_path / "data"
+    write_digits(str(data), labeled=200, seed=0, shard_size=100)
+    script = tmp_path / "fail_on_rank_0.py"
+    script.write_text(_FAIL_ON_RANK_0)
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script)]
+        + _train_cmd(data, tmp_path / "run", "--epochs", "2")[2:]
+        + ["--set", "workers=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60, result.stderr[-3000:]
+    assert "RuntimeError: an unexpected failure on rank 0" in result.stderr
+
+
 _STEP_PEAK = """
 import resource, sys, torch
 from students.config import Recipe
 from students.train import train_step
 from teachers import create_model
+from teachers.inference import Normalizer
 torch.manual_seed(0)
 model = create_model("rs-50", num_classes=100).train()
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 gen = torch.Generator().manual_seed(0)
-batch = (torch.randn(64, 3, 128, 128, generator=gen), torch.randint(0, 100, (64,)), None, None)
+images = torch.randint(0, 256, (64, 128, 128, 3), generator=gen, dtype=torch.uint8)
+batch = (images, torch.randint(0, 100, (64,)), None, None)
+normal = Normalizer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-train_step(model, optimizer, batch, Recipe(model="rs-50", micro_batch=int(sys.argv[1])), torch.device("cpu"))
+train_step(model, optimizer, batch, Recipe(model="rs-50", micro_batch=int(sys.argv[1])), normal)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
