@@ -28,7 +28,13 @@ from students.config import resolve_recipe  # noqa: E402
 from students.data import LabeledDecoder, train_loader  # noqa: E402
 from students.ema import ModelEma  # noqa: E402
 from students.presets import train_preset  # noqa: E402
-from students.train import lr_schedule, mixed_batches, param_groups, train_one_epoch  # noqa: E402
+from students.train import (  # noqa: E402
+    lr_schedule,
+    micro_splits,
+    mixed_parts,
+    param_groups,
+    train_one_epoch,
+)
 from teachers import create_model, get_config  # noqa: E402
 from teachers.inference import Normalizer  # noqa: E402
 
@@ -78,17 +84,18 @@ def main() -> None:
         scheduler,
         ema,
         steps=args.steps,
+        splits=micro_splits(args.batch_size, 0, None),
         recipe=recipe,
         normal=Normalizer(table.mean, table.std, torch.device("cpu")),
     )
 
-    real = mixed_batches(iter(loader), None)
+    real = mixed_parts(iter(loader), None)
     held = list(itertools.islice(real, args.steps))  # the loader's own batches, kept in memory
     step(held)  # warm-up: allocator, kernels, loader workers
-    loader_s, memory_s = [], []
+    loader_s, memory_s, waits = [], [], []
     for _ in range(args.repeats):
         tick = time.perf_counter()
-        step(real)
+        waits.append(step(real)["data_wait"])
         loader_s.append((time.perf_counter() - tick) / args.steps)
         tick = time.perf_counter()
         step(iter(held))
@@ -105,6 +112,7 @@ def main() -> None:
             f"| **loader / in-memory, ratio of medians** | **{ratio:.3f}** (target <= 1.05) |",
             f"| loader workers | {args.workers} (JPEG decode, random-resized crop, flip, RandAugment) |",
             f"| images/s with the shard loader | {args.batch_size / statistics.median(loader_s):.2f} |",
+            f"| share of the step waiting for data, loader-fed (runs) | {', '.join(f'{w:.1%}' for w in waits)} (goal <= 5%) |",
         ],
         "train",
         {
@@ -112,6 +120,7 @@ def main() -> None:
             "train_size": table.train_size,
             "ratio_loader_over_memory": ratio,
             "images_per_s": args.batch_size / statistics.median(loader_s),
+            "data_wait": statistics.median(waits),
         },
     )
 

@@ -9,6 +9,7 @@ once. Both split shards by node (disjoint across ranks) and then by loader worke
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import random
@@ -102,23 +103,39 @@ class Failed:
 
 
 def batches(
-    src: Iterable, batch_size: int, *, keep_last: bool = False, limit: int | None = None
+    src: Iterable,
+    batch_size: int | Sequence[int],
+    *,
+    keep_last: bool = False,
+    limit: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]] | Failed]:
     """Stage: (inputs, targets, drops) batches, `drops` counting by reason the samples a
-    decoder left out since the previous batch, so they reach the loop that shows them. With
-    `keep_last` the last batch may be short (or empty, carrying only drops). `limit`: so many
-    unusable samples in a row are an error (shards without classes, say), not a hang. A
-    user error ends the stream as a `Failed` item (see `Loader`)."""
+    decoder left out since the previous batch, so they reach the loop that shows them.
+
+    `batch_size` a sequence: the sizes of a step's micro-batches, in turn over the loader's
+    batches, of which this worker makes every num_workers-th (PyTorch takes the workers'
+    batches in turn): each micro-batch comes whole from one worker, and a step's from all.
+    With `keep_last` the last batch may be short (or empty, carrying only drops). `limit`:
+    so many unusable samples in a row are an error (shards without classes, say), not a
+    hang. A user error ends the stream as a `Failed` item (see `Loader`)."""
+    if isinstance(batch_size, int):
+        sizes: Iterator[int] = itertools.repeat(batch_size)
+    else:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        cycle = list(batch_size)
+        sizes = (cycle[k % len(cycle)] for k in itertools.count(worker, workers))
     try:
-        yield from _batches(src, batch_size, keep_last, limit)
+        yield from _batches(src, sizes, keep_last, limit)
     except USER_ERRORS as exc:
         yield Failed(str(exc) or type(exc).__name__, isinstance(exc, OSError))
 
 
 def _batches(
-    src: Iterable, batch_size: int, keep_last: bool, limit: int | None
+    src: Iterable, sizes: Iterator[int], keep_last: bool, limit: int | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]]]:
     items, drops, in_a_row = [], Counter(), 0
+    size = next(sizes)
     for item in src:
         if isinstance(item, Drop):
             _log_drop(item)
@@ -132,10 +149,10 @@ def _batches(
             continue
         in_a_row = 0
         items.append(item)
-        if len(items) == batch_size:
+        if len(items) == size:
             inputs, targets = default_collate(items)
             yield inputs, targets, dict(drops)
-            items, drops = [], Counter()
+            items, drops, size = [], Counter(), next(sizes)
     if keep_last and (items or drops):
         if items:
             inputs, targets = default_collate(items)
@@ -272,7 +289,7 @@ class Loader:
 def train_loader(
     urls: Sequence[str],
     decode: Callable[[dict], object],
-    batch_size: int,
+    batch_size: int | Sequence[int],
     *,
     rank: int,
     world: int,
@@ -283,9 +300,10 @@ def train_loader(
     pin_memory: bool = False,
     stream: int = 0,
 ) -> Loader:
-    """An endless stream of (images, targets, drops) batches for one rank in one epoch;
-    `stream` tells apart the streams of one rank (labeled, pseudo-labeled) so they draw
-    apart."""
+    """An endless stream of (uint8 images, targets, drops) batches for one rank in one
+    epoch, of `batch_size` images or, given a step's micro-batch sizes, of those in turn
+    (see `batches`); `stream` tells apart the streams of one rank (labeled, pseudo-labeled)
+    so they draw apart."""
     shards = node_shards(urls, rank, world, seed=make_seed(seed, epoch))
     workers = min(workers, len(shards))
     stream_seed = make_seed(seed, epoch, rank, stream)

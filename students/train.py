@@ -1,8 +1,9 @@
 """`pipeline train-student`: a Noisy Student trains on labeled plus pseudo-labeled shards.
 
 Read `main` top to bottom: data, model, optimizer, schedule, then a loop of
-`train_one_epoch` and `evaluate`. Every step concatenates a labeled batch B and a
-pseudo-labeled batch ceil(ratio * B) into one forward pass. Without pseudo-labeled shards
+`train_one_epoch` and `evaluate`. Every step takes a labeled batch B and a pseudo-labeled
+batch ceil(ratio * B), in micro-batches whose gradients accumulate, each concatenating its
+share of both kinds into one forward pass. Without pseudo-labeled shards
 it is plain supervised training, which is how the round-0 teacher is made. Under torchrun it
 trains data-parallel (DDP: nccl on GPUs, gloo on CPUs).
 
@@ -51,9 +52,11 @@ from teachers import create_model, export_run, get_config
 from teachers.inference import DeviceFeed, Normalizer, eval_pixels
 
 SHOW_EVERY = 10  # steps between two readings of the losses for the progress bar
-# (labeled images, labels, pseudo images or None, pseudo soft targets or None, samples the
-# loaders dropped since the last batch, by reason)
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, int]]
+# A micro-batch: (labeled uint8 images, labels, pseudo images or None, pseudo soft targets
+# or None); as the loaders give it, with the samples they dropped since the last, by reason.
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+Loaded = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]
+Splits = list[tuple[slice, slice]]
 
 
 # --- the recipe's numbers ----------------------------------------------------------------
@@ -109,8 +112,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # --- one epoch ---------------------------------------------------------------------------
 
 
-def mixed_batches(labeled: Iterable, pseudo: Iterable | None) -> Iterator[Batch]:
-    """Pair each labeled batch with a pseudo-labeled one (both streams are endless)."""
+def mixed_parts(labeled: Iterable, pseudo: Iterable | None) -> Iterator[Loaded]:
+    """Pair each labeled micro-batch with a pseudo-labeled one (both streams are endless,
+    cut at the same step's micro-batch sizes)."""
     if pseudo is None:
         for images, labels, drops in labeled:
             yield images, labels, None, None, drops
@@ -121,19 +125,19 @@ def mixed_batches(labeled: Iterable, pseudo: Iterable | None) -> Iterator[Batch]
             yield images, labels, pseudo_images, targets, dict(Counter(drops) + Counter(more))
 
 
-def on_device(batches: Iterable[Batch], feed: DeviceFeed) -> Iterator[Batch]:
-    """The batches with their tensors on the feed's device, one batch ahead: on CUDA the
-    copy of batch i+1 (from the loaders' pinned memory, on a side stream) runs while the step
-    of batch i does; on CPU the tensors stay where they are."""
+def on_device(parts: Iterable[Loaded], feed: DeviceFeed) -> Iterator[Loaded]:
+    """The micro-batches with their tensors on the feed's device, one ahead: on CUDA the
+    copy of the next (from the loaders' pinned memory, on a side stream) runs while the
+    forward and backward of this one do; on CPU the tensors stay where they are."""
 
-    def send(batch: Batch) -> tuple[Batch, torch.cuda.Event | None]:
+    def send(part: Loaded) -> tuple[Loaded, torch.cuda.Event | None]:
         with feed.context():
-            moved = tuple(None if t is None else feed.to_device(t) for t in batch[:4])
-        return (*moved, batch[4]), feed.mark()
+            moved = tuple(None if t is None else feed.to_device(t) for t in part[:4])
+        return (*moved, part[4]), feed.mark()
 
     ahead = None
-    for batch in batches:
-        sent = send(batch)
+    for part in parts:
+        sent = send(part)
         if ahead is not None:
             yield _accepted(*ahead)
         ahead = sent
@@ -141,17 +145,19 @@ def on_device(batches: Iterable[Batch], feed: DeviceFeed) -> Iterator[Batch]:
         yield _accepted(*ahead)
 
 
-def _accepted(batch: Batch, ready: torch.cuda.Event | None) -> Batch:
-    for tensor in batch[:4]:
+def _accepted(part: Loaded, ready: torch.cuda.Event | None) -> Loaded:
+    for tensor in part[:4]:
         if tensor is not None:
             DeviceFeed.accept(tensor, ready)
-    return batch
+    return part
 
 
-def micro_splits(labeled: int, pseudo: int, micro_batch: int | None) -> list[tuple[slice, slice]]:
+def micro_splits(labeled: int, pseudo: int, micro_batch: int | None) -> Splits:
     """(labeled, pseudo) slices of a step's batch, one pair per micro-batch of at most about
-    `micro_batch` images, each with its even share of both kinds (0 or None: one part)."""
+    `micro_batch` images, each with its even share of both kinds (0 or None: one part); never
+    more parts than images of either kind, so no part lacks one."""
     parts = 1 if not micro_batch else max(1, math.ceil((labeled + pseudo) / micro_batch))
+    parts = min(parts, labeled, pseudo or labeled)
 
     def piece(n: int, i: int) -> slice:
         return slice(round(i * n / parts), round((i + 1) * n / parts))
@@ -159,32 +165,47 @@ def micro_splits(labeled: int, pseudo: int, micro_batch: int | None) -> list[tup
     return [(piece(labeled, i), piece(pseudo, i)) for i in range(parts)]
 
 
+def split_batch(batch: Part, micro_batch: int | None) -> tuple[list[Part], Splits]:
+    """A whole step's batch (held in memory) as the loaders would give it, in micro-batches."""
+    images, labels, pseudo_images, targets = batch
+    m = 0 if pseudo_images is None else len(pseudo_images)
+    splits = micro_splits(len(labels), m, micro_batch)
+    parts = [
+        (images[lab], labels[lab], None if not m else pseudo_images[pse],
+         None if not m else targets[pse])
+        for lab, pse in splits
+    ]  # fmt: skip
+    return parts, splits
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    parts: Iterable[Part],
+    splits: Splits,
     recipe: Recipe,
     normal: Normalizer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over a labeled (+ pseudo-labeled) batch of uint8 images, in
-    `recipe.micro_batch` parts whose gradients accumulate (DDP synchronises only the last):
-    each part is normalised on the model's device (`normal`), and its loss weighted by its
-    share of the step's images of each kind, so the step's gradient is the whole batch's.
-    Returns the step's (loss, labeled loss, pseudo loss), on the device."""
-    images, labels, pseudo_images, targets = batch
+    """One optimizer step over a labeled (+ pseudo-labeled) batch of uint8 images given as
+    the micro-batches `splits` cuts it in, taken from `parts` one at a time as they come
+    (from the loaders), their gradients accumulated (DDP synchronises only the last): each
+    is normalised on the model's device (`normal`) and its loss weighted by its share of the
+    step's images of each kind, so the step's gradient is the whole batch's. Returns the
+    step's (loss, labeled loss, pseudo loss), on the device."""
     device = normal.device
     on_cuda = device.type == "cuda"
-    n, m = labels.shape[0], 0 if pseudo_images is None else pseudo_images.shape[0]
-    parts = micro_splits(n, m, recipe.micro_batch)
+    n, m = splits[-1][0].stop, splits[-1][1].stop
     totals = [torch.zeros((), device=device) for _ in range(3)]
     optimizer.zero_grad(set_to_none=True)
-    for j, (lab, pse) in enumerate(parts):
-        x = normal(images[lab] if not m else torch.cat([images[lab], pseudo_images[pse]]))
+    for j, ((images, labels, pseudo_images, targets), (lab, pse)) in enumerate(
+        zip(parts, splits, strict=True)
+    ):
+        x = normal(images if not m else torch.cat([images, pseudo_images]))
         x = x.contiguous(memory_format=torch.channels_last if on_cuda else torch.contiguous_format)
-        y = labels[lab].to(device, non_blocking=True)
-        t = None if not m else targets[pse].to(device, non_blocking=True)
+        y = labels.to(device, non_blocking=True)
+        t = None if not m else targets.to(device, non_blocking=True)
         shares = ((lab.stop - lab.start) / n, (pse.stop - pse.start) / max(m, 1))
-        last = j == len(parts) - 1
+        last = j == len(splits) - 1
         sync = (
             model.no_sync()
             if isinstance(model, DistributedDataParallel) and not last
@@ -210,58 +231,66 @@ def train_step(
     return totals[0], totals[1], totals[2]
 
 
+class _Taken:
+    """The micro-batches of one step from the loaders, timing the wait for each and
+    counting what the loaders dropped."""
+
+    def __init__(self, source: Iterator[Loaded], count: int, dropped: Counter) -> None:
+        self.source, self.count, self.dropped, self.waited = source, count, dropped, 0.0
+
+    def __iter__(self) -> Iterator[Part]:
+        for _ in range(self.count):
+            asked = time.perf_counter()
+            *part, drops = next(self.source)
+            self.waited += time.perf_counter() - asked
+            self.dropped.update(drops)
+            yield tuple(part)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ema: ModelEma,
-    batches: Iterable[Batch],
+    parts: Iterable[Loaded],
     steps: int,
+    splits: Splits,
     recipe: Recipe,
     normal: Normalizer,
     world: int = 1,
     bar: tqdm | None = None,
 ) -> dict:
-    """`steps` optimizer steps over any iterable of batches (the shard loaders, or batches held
-    in memory for a benchmark), advancing the run's progress `bar` if there is one; returns this
-    process's mean losses, the LR, images/s, the share of the time spent waiting for data and
-    the samples the loaders dropped, by reason.
+    """`steps` optimizer steps over any iterable of micro-batches cut as `splits` says (the
+    shard loaders, or micro-batches held in memory for a benchmark), advancing the run's
+    progress `bar` if there is one; returns this process's mean losses, the LR, images/s,
+    the share of the time spent waiting for data and the samples the loaders dropped.
 
     The losses are summed on the device and read every `SHOW_EVERY` steps, so no step waits
     for the device to finish the one before; the wait for data is the time the loop spends
-    asking the loaders for the next batch."""
+    asking the loaders for the next micro-batch."""
     model.train()
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
-    sums = torch.zeros(
-        3, dtype=torch.float64, device=normal.device
-    )  # loss, labeled, pseudo x images
-    labeled_seen, images_seen, lr, waited = 0, 0, 0.0, 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=normal.device)  # losses x images
+    n, m = splits[-1][0].stop, splits[-1][1].stop
+    lr, waited = 0.0, 0.0
     dropped: Counter = Counter()
     start = time.perf_counter()
-    source = iter(batches)
+    source = iter(parts)
     for i in range(steps):
-        asked = time.perf_counter()
-        images, labels, pseudo_images, targets, drops = next(source)
-        waited += time.perf_counter() - asked
-        dropped.update(drops)
         lr = optimizer.param_groups[0]["lr"]
-        losses = train_step(
-            model, optimizer, (images, labels, pseudo_images, targets), recipe, normal
-        )
+        taken = _Taken(source, len(splits), dropped)
+        losses = train_step(model, optimizer, taken, splits, recipe, normal)
+        waited += taken.waited
         scheduler.step()
         ema.update_parameters(unwrapped)
-
-        n = labels.shape[0]
         sums += torch.stack(losses).double() * n
-        labeled_seen += n
-        images_seen += (n + (0 if pseudo_images is None else len(pseudo_images))) * world
         if bar is not None:
             if i % SHOW_EVERY == 0 or i == steps - 1:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(
                     {
-                        "loss": f"{sums[0].item() / labeled_seen:.3f}",
-                        "img_s": f"{images_seen / elapsed:.0f}",
+                        "loss": f"{sums[0].item() / (n * (i + 1)):.3f}",
+                        "img_s": f"{(n + m) * world * (i + 1) / elapsed:.0f}",
                         "data_wait": f"{waited / elapsed:.0%}",
                     }
                     | ({"dropped": sum(dropped.values())} if dropped else {}),
@@ -270,10 +299,10 @@ def train_one_epoch(
             bar.update()
     utils.broadcast_buffers(unwrapped, ema.module)
     elapsed = time.perf_counter() - start
-    means = (sums / max(labeled_seen, 1)).tolist()
+    means = (sums / max(n * steps, 1)).tolist()
     stats = dict(zip(("loss", "loss_labeled", "loss_pseudo"), means, strict=True))
     stats["lr"] = lr  # of the epoch's last step
-    stats["images_per_s"] = images_seen / elapsed
+    stats["images_per_s"] = (n + m) * world * steps / elapsed
     stats["data_wait"] = waited / elapsed
     stats["dropped"] = dict(sorted(dropped.items()))
     return stats
@@ -382,16 +411,18 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     steps_per_epoch = max(1, epoch_samples // recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     batch = recipe.batch_size // env.world
-    pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch)
+    pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch) if pseudo_urls else 0
+    # The loaders cut each step in its micro-batches: each comes whole from one loader worker
+    # as the step needs it, so none holds a whole step, and the workers share every step.
+    splits = micro_splits(batch, pseudo_batch, recipe.micro_batch)
     preset = train_preset(table, recipe)
     normal, feed = Normalizer(table.mean, table.std, env.device), DeviceFeed(env.device)
     if env.is_main:
-        mixed = pseudo_batch if pseudo_urls else 0
-        parts = len(micro_splits(batch, mixed, recipe.micro_batch))
+        parts = len(splits)
         print(
-            f"{batch} labeled + {mixed} pseudo-labeled images per step per process, "
+            f"{batch} labeled + {pseudo_batch} pseudo-labeled images per step per process, "
             f"in {parts} micro-batch{'es' if parts > 1 else ''} of about "
-            f"{math.ceil((batch + mixed) / parts)} (micro_batch {recipe.micro_batch})"
+            f"{math.ceil((batch + pseudo_batch) / parts)} (micro_batch {recipe.micro_batch})"
         )
     stream = partial(
         train_loader,
@@ -481,17 +512,21 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         for epoch in range(start_epoch, recipe.epochs):
             utils.seed_everything(recipe.seed, epoch, env.rank)
             labeled = stream(
-                labeled_urls, LabeledDecoder(preset, num_classes), batch, epoch=epoch, stream=0
+                labeled_urls,
+                LabeledDecoder(preset, num_classes),
+                [lab.stop - lab.start for lab, _ in splits],
+                epoch=epoch,
+                stream=0,
             )
             pseudo = (
                 stream(
                     pseudo_urls,
                     PseudoDecoder(preset, num_classes),
-                    pseudo_batch,
+                    [pse.stop - pse.start for _, pse in splits],
                     epoch=epoch,
                     stream=1,
                 )
-                if pseudo_urls
+                if pseudo_batch
                 else None
             )
             stats = train_one_epoch(
@@ -499,8 +534,9 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
                 optimizer,
                 scheduler,
                 ema,
-                on_device(mixed_batches(labeled, pseudo), feed),
+                on_device(mixed_parts(labeled, pseudo), feed),
                 steps_per_epoch,
+                splits,
                 recipe,
                 normal,
                 world=env.world,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from dataclasses import fields
 from pathlib import Path
@@ -334,14 +335,15 @@ def test_a_stream_of_nothing_but_unusable_samples_is_an_error():
 
 def _step(micro_batch: int, batch: tuple) -> tuple[list[torch.Tensor], torch.Tensor]:
     from students.config import Recipe
-    from students.train import train_step
+    from students.train import split_batch, train_step
 
     torch.manual_seed(0)
     model = create_model("rs-mini", num_classes=10, drop_rate=0.0, drop_path_rate=0.0).eval()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     recipe = Recipe(model="rs-mini", micro_batch=micro_batch, unlabeled_ratio=3.0)
     normal = Normalizer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
-    loss, _, _ = train_step(model, optimizer, batch, recipe, normal)
+    parts, splits = split_batch(batch, micro_batch)
+    loss, _, _ = train_step(model, optimizer, parts, splits, recipe, normal)
     return [p.detach().clone() for p in model.parameters()], loss
 
 
@@ -367,9 +369,46 @@ def test_micro_batches_give_the_update_of_the_whole_batch():
     assert moved == 0.0  # the step is deterministic: equal updates are not luck
     for p, q in zip(whole, split, strict=True):
         assert torch.allclose(p, q, atol=1e-6, rtol=1e-4)
-    # An uneven split: parts of unequal sizes, one without labeled images, still the same.
+    # An uneven split: parts of unequal sizes, as many as there are labeled images (never
+    # a part without one), still the same.
     uneven, _ = _step(7, (batch[0][:3], labels[:3], batch[2][:20], targets[:20]))
     plain, _ = _step(0, (batch[0][:3], labels[:3], batch[2][:20], targets[:20]))
-    assert any(s.stop == s.start for s, _ in micro_splits(3, 20, 7))
+    assert [(s.stop - s.start, t.stop - t.start) for s, t in micro_splits(3, 20, 7)] == [
+        (1, 7), (1, 6), (1, 7),
+    ]  # fmt: skip
     for p, q in zip(plain, uneven, strict=True):
         assert torch.allclose(p, q, atol=1e-6, rtol=1e-4)
+
+
+def test_the_loader_cuts_each_step_in_micro_batches_that_its_workers_share(tmp_path: Path):
+    """Two loader workers, each step of 8 labeled images in micro-batches of 3, 2 and 3: the
+    loader's batches come in those sizes, as uint8, and in turn from the two workers (each
+    reads its own half of the shards, told apart here by the class of each shard)."""
+    from data.write import write_shard
+    from students.data import LabeledDecoder, train_loader
+
+    urls = []
+    for k in range(4):
+        urls.append(str(tmp_path / f"part-{k}.tar"))
+        samples = [{"__key__": f"s{k}i{i}", "png": image_bytes(size=(20 + i, 16)), "cls": b"%d" % k}
+                   for i in range(12)]  # fmt: skip
+        write_shard(urls[-1], samples)
+    loader = train_loader(
+        urls,
+        LabeledDecoder(TrainPreset(16, flip=False, randaugment_ops=0), 4),
+        [3, 2, 3],
+        rank=0,
+        world=1,
+        epoch=0,
+        seed=0,
+        workers=2,
+        shuffle_buffer=4,
+    )
+    got = list(itertools.islice(iter(loader), 12))
+    assert [len(labels) for _, labels, _ in got] == [3, 2, 3] * 4
+    assert all(
+        images.dtype == torch.uint8 and images.shape[1:] == (16, 16, 3) for images, _, _ in got
+    )
+    halves = [set(labels.tolist()) for _, labels, _ in got]
+    first, second = set().union(*halves[0::2]), set().union(*halves[1::2])
+    assert first and second and not first & second and first | second <= {0, 1, 2, 3}

@@ -310,7 +310,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     from students.data import LabeledDecoder, train_loader
     from students.ema import ModelEma
     from students.presets import train_preset
-    from students.train import mixed_batches, param_groups, train_one_epoch
+    from students.train import micro_splits, mixed_parts, param_groups, train_one_epoch
     from teachers import create_model, get_config
     from teachers.inference import Normalizer
 
@@ -346,12 +346,13 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     labels_seen = []
 
     def batches():
-        for batch in mixed_batches(loader, None):
+        for batch in mixed_parts(loader, None):
             labels_seen.append(batch[1])
             yield batch
 
     normal = Normalizer((0.5,) * 3, (0.25,) * 3, env.device)
-    train_one_epoch(ddp, optimizer, scheduler, ema, batches(), 4, recipe, normal)
+    splits = micro_splits(16, 0, None)
+    train_one_epoch(ddp, optimizer, scheduler, ema, batches(), 4, splits, recipe, normal)
     torch.save(
         {
             "model": model.state_dict(),
@@ -530,7 +531,7 @@ def test_an_unexpected_error_on_one_rank_ends_the_torchrun_job_with_it(tmp_path:
 _STEP_PEAK = """
 import resource, sys, torch
 from students.config import Recipe
-from students.train import train_step
+from students.train import split_batch, train_step
 from teachers import create_model
 from teachers.inference import Normalizer
 torch.manual_seed(0)
@@ -541,7 +542,8 @@ images = torch.randint(0, 256, (64, 128, 128, 3), generator=gen, dtype=torch.uin
 batch = (images, torch.randint(0, 100, (64,)), None, None)
 normal = Normalizer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-train_step(model, optimizer, batch, Recipe(model="rs-50", micro_batch=int(sys.argv[1])), normal)
+parts, splits = split_batch(batch, int(sys.argv[1]))
+train_step(model, optimizer, parts, splits, Recipe(model="rs-50"), normal)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
