@@ -1,11 +1,13 @@
-"""The GPU check: the label stage on a GPU against the bare forward pass, in one call.
+"""The GPU check: the label stage on a GPU against the bare forward pass, and the student's
+training step fed by synthetic tensors and by the real loader, in one call.
 
     python bench/gpu_check.py --json gpu.json        # on a CUDA machine: rs-152 at 256 px
     python bench/gpu_check.py --device cpu --model rs-mini --size 32 --images 48 \\
         --sizes 40-120 --batch-size 8 --steps 2      # the same code on a CPU, at tiny sizes
 
 It needs PyTorch, torchvision, Pillow, numpy, fsspec and safetensors, and no Beam: it runs
-`pipeline.label_shard.label_shard`, the per-shard work of `pipeline label`, directly.
+`pipeline.label_shard.label_shard`, the per-shard work of `pipeline label`, directly; the
+training section also timm, webdataset, tqdm and PyYAML.
 
 1. writes shards of web variety on the spot, on every core (sizes 150-1,000 px, about 12%
    progressive and 4% CMYK JPEGs, 10% PNG/WebP/GIF, 2% undecodable: bench/corpus.WEB_MIX);
@@ -15,7 +17,11 @@ It needs PyTorch, torchvision, Pillow, numpy, fsspec and safetensors, and no Bea
    forward, top-k, sidecar written) on `--threads` worker threads sharing one teacher, with
    CPU decoding in N processes and with the device path (nvJPEG on CUDA);
 4. prints img/s of each, (b)/(a), img/s per decode core, the share of time the forward pass
-   waited for input, the card, the driver and the core count, and writes them as JSON.
+   waited for input, the card, the driver and the core count, and writes them as JSON;
+5. training (rs-50 at 160 px and rs-152 at 256, bf16, channels-last, at the table's
+   micro-batch): img/s and peak GPU memory of the trainer's step on synthetic uint8 tensors
+   on the device, eager and compiled, and of its epoch loop fed by the real loader from JPEG
+   shards (RandAugment on, the machine's cores as workers), with the data-wait share.
 """
 
 from __future__ import annotations
@@ -36,10 +42,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import web_samples  # noqa: E402
+from bench.corpus import write_corpus as photo_corpus  # noqa: E402
 from data.write import write_shard  # noqa: E402
 from pipeline.label_decode import default_processes  # noqa: E402
 from pipeline.label_shard import Teacher, forward_slot, label_shard  # noqa: E402
-from teachers import create_model, export_run  # noqa: E402
+from students.config import resolve_recipe  # noqa: E402
+from students.data import LabeledDecoder, train_loader  # noqa: E402
+from students.ema import ModelEma  # noqa: E402
+from students.presets import train_preset  # noqa: E402
+from students.train import (  # noqa: E402
+    lr_schedule,
+    micro_splits,
+    mixed_parts,
+    on_device,
+    param_groups,
+    split_batch,
+    train_one_epoch,
+    train_step,
+)
+from teachers import create_model, export_run, get_config  # noqa: E402
+from teachers.inference import DeviceFeed, Normalizer  # noqa: E402
 
 
 def _write_shard(root: Path, per_shard: int, sizes: tuple[int, int], index: int) -> str:
@@ -185,7 +207,126 @@ def label_section(args: argparse.Namespace, work: Path) -> dict:
     return figures
 
 
-SECTIONS = {"label": label_section}
+def _student(name: str, size: int, device: torch.device, compile: bool):
+    """A student as the trainer builds it (the table's dropout and stochastic depth), its
+    EMA, optimizer, recipe (ImageNet's, at `size` px) and normaliser."""
+    table = get_config(name)
+    recipe = resolve_recipe("imagenet", model=name, image_size=size)
+    torch.manual_seed(0)
+    model = create_model(
+        name, 1000, drop_rate=recipe.dropout, drop_path_rate=recipe.stochastic_depth
+    ).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEma(model, recipe.ema_decay)
+    if compile:
+        model.compile()
+    optimizer = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=0.01, momentum=0.9)
+    return model, ema, optimizer, recipe, Normalizer(table.mean, table.std, device)
+
+
+def _peak_mib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def synthetic_step_rate(
+    name: str, size: int, micro: int, device: torch.device, steps: int, compile: bool
+) -> dict:
+    """Images/s and peak device memory of the trainer's step (`train_step`: uint8 images
+    normalised on the device, bf16 autocast, channels-last, backward, SGD) on one micro-batch
+    of random pixels already on the device, after warm-up steps (compilation among them)."""
+    model, _, optimizer, recipe, normal = _student(name, size, device, compile)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (micro, size, size, 3), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, 1000, (micro,), generator=gen)
+    parts, splits = split_batch((images.to(device), labels.to(device), None, None), None)
+    model.train()
+    for _ in range(3):
+        train_step(model, optimizer, parts, splits, recipe, normal)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tick = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, parts, splits, recipe, normal)
+    _sync(device)
+    return {
+        "img_s": round(micro * steps / (time.perf_counter() - tick), 1),
+        "peak_mib": _peak_mib(device),
+    }
+
+
+def loader_step_rate(
+    name: str, size: int, micro: int, device: torch.device, steps: int, workers: int, urls
+) -> dict:
+    """The trainer's epoch loop (`train_one_epoch`) fed by the real loader from JPEG shards:
+    the ImageNet recipe's input noise (RandAugment on) in `workers` loader processes, pinned
+    uint8 micro-batches copied ahead on a side stream; img/s and the share of time the loop
+    waited for data, after a warm-up epoch of a few steps."""
+    model, ema, optimizer, recipe, normal = _student(name, size, device, False)
+    preset = train_preset(get_config(name), recipe)
+    loader = train_loader(
+        urls,
+        LabeledDecoder(preset, 1000),
+        [micro],
+        rank=0,
+        world=1,
+        epoch=0,
+        seed=0,
+        workers=workers,
+        shuffle_buffer=256,
+        pin_memory=device.type == "cuda",
+    )
+    scheduler = lr_schedule(optimizer, warmup_steps=1, total_steps=10**6)
+    parts = on_device(mixed_parts(loader, None), DeviceFeed(device))
+    epoch = partial(
+        train_one_epoch, model, optimizer, scheduler, ema, parts,
+        splits=micro_splits(micro, 0, None), recipe=recipe, normal=normal,
+    )  # fmt: skip
+    epoch(steps=max(2, workers))  # warm-up: the workers' start and first batches
+    stats = epoch(steps=steps)
+    return {"img_s": round(stats["images_per_s"], 1), "data_wait": round(stats["data_wait"], 3)}
+
+
+def train_section(args: argparse.Namespace, work: Path) -> dict:
+    device = torch.device(args.device)
+    figures: dict = {}
+    for spec in args.train_models.split(","):
+        name, size = spec.split(":")
+        size = int(size)
+        micro = args.micro_batch or get_config(name).micro_batch
+        images = micro * (args.steps + max(2, args.train_workers) + 1)
+        started = time.perf_counter()
+        urls = photo_corpus(
+            str(work / f"train-{name}"), images, shard_size=max(micro, 64), size=384, classes=1000
+        )
+        found: dict = {
+            "micro_batch": micro,
+            "corpus_seconds": round(time.perf_counter() - started, 1),
+        }
+        found["synthetic_eager"] = synthetic_step_rate(name, size, micro, device, args.steps, False)
+        if args.compile:
+            started = time.perf_counter()
+            found["synthetic_compiled"] = synthetic_step_rate(
+                name, size, micro, device, args.steps, True
+            )
+            found["compile_seconds"] = round(time.perf_counter() - started, 1)
+        found["loader"] = loader_step_rate(
+            name, size, micro, device, args.steps, args.train_workers, urls
+        )
+        found["loader"]["over_synthetic"] = round(
+            found["loader"]["img_s"] / found["synthetic_eager"]["img_s"], 3
+        )
+        found["loader"]["img_s_per_worker"] = round(
+            found["loader"]["img_s"] / args.train_workers, 1
+        )
+        figures[f"{name}@{size}"] = found
+    return figures
+
+
+SECTIONS = {"label": label_section, "train": train_section}
 
 
 def main() -> None:
@@ -203,7 +344,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="worker threads (2)")
     parser.add_argument("--steps", type=int, default=20, help="timed bare forward steps")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="label")
+    parser.add_argument(
+        "--train-models", default="rs-50:160,rs-152:256", help="students to train, NAME:PX"
+    )
+    parser.add_argument(
+        "--micro-batch", type=int, help="images per training step (default: the table's)"
+    )
+    parser.add_argument(
+        "--train-workers", type=int, default=default_processes(), help="loader processes"
+    )
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="label,train")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 

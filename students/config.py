@@ -121,6 +121,7 @@ class Recipe:
     )
     workers: int = _key(4, "loader processes per data stream and per training process", low=0)
     eval_batch_size: int = _key(256, "images per validation batch", low=1)
+    compile: bool = _key(False, "torch.compile the model (the first steps pay for compiling)")
     seed: int = _key(0, "seed of initialisation, data order and noise", low=0, flag=True)
 
     def to_dict(self) -> dict[str, object]:

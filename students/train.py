@@ -458,7 +458,12 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     ).to(env.device)
     if env.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        # cuDNN times its kernels for each shape once and keeps the fastest, unless the run
+        # asked for deterministic algorithms
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     ema = ModelEma(model, recipe.ema_decay)
+    if recipe.compile:
+        model.compile()  # in place: the state dict, EMA and checkpoints keep their names
 
     # Optimizer: SGD with momentum, LR per 256 labeled images (the schedule follows resuming).
     optimizer = torch.optim.SGD(

@@ -200,7 +200,8 @@ def write_log(run_dir: str, records: list[dict]) -> None:
 
 # --- the run directory's claim -----------------------------------------------------------
 
-MID_RUN_CHANGES = ("epochs",)  # the recipe keys --resume may change: a longer run
+# The recipe keys --resume may change: a longer run, and compiling (how, not what, it runs).
+MID_RUN_CHANGES = ("epochs", "compile")
 
 
 def claim_run(

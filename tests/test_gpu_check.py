@@ -14,7 +14,8 @@ def test_gpu_check_runs_on_cpu_and_reports_its_figures(tmp_path: Path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--model", "rs-mini", "--size", "32"]
         + ["--batch-size", "8", "--images", "96", "--per-shard", "32", "--sizes", "40-160"]
-        + ["--processes", "1", "--threads", "2", "--steps", "2", "--json", str(out)],
+        + ["--processes", "1", "--threads", "2", "--steps", "2", "--json", str(out)]
+        + ["--train-models", "rs-mini:32", "--micro-batch", "8", "--train-workers", "1"],
         capture_output=True,
         text=True,
         timeout=400,
@@ -34,3 +35,13 @@ def test_gpu_check_runs_on_cpu_and_reports_its_figures(tmp_path: Path):
     for rate in (cpu, device):
         assert rate["img_s"] > 0 and 0 <= rate["stall_share"] <= 1
         assert abs(rate["over_bare"] - rate["img_s"] / label["bare_forward_img_s"]) < 0.01
+    # Training: the trainer's own step on synthetic pixels (eager, compiled) and its epoch
+    # loop fed by the real loader from shards.
+    train = figures["train"]["rs-mini@32"]
+    assert train["micro_batch"] == 8
+    for case in ("synthetic_eager", "synthetic_compiled", "loader"):
+        assert train[case]["img_s"] > 0, case
+    assert train["synthetic_eager"]["peak_mib"] is None  # GPU memory only on a GPU
+    assert 0 <= train["loader"]["data_wait"] < 1
+    assert abs(train["loader"]["over_synthetic"] * train["synthetic_eager"]["img_s"]
+               - train["loader"]["img_s"]) < 0.5  # fmt: skip

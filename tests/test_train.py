@@ -26,6 +26,7 @@ from data.read import iter_samples
 from data.records import PSEUDO_EXT, PseudoLabel, content_hash, encode_pseudo, shard_header
 from data.specs import expand_shards
 from data.write import write_shard
+from teachers import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "digits.yaml")
@@ -489,6 +490,24 @@ def test_a_rank_that_fails_ends_the_torchrun_job_with_its_error(tmp_path: Path):
         "pipeline train-student: error: 1000 samples in a row could not be used, the last for "
         f"no_class in {data / 'labeled' / 'labeled-000001.tar'}: are these the right shards?"
     ]
+
+
+def test_a_compiled_run_trains_and_resumes_uncompiled_with_the_same_names(tmp_path: Path):
+    """`compile=true` goes through torch.compile (inductor on the CPU here) in place: the
+    checkpoint keeps the model's own parameter names, so the run resumes without it; each
+    epoch's log gives the share of time spent waiting for data."""
+    data = tmp_path / "data"
+    write_digits(str(data), labeled=200, seed=0, shard_size=100)
+    run = tmp_path / "run"
+    quick = ["--set", "epoch_samples=128", "--set", "workers=2", "--batch-size", "32"]
+    _run([sys.executable, *_train_cmd(data, run, "--epochs", "1", "--set", "compile=true", *quick)])
+    assert yaml.safe_load((run / "config.yaml").read_text())["compile"] is True
+    names = set(torch.load(run / "checkpoint.pt", weights_only=True)["model"])
+    assert names == set(create_model("rs-mini", 10).state_dict())
+    _run([sys.executable, *_train_cmd(data, run, "--epochs", "2", "--resume", *quick)])
+    log = _log(run)
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(0 <= r["data_wait"] < 1 for r in log), log
 
 
 _FAIL_ON_RANK_0 = """
