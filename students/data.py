@@ -29,7 +29,7 @@ from webdataset.utils import make_seed
 
 from data.decode import IMAGE_EXTS, decode_image, find_image
 from data.errors import USER_ERRORS, Drop
-from data.read import iter_samples, member_names
+from data.read import iter_shard, member_names
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,18 @@ def _log_drop(drop: Drop) -> None:
     )
 
 
-def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
-    """Stage: shard dicts (`url`) to samples, through the project's fsspec tar reader."""
-    return iter_samples((shard["url"] for shard in src), _log_drop)
+def tar_samples(src: Iterable[dict]) -> Iterator[dict | Drop]:
+    """Stage: shard dicts (`url`) to samples, through the project's fsspec tar reader. What a
+    shard loses (not a tar, cut short, unreadable) comes down the stream as a Drop by the
+    end of that shard, and is counted with the samples' own drops: a labeled folder of
+    broken shards shows in every epoch's line and the run's manifest."""
+    for shard in src:
+        lost: list[Drop] = []
+        for sample in iter_shard(shard["url"], lost.append):
+            yield from lost
+            lost.clear()
+            yield sample
+        yield from lost
 
 
 @dataclass(frozen=True)
@@ -193,7 +202,9 @@ class LabeledDecoder:
     def __init__(self, transform: Transform, num_classes: int) -> None:
         self.transform, self.num_classes = transform, num_classes
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, int] | Drop | None:
+    def __call__(self, sample: dict | Drop) -> tuple[torch.Tensor, int] | Drop | None:
+        if isinstance(sample, Drop):  # a part of a shard that could not be read
+            return sample
         if sample["__key__"] == SHARD_HEADER_KEY:
             return None
         cls = _class_id(sample, self.num_classes)
@@ -241,7 +252,9 @@ class PseudoDecoder:
             return drop("unknown_class", f"class {label.indices.max()} of {self.num_classes}")
         return soft_target(label.indices, label.probs.astype("float32"), self.num_classes)
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor] | Drop | None:
+    def __call__(self, sample: dict | Drop) -> tuple[torch.Tensor, torch.Tensor] | Drop | None:
+        if isinstance(sample, Drop):  # a part of a shard that could not be read
+            return sample
         if sample["__key__"] == SHARD_HEADER_KEY:
             return None
         target = self._target(sample)

@@ -46,3 +46,36 @@ def test_evaluate_run_rejects_what_is_not_a_run(tmp_path: Path):
     write_digits(str(tmp_path / "digits"), labeled=100, seed=0)
     with pytest.raises(ValueError, match="neither a model name"):
         evaluate_run(str(tmp_path / "nothing"), str(tmp_path / "digits" / "val"))
+
+
+def test_broken_shards_are_counted_as_unusable_in_eval_and_in_training(tmp_path: Path):
+    """A shard of random bytes and an empty .tar among the good ones: each counts as a drop,
+    by reason, in `pipeline eval` and in every training epoch's line and the run's manifest
+    (they used to be logged and nothing else: "0 unusable", `dropped: 0`)."""
+    import json
+    import subprocess
+    import sys
+
+    write_digits(str(tmp_path / "digits"), labeled=200, seed=0, shard_size=50)
+    labeled = tmp_path / "digits" / "labeled"
+    (labeled / "junk.tar").write_bytes(bytes(range(256)) * 8)
+    (labeled / "empty.tar").write_bytes(b"")
+    export_run(
+        tmp_path / "run", create_model("rs-mini", 10), "rs-mini", [str(d) for d in range(10)]
+    )
+    metrics = evaluate_run(str(tmp_path / "run"), str(labeled), batch_size=64, workers=2)
+    assert metrics["samples"] == 200 and metrics["dropped"] == 2
+
+    out = tmp_path / "student"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train-student", "--model", "rs-mini",
+         "--labeled", str(labeled), "--out", str(out), "--config", "digits", "--epochs", "4",
+         "--batch-size", "64", "--set", "workers=2", "--set", "epoch_samples=128"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 4 and any("not_a_tar" in line for line in lines), lines
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"not_a_tar", "truncated_shard"} <= set(manifest["drops"]), manifest
+    assert manifest["dropped"] == sum(manifest["drops"].values())
