@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_label.py --before 9e69e4b
 	$(BIN)/python bench/bench_drive.py --before 9e69e4b
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_loader.py --repeats 5
 	$(BIN)/python bench/bench_filter.py
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_stats.py
