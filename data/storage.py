@@ -13,6 +13,7 @@ objects another machine wrote: the launcher of a job watches what its workers pu
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -26,6 +27,8 @@ from typing import BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from data.errors import UsageError
 
 TEMP_MARK = ".tmp-"  # local temporary files: NAME.tmp-<12 hex>
 SPOOL_BYTES = 64 << 20  # an object-store write is held in memory up to this size, then on disk
@@ -61,10 +64,29 @@ def _client_options(protocol: str | None) -> dict:
         seconds = request_timeout()
         return {"requests_timeout": aiohttp.ClientTimeout(sock_connect=seconds, sock_read=seconds)}
     if protocol in ("s3", "s3a"):
+        _check_s3_credentials()
         seconds = request_timeout()
         config = {"connect_timeout": seconds, "read_timeout": seconds}
         return {"config_kwargs": config | own.get("config_kwargs", {})}
     return {}
+
+
+@functools.cache
+def _check_s3_credentials() -> None:
+    """One line before any request when boto finds no credentials, where botocore's
+    NoCredentialsError would surface from the first request as a traceback, in a launcher or
+    a worker alike. Credentials given to fsspec itself (or anonymous access) need no check."""
+    own = fsspec.config.conf.get("s3", {})
+    if own.get("anon") or own.get("key") or own.get("profile"):
+        return
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise UsageError(
+            "s3://: no AWS credentials found (AWS_PROFILE, AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or an instance role); for a public "
+            "bucket set FSSPEC_S3_ANON=true"
+        )
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -249,3 +249,32 @@ def test_label_runs_on_a_portable_runner_in_worker_processes(
         for p in (tmp_path / "portable" / "_reports").iterdir()
     }
     assert workers and str(launcher.pid) not in workers
+
+
+@pytest.mark.parametrize("command", ["label", "train-student"])
+def test_s3_without_credentials_is_one_line(
+    s3_server, random_teacher: Path, tmp_path: Path, command: str
+):
+    """No credentials anywhere boto looks: one line saying so and exit 2, where botocore's
+    NoCredentialsError came as a traceback of 78 (label) and 89 (train-student) lines."""
+    bucket = s3_server.make_bucket(f"nocreds-{command}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ACCESS_KEY")}
+    env.pop("AWS_SECRET_ACCESS_KEY", None)
+    env |= {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    args = {
+        "label": ["--teacher", str(random_teacher), "--input", f"{bucket}/in",
+                  "--output", str(tmp_path / "out")],
+        "train-student": ["--model", "rs-mini", "--labeled", f"{bucket}/labeled",
+                          "--out", str(tmp_path / "run")],
+    }[command]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", command, *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and "no AWS credentials found" in lines[0], lines
