@@ -61,7 +61,7 @@ from students.train import (  # noqa: E402
     train_step,
 )
 from teachers import create_model, export_run, get_config  # noqa: E402
-from teachers.inference import DeviceFeed, Normalizer  # noqa: E402
+from teachers.inference import DeviceFeed, Normalizer, memory_format  # noqa: E402
 
 
 def _write_shard(root: Path, per_shard: int, sizes: tuple[int, int], index: int) -> str:
@@ -215,20 +215,12 @@ def _student(name: str, size: int, device: torch.device, compile: bool):
     torch.manual_seed(0)
     model = create_model(
         name, 1000, drop_rate=recipe.dropout, drop_path_rate=recipe.stochastic_depth
-    ).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    ).to(device, memory_format=memory_format(device))
     ema = ModelEma(model, recipe.ema_decay)
     if compile:
         model.compile()
     optimizer = torch.optim.SGD(param_groups(model, recipe.weight_decay), lr=0.01, momentum=0.9)
     return model, ema, optimizer, recipe, Normalizer(table.mean, table.std, device)
-
-
-def _peak_mib(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
 def synthetic_step_rate(
@@ -246,15 +238,15 @@ def synthetic_step_rate(
     for _ in range(3):
         train_step(model, optimizer, parts, splits, recipe, normal)
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    feed = DeviceFeed(device)
+    feed.reset_peak()
     tick = time.perf_counter()
     for _ in range(steps):
         train_step(model, optimizer, parts, splits, recipe, normal)
     _sync(device)
     return {
         "img_s": round(micro * steps / (time.perf_counter() - tick), 1),
-        "peak_mib": _peak_mib(device),
+        "peak_mib": feed.peak_mib(),
     }
 
 
@@ -266,6 +258,7 @@ def loader_step_rate(
     uint8 micro-batches copied ahead on a side stream; img/s and the share of time the loop
     waited for data, after a warm-up epoch of a few steps."""
     model, ema, optimizer, recipe, normal = _student(name, size, device, False)
+    feed = DeviceFeed(device)
     preset = train_preset(get_config(name), recipe)
     loader = train_loader(
         urls,
@@ -277,10 +270,10 @@ def loader_step_rate(
         seed=0,
         workers=workers,
         shuffle_buffer=256,
-        pin_memory=device.type == "cuda",
+        pin_memory=feed.pin_memory,
     )
     scheduler = lr_schedule(optimizer, warmup_steps=1, total_steps=10**6)
-    parts = on_device(mixed_parts(loader, None), DeviceFeed(device))
+    parts = on_device(mixed_parts(loader, None), feed)
     epoch = partial(
         train_one_epoch, model, optimizer, scheduler, ema, parts,
         splits=micro_splits(micro, 0, None), recipe=recipe, normal=normal,

@@ -49,7 +49,7 @@ from students.eval import evaluate
 from students.losses import student_loss
 from students.presets import model_info, train_preset
 from teachers import create_model, export_run, get_config
-from teachers.inference import DeviceFeed, Normalizer, eval_pixels
+from teachers.inference import DeviceFeed, Normalizer, eval_pixels, memory_format
 
 SHOW_EVERY = 10  # steps between two readings of the losses for the progress bar
 # A micro-batch: (labeled uint8 images, labels, pseudo images or None, pseudo soft targets
@@ -201,7 +201,6 @@ def train_step(
         zip(parts, splits, strict=True)
     ):
         x = normal(images if not m else torch.cat([images, pseudo_images]))
-        x = x.contiguous(memory_format=torch.channels_last if on_cuda else torch.contiguous_format)
         y = labels.to(device, non_blocking=True)
         t = None if not m else targets.to(device, non_blocking=True)
         shares = ((lab.stop - lab.start) / n, (pse.stop - pse.start) / max(m, 1))
@@ -431,7 +430,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         seed=recipe.seed,
         workers=recipe.workers,
         shuffle_buffer=recipe.shuffle_buffer,
-        pin_memory=env.device.type == "cuda",
+        pin_memory=feed.pin_memory,
     )
     info = model_info(table, num_classes, class_names)
     val_loader = (
@@ -456,11 +455,10 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         drop_rate=recipe.dropout,
         drop_path_rate=recipe.stochastic_depth,
     ).to(env.device)
-    if env.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        # cuDNN times its kernels for each shape once and keeps the fastest, unless the run
-        # asked for deterministic algorithms
-        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+    model = model.to(memory_format=memory_format(env.device))
+    # cuDNN (CUDA only) times its kernels for each shape once and keeps the fastest, unless
+    # the run asked for deterministic algorithms
+    torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     ema = ModelEma(model, recipe.ema_decay)
     if recipe.compile:
         model.compile()  # in place: the state dict, EMA and checkpoints keep their names

@@ -211,6 +211,7 @@ def test_train_preset_crops_and_augments_to_uint8_normalised_on_the_device():
     assert out.shape == (32, 32, 3) and out.dtype == torch.uint8
     normal = Normalizer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))(out[None])
     assert normal.shape == (1, 3, 32, 32) and normal.dtype == torch.float32
+    assert normal.is_contiguous()  # the CPU's layout (channels-last is CUDA's)
     expected = (out.permute(2, 0, 1).float() / 255 - 0.5) / 0.25
     assert torch.allclose(normal[0], expected, atol=1e-5)
 
