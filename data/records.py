@@ -3,7 +3,9 @@
 A pseudo-label costs one tar member per sample (one 512-byte header): all its fields are
 packed into a single little-endian binary value. Fields that are the same for a whole
 sidecar shard (the teacher's id, the source shard) are stored once, in the shard's
-`__shard__.json` member, and given back with every record by `read_pseudo_shard`.
+`__shard__.json` member, and given back with every record by `read_pseudo_shard`. Training
+shards have no such member: every sample in them is an image with its class, as any
+WebDataset reader expects.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.errors import Drop
 from data.read import iter_shard
 
 PSEUDO_EXT = "pl"
+MAX_TOPK = 255  # classes one record holds: k is one byte
 SHARD_HEADER_KEY = "__shard__"
 FORMAT_VERSION = 1
 _WIDE_INDICES = 1  # flag: class indices stored as uint32 (more than 65,535 classes)
@@ -54,8 +58,8 @@ def encode_pseudo(label: PseudoLabel) -> bytes:
     wide = bool(label.indices.size) and int(label.indices.max()) > 0xFFFF
     flags = (_WIDE_INDICES if wide else 0) | (_HAS_EMBEDDING if label.embedding is not None else 0)
     k = len(label.indices)
-    if k > 255:
-        raise ValueError("top-k is limited to 255 classes")
+    if k > MAX_TOPK:  # the launcher refuses a larger --topk: here it is a bug
+        raise ValueError(f"top-k is limited to {MAX_TOPK} classes")
     parts = [
         _HEAD.pack(FORMAT_VERSION, flags, k, label.content_hash, label.confidence, label.entropy),
         label.indices.astype("<u4" if wide else "<u2").tobytes(),
@@ -87,7 +91,7 @@ def decode_pseudo(key: str, payload: bytes, teacher: str = "", source: str = "")
 
 
 def shard_header(**fields: object) -> dict:
-    """The first member of a sidecar or training shard: what is the same for all its samples."""
+    """The first member of a sidecar shard: what is the same for all its records."""
     return {"__key__": SHARD_HEADER_KEY, "json": json.dumps(fields, sort_keys=True).encode()}
 
 
@@ -124,23 +128,23 @@ def read_header(sample: dict) -> dict | None:
 
 
 def read_pseudo_shard(url: str, on_error) -> Iterator[PseudoLabel]:
-    """The records of one sidecar shard, with the shard-wide fields filled in."""
+    """The records of one sidecar shard, with the shard-wide fields filled in. A damaged
+    record (cut short, an unknown format) goes to `on_error` as a `bad_record` drop naming
+    the sidecar and the key, so one bad record costs its sample, not the job."""
     header: dict = {}
     for sample in iter_shard(url, on_error):
         found = read_header(sample)
         if found is not None:
             header = found
         elif PSEUDO_EXT in sample:
-            yield decode_pseudo(
-                sample["__key__"],
-                sample[PSEUDO_EXT],
-                header.get("teacher", ""),
-                header.get("source", ""),
-            )
-
-
-def shard_info(url: str) -> dict:
-    """The `__shard__.json` header of a sidecar or training shard (empty if it has none)."""
-    for sample in iter_shard(url, lambda d: None):
-        return read_header(sample) or {}
-    return {}
+            try:
+                label = decode_pseudo(
+                    sample["__key__"],
+                    sample[PSEUDO_EXT],
+                    header.get("teacher", ""),
+                    header.get("source", ""),
+                )
+            except (ValueError, struct.error) as exc:
+                on_error(Drop(url, sample["__key__"], "bad_record", str(exc)))
+                continue
+            yield label

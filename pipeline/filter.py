@@ -17,9 +17,9 @@ import apache_beam as beam
 
 from data.classes import CLASSES_FILE, write_class_names
 from data.errors import UsageError
-from data.manifest import ErrorLog, StageOutput, finished_manifest, inputs_record
+from data.manifest import ErrorLog, StageOutput, finished_manifest, inputs_record, read_manifest
 from data.specs import is_shard_name, shard_entries
-from data.storage import absolute, join, list_dir, parent, read_json, write_json
+from data.storage import absolute, is_dir, join, list_dir, parent, read_json, write_json
 from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
 from pipeline.dedup import EvalIndex
 from pipeline.filter_rules import (
@@ -71,6 +71,7 @@ class FilterArgs:
     hard: bool = False
     shard_size: int = 1000
     max_copies: float = 32.0
+    source_root: list[str] | None = None  # OLD=NEW: where the labeled shards are now
     runner: str | None = None
     overwrite: bool = False
     describe_job: str | None = None
@@ -91,6 +92,34 @@ def _label_folder(args: FilterArgs) -> tuple[dict, list[str]]:
             f"{manifest.get('shards')}: the folder changed after labeling; relabel it"
         )
     return manifest, [e.url for e in sidecars]
+
+
+def source_roots(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """--source-root OLD=NEW pairs as absolute folders, longest OLD first (the most specific
+    wins). NEW must exist: a typo would otherwise fail every chunk."""
+    pairs = []
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise UsageError(f"--source-root expects OLD=NEW (two folders), got {item!r}")
+        old, new = absolute(old).rstrip("/"), absolute(new).rstrip("/")
+        if not is_dir(new):
+            raise UsageError(f"--source-root {item}: {new} is not a folder")
+        pairs.append((old, new))
+    return tuple(sorted(pairs, key=lambda p: -len(p[0])))
+
+
+def _check_dedup_source(spec: str) -> None:
+    """Refuse a label output folder (sidecars, no images) before anything is labeled: the
+    near-copy search needs the images of the evaluation set."""
+    if any(c in spec for c in "*?[{") or not is_dir(spec):
+        return
+    found = read_manifest(spec)
+    if found is not None and found.get("stage") == "label":
+        raise UsageError(
+            f"--dedup-against {spec} is the output of `pipeline label` and holds no images: "
+            f"pass the evaluation set's image shards ({found.get('args', {}).get('input')})"
+        )
 
 
 def _eval_embeddings(args: FilterArgs, output: str, label_manifest: dict, beam_args) -> str:
@@ -190,11 +219,14 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
     if args.max_copies < 1:
         raise UsageError(f"--max-copies must be at least 1, got {args.max_copies}")
+    roots = source_roots(args.source_root or [])
     # One local thread by default: the filter's work is pure Python under one GIL, so a
     # second thread adds no speed, only a second chunk's memory (bench_filter.py).
     options = beam_options(args.runner, beam_args, local_workers=1)
     label_manifest, sidecars = _label_folder(args)
     teacher = label_manifest.get("teacher", "")
+    if args.dedup_against:
+        _check_dedup_source(args.dedup_against)
     dedup_entries = shard_entries(args.dedup_against) if args.dedup_against else []
     dedup = (
         inputs_record(absolute(args.dedup_against), dedup_entries) if args.dedup_against else None
@@ -202,7 +234,8 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     settings = {
         k: v
         for k, v in asdict(args).items()
-        if k not in ("runner", "overwrite", "describe_job", "input", "output")
+        # Where the source shards are is not what is made: each image is checked by its hash.
+        if k not in ("runner", "overwrite", "describe_job", "input", "output", "source_root")
     }
     out = StageOutput(
         args.output,
@@ -230,6 +263,15 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         if not label_manifest["fingerprint"].get("embed"):
             raise UsageError("--dedup-against needs embeddings: run `pipeline label` with --embed")
         eval_dir = _eval_embeddings(args, output, label_manifest, beam_args)
+        embedded = read_manifest(eval_dir) or {}
+        if not embedded.get("samples_out"):
+            out.abandon()
+            drops = ", ".join(f"{n} {r}" for r, n in embedded.get("drops", {}).items())
+            raise UsageError(
+                f"--dedup-against {args.dedup_against} holds no images the teacher could "
+                f"read ({embedded.get('samples_in', 0)} samples; dropped: {drops or 'none'}): "
+                "pass the evaluation set's image shards"
+            )
         if dedup_threshold is None:
             dedup_threshold = EvalIndex.from_sidecars(eval_dir, None, args.dedup_fpr).threshold
     plan = FilterPlan(
@@ -239,7 +281,7 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         args.hard,
         eval_dir,
         dedup_threshold,
-        teacher,
+        roots,
     )
     hist, counted_by = _histograms(
         args.input, sidecars, plan, options, join(output, WORK, HISTOGRAMS)
@@ -304,9 +346,7 @@ def _nothing_kept(hist: dict, threshold: float) -> str:
 
 
 def _dry_run(args: FilterArgs, options, sidecars: list[str], teacher: str) -> dict:
-    plan = FilterPlan(
-        absolute(args.output), args.strategy, args.top_p, args.hard, None, None, teacher
-    )
+    plan = FilterPlan(absolute(args.output), args.strategy, args.top_p, args.hard, None, None)
     work = chunks(sidecars, 0, args.shard_size, _workers(options))
     hist_url = join(plan.out_dir, WORK, HISTOGRAMS)
     steps, descriptions = [], []

@@ -12,25 +12,27 @@ chunk, and memory depends on the chunk, never on the corpus.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.utils.shared import Shared
 
 from data.decode import find_image
-from data.errors import USER_ERRORS, Drop
+from data.errors import Drop, UsageError
 from data.read import iter_shard
-from data.records import PseudoLabel, content_hash, encode_pseudo, read_pseudo_shard, shard_header
+from data.records import PseudoLabel, content_hash, encode_pseudo, read_pseudo_shard
 from data.stages import batched
-from data.storage import join
+from data.storage import exists, join, parent
 from data.write import open_shard
 from pipeline.dedup import EvalIndex
 from pipeline.filter_rules import ClassRule, conf_bin, unit_draw
-from pipeline.reports import ShardReport, record_failure, write_shard_report
+from pipeline.reports import ShardReport, unit_of_work, write_shard_report
 from pipeline.summaries import LabelSummary
 from pipeline.worklist import units
 
@@ -47,7 +49,14 @@ class FilterPlan:
     hard: bool
     eval_dir: str | None
     dedup_threshold: float | None
-    teacher: str
+    source_roots: tuple[tuple[str, str], ...] = ()  # (recorded folder, where it is now)
+
+    def where(self, source: str) -> str:
+        """Where the source shard labeling read as `source` is now (--source-root)."""
+        for old, new in self.source_roots:
+            if source == old or source.startswith(old + "/"):
+                return new + source[len(old) :]
+        return source
 
 
 def chunk_name(index: int) -> str:
@@ -122,12 +131,20 @@ class _Aligned:
     """Finds each pseudo-label's source sample: the sidecar keeps the source's order, less
     the samples labeling dropped, so one forward walk over the source shard suffices."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, at: str) -> None:
         # What cannot be read from the source (a cut, an unsafe member name) was listed by
         # `pipeline label`, and never became a pseudo-label; listing it again here would count
-        # a drop against no input record. A record whose source is gone is `missing_source`.
+        # a drop against no input record. A record whose sample is gone is `missing_source`;
+        # a whole shard gone is a mistake of where, not a loss: the chunk fails, and a rerun
+        # with --source-root writes it.
+        if not exists(at):
+            moved = f" (nor at {at})" if at != source else ""
+            raise UsageError(
+                f"the source shard {source} that labeling read is not there{moved}: if the "
+                f"shards moved, pass --source-root {parent(source)}=WHERE_THEY_ARE_NOW"
+            )
         self.source = source
-        self.samples = iter_shard(source, lambda drop: None)
+        self.samples = iter_shard(at, lambda drop: None)
 
     def find(self, key: str) -> dict | None:
         for sample in self.samples:
@@ -229,18 +246,24 @@ class WriteChunkFn(beam.DoFn):
     def process(self, span: tuple[int, int], rules: dict) -> Iterator[dict]:
         for index, sidecars in units(self.work_url, span):
             name = chunk_name(index)
-            try:
-                report = self._write(name, sidecars, Selection(self.plan, rules))
-            except USER_ERRORS as exc:
-                record_failure(self.plan.out_dir, name, exc)
+            select = Selection(self.plan, rules)
+            report = unit_of_work(
+                self.plan.out_dir, name, partial(self._write, name, sidecars, select)
+            )
+            if report is None:
                 continue
             yield {"chunk": name, "samples_out": report.samples_out}
 
     def _choose(self, sidecars: list[str], select: Selection, report: ShardReport) -> list:
         """Every kept label with its classes (one per copy), in sidecar order."""
         kept = []
+
+        def lost(drop: Drop) -> None:  # a damaged record is a sample in, and dropped
+            report.samples_in += drop.key is not None
+            report.drops.append(drop)
+
         for url in sidecars:
-            for label, match in _labels_with_matches(url, self.eval_index, report.drops.append):
+            for label, match in _labels_with_matches(url, self.eval_index, lost):
                 report.samples_in += 1
                 if match is not None:
                     report.drops.append(
@@ -264,7 +287,6 @@ class WriteChunkFn(beam.DoFn):
         try:
             for k, size in enumerate(sizes):
                 target = open_shard(join(self.plan.out_dir, f"{name}-{k:03d}.tar"))
-                target.write(shard_header(teacher=self.plan.teacher, chunk=name, index=k))
                 shards.append(_ShuffledShard(target, size, f"{name}/{k}"))
             stats = self._deal(kept, shards, report)
             stats["bytes"] = sum(shard.close() for shard in shards)
@@ -283,10 +305,11 @@ class WriteChunkFn(beam.DoFn):
         copies_per_image: Counter = Counter()
         labels = LabelSummary()
         aligned: _Aligned | None = None
+        shared = _shared_keys(kept)
         for label, classes in kept:
             source = label.source
             if aligned is None or aligned.source != source:  # kept labels come source by source
-                aligned = _Aligned(source)
+                aligned = _Aligned(source, self.plan.where(source))
             sample = aligned.find(label.key)
             found = find_image(sample) if sample is not None else None
             if found is None:
@@ -299,6 +322,7 @@ class WriteChunkFn(beam.DoFn):
                 )
                 continue
             first = int(unit_draw(label.key, "shard") * len(shards))
+            key = f"{label.key}_{source_tag(source)}" if label.key in shared else label.key
             written = 0
             for copy, cls in enumerate(classes):
                 target = training_label(label, cls, self.plan)
@@ -307,7 +331,7 @@ class WriteChunkFn(beam.DoFn):
                     if not shard.full:
                         shard.add(
                             {
-                                "__key__": f"{label.key}_c{copy:03d}",
+                                "__key__": f"{key}_c{copy:03d}",
                                 "__image__": label.key,
                                 ext: image,
                                 "cls": str(cls).encode(),
@@ -327,3 +351,20 @@ class WriteChunkFn(beam.DoFn):
             "classes": {str(c): n for c, n in classes_out.items()},
             "copies": dict(copies_per_image),
         }
+
+
+def _shared_keys(kept: list) -> set[str]:
+    """Keys that more than one source shard of a chunk holds (two folders ingested apart
+    both have an `img000007`): their training keys carry their source's tag, so no shard
+    holds one key twice and a keyed reader loses nothing."""
+    sources: dict[str, str] = {}
+    shared = set()
+    for label, _ in kept:
+        if sources.setdefault(label.key, label.source) != label.source:
+            shared.add(label.key)
+    return shared
+
+
+def source_tag(source: str) -> str:
+    """Eight hex digits naming a source shard by the URL it was labeled at."""
+    return hashlib.blake2b(source.encode(), digest_size=4).hexdigest()

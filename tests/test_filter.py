@@ -1,9 +1,12 @@
 """`pipeline filter` end to end on real label output of the digits."""
 
+import io
 import json
 import math
 import shutil
+import tarfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from pipeline.filter import HISTOGRAMS, SIDECARS_PER_CHUNK, FilterArgs, chunks, 
 from pipeline.filter_rules import CLASS_CONFIDENCES, load_histograms
 from pipeline.label import LabelArgs
 from pipeline.label import run as label
-from tests.conftest import assert_same_shards, kill_midway, run_cli
+from tests.conftest import assert_same_shards, kill_midway, message_lines, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ def test_copies_of_an_image_are_spread_and_never_side_by_side(labels: Path, tmp_
     _filter(labels, tmp_path, threshold=0.0, per_class=300, shard_size=64)
     shards_of: dict[str, set] = {}
     for url in expand_shards(str(tmp_path)):
-        keys = [s["__key__"] for s in iter_samples([url], lambda d: None)][1:]
+        keys = [s["__key__"] for s in iter_samples([url], lambda d: None)]
         assert all(_image(a) != _image(b) for a, b in zip(keys, keys[1:], strict=False))
         for key in keys:
             shards_of.setdefault(_image(key), set()).add(url)
@@ -175,3 +178,124 @@ def test_a_chunk_reads_a_bounded_number_of_sidecars_however_little_is_kept():
         assert sorted(dealt) == sidecars  # each sidecar in exactly one chunk
         assert max(len(urls) for _, urls in work) <= SIDECARS_PER_CHUNK
         assert len(work) >= 2
+
+
+def test_plain_webdataset_reads_every_training_sample_with_its_image_and_class(
+    labels: Path, tmp_path: Path
+):
+    import webdataset as wds
+
+    manifest = _filter(labels, tmp_path, threshold=0.0, per_class=100)
+    urls = expand_shards(str(tmp_path))
+    reader = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png;webp", "cls")
+    pairs = list(reader)
+    assert len(pairs) == manifest["samples_written"] > 900
+    assert all(image.size[0] > 0 and 0 <= cls < 10 for image, cls in pairs)
+
+
+def _rewrite_members(shard: Path, change: dict[str, Callable[[bytes], bytes]]) -> None:
+    """Rewrite `shard` with the members named in `change` passed through their function."""
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar.getmembers():
+            data = tar.extractfile(info).read()
+            members.append((info, change[info.name](data) if info.name in change else data))
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_damaged_pseudo_label_record_is_a_counted_drop_naming_its_shard_and_key(
+    labels: Path, tmp_path: Path
+):
+    copy = tmp_path / "labels"
+    shutil.copytree(labels, copy)
+    sidecar = sorted(copy.glob("*.tar"))[0]
+    with tarfile.open(sidecar) as tar:
+        records = [m.name for m in tar.getmembers() if m.name.endswith(".pl")]
+    cut, wrong = records[3], records[7]
+    _rewrite_members(sidecar, {cut: lambda b: b[:3], wrong: lambda b: b"\x07" + b[1:]})
+    out = tmp_path / "out"
+    result = run_cli(*RERUN_ARGS, "--input", str(copy), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["drops"]["bad_record"] == 2
+    assert manifest["images_kept"] + manifest["dropped"] == manifest["samples_in"] == 1300
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    bad = [e for e in errors if e["reason"] == "bad_record"]
+    assert sorted(e["key"] for e in bad) == sorted(n.rsplit(".", 1)[0] for n in (cut, wrong))
+    assert all(e["shard"].endswith(sidecar.name) for e in bad)
+
+
+@pytest.mark.parametrize("against", ["label-folder", "shards-without-images"])
+def test_dedup_against_shards_without_images_is_refused_in_one_line(
+    labels: Path, tmp_path: Path, against: str
+):
+    target = labels
+    if against == "shards-without-images":  # sidecars copied out of their label folder
+        target = tmp_path / "sidecars"
+        target.mkdir()
+        for shard in sorted(labels.glob("*.tar"))[:2]:
+            shutil.copy(shard, target / shard.name)
+    out = tmp_path / "out"
+    result = run_cli(
+        "filter", "--input", str(labels), "--output", str(out), "--dedup-against", str(target)
+    )
+    assert result.returncode == 2, result.stderr
+    lines = message_lines(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "no images" in lines[-1] and str(target) in lines[-1], lines
+    assert not list(out.glob("*.tar"))
+
+
+def test_two_sources_with_the_same_keys_give_shards_with_unique_keys(
+    trained_teacher: Path, digits_dir: Path, tmp_path: Path
+):
+    shard = sorted((digits_dir / "unlabeled").glob("*.tar"))[0]
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(shard, tmp_path / folder / shard.name)
+    spec = str(tmp_path / "{a,b}" / shard.name)
+    run_cli("label", "--teacher", str(trained_teacher), "--input", spec,
+            "--output", str(tmp_path / "labels"), check=True)  # fmt: skip
+    out = tmp_path / "train"
+    run_cli(*RERUN_ARGS, "--input", str(tmp_path / "labels"), "--output", str(out), check=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    keys_in = 0
+    for url in expand_shards(str(out)):
+        with tarfile.open(url) as tar:
+            names = [m.name for m in tar.getmembers()]
+        keys = [name.split(".", 1)[0] for name in names]
+        per_key = Counter(keys)
+        assert all(n == per_key[keys[0]] for n in per_key.values()), per_key  # same members
+        assert len(names) == len(set(names)), url
+        keys_in += len(per_key)
+    assert keys_in == manifest["samples_written"]
+    assert manifest["images_kept"] == 2 * len(list(iter_samples([str(shard)], lambda d: None)))
+
+
+def test_moved_sources_fail_in_one_line_then_filter_from_their_new_place(
+    random_teacher: Path, digits_dir: Path, tmp_path: Path
+):
+    src = tmp_path / "src"
+    shutil.copytree(digits_dir / "unlabeled", src)
+    labels_dir = tmp_path / "labels"
+    run_cli("label", "--teacher", str(random_teacher), "--input", str(src),
+            "--output", str(labels_dir), check=True)  # fmt: skip
+    before = tmp_path / "before"
+    run_cli(*RERUN_ARGS, "--input", str(labels_dir), "--output", str(before), check=True)
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    out = tmp_path / "after"
+    args = [*RERUN_ARGS, "--input", str(labels_dir), "--output", str(out)]
+    failed = run_cli(*args)
+    assert failed.returncode == 2, failed.stderr
+    lines = message_lines(failed.stderr)
+    assert len(lines) == 1 and f"--source-root {src}=" in lines[0], lines
+    assert json.loads((out / "manifest.json").read_text())["state"] == "running"
+    run_cli(*args, "--source-root", f"{src}={moved}", check=True)
+    assert assert_same_shards(before, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples_in"] == 1300 and "missing_source" not in manifest["drops"]
