@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from data.errors import UsageError
 from data.storage import join, parent, read_json, write_json
 
 CLASSES_FILE = "classes.json"
@@ -24,5 +25,5 @@ def read_class_names(urls: Sequence[str]) -> list[str] | None:
     if names is None:
         return None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{url} should hold a list of class names")
+        raise UsageError(f"{url} should hold a list of class names")
     return names

@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from data.classes import write_class_names
+from data.errors import UsageError
 from data.records import labeled_sample
 from data.storage import join
 from data.write import ShardSequence
@@ -43,7 +44,7 @@ def split_digits(labeled: int, seed: int) -> dict[str, np.ndarray]:
         np.arange(len(targets)), test_size=VAL_SIZE, stratify=targets, random_state=seed
     )
     if not 10 <= labeled <= len(rest) - 10:
-        raise ValueError(f"--labeled must be between 10 and {len(rest) - 10}, got {labeled}")
+        raise UsageError(f"--labeled must be between 10 and {len(rest) - 10}, got {labeled}")
     unlabeled, lab = train_test_split(
         rest, test_size=labeled, stratify=targets[rest], random_state=seed
     )

@@ -25,7 +25,16 @@ class UsageError(ValueError):
     failure record)."""
 
 
-# Mistakes a user can fix, wherever they are detected: one line and exit status 2 at the
-# command line; a Beam worker records them for its launcher instead of crashing. Anything
-# else is a bug in this project and keeps its traceback.
-USER_ERRORS = (ValueError, OSError)  # UsageError is a ValueError
+# What the user can fix, wherever it is met: a mistake raised deliberately as UsageError,
+# or the machine and its storage (a missing file, a full disk, a lost server): one line and
+# exit status 2 at the command line; a Beam worker records it for its launcher instead of
+# crashing. Anything else is a bug in this project: exit status 1 and its traceback kept.
+USER_ERRORS = (UsageError, OSError)
+
+
+class WorkerBug(Exception):
+    """A bug a worker met, raised again by the launcher: its traceback is kept at `where`."""
+
+    def __init__(self, message: str, where: str, trace: str) -> None:
+        super().__init__(message)
+        self.where, self.trace = where, trace

@@ -11,12 +11,13 @@ from collections.abc import Sequence
 
 import braceexpand
 
+from data.errors import UsageError
 from data.storage import Entry, absolute, basename, exists, glob, is_dir, list_dir, parent
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-class ShardSpecError(ValueError):
+class ShardSpecError(UsageError):
     """A shard argument that names no readable shard."""
 
 

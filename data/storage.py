@@ -48,7 +48,7 @@ def request_timeout() -> float:
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise ValueError(f"{TIMEOUT_VARIABLE}={value!r}: give a number of seconds above 0")
+        raise UsageError(f"{TIMEOUT_VARIABLE}={value!r}: give a number of seconds above 0")
     return seconds
 
 
@@ -354,10 +354,30 @@ def naming(url: str) -> Iterator[None]:
     the user nothing about where."""
     try:
         yield
+    except FileNotFoundError as exc:
+        bucket = _missing_bucket(url)
+        if bucket is None:
+            raise
+        raise FileNotFoundError(
+            f"{url}: there is no bucket {bucket!r} at this endpoint; create it or fix the URL"
+        ) from exc
     except OSError as exc:
         if exc.filename is not None or exc.errno is None:
             raise
         raise OSError(exc.errno, exc.strerror, url) from exc
+
+
+def _missing_bucket(url: str) -> str | None:
+    """The bucket of `url` when the store says it does not exist (asked only once a write
+    failed for want of it: the store's own error names a request, not the bucket)."""
+    if is_local(url):
+        return None
+    fs, path = filesystem(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        return None if fs.exists(bucket) else bucket
+    except OSError:
+        return None
 
 
 def write_bytes(url: str, data: bytes) -> None:

@@ -6,6 +6,7 @@ import tarfile
 from collections.abc import Iterable
 from typing import BinaryIO
 
+from data.errors import UsageError
 from data.storage import AtomicFile, exists, join, naming, size
 
 FIXED_MTIME = 0  # a fixed whole-second time: reruns are byte-identical and no PAX header is needed
@@ -162,7 +163,7 @@ class ShardSequence:
 
     def __init__(self, directory: str, prefix: str, max_count: int) -> None:
         if max_count < 1:
-            raise ValueError("shard size must be at least 1")
+            raise UsageError("shard size must be at least 1")
         self.directory, self.prefix, self.max_count = directory, prefix, max_count
         self.current: AtomicShard | FinishedShard | None = None
         self.urls: list[str] = []

@@ -1,4 +1,6 @@
-"""The `pipeline` command: one parser per stage, one clear line and exit status 2 on bad input."""
+"""The `pipeline` command: one parser per stage. A mistake the user can fix is one clear line
+and exit status 2; a bug is one line saying so, exit status 1, and its traceback in a file
+(printed with --debug or PIPELINE_DEBUG=1)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,16 @@ import gc
 import logging
 import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Sequence
 
 from data.decode import DECODERS
-from data.errors import USER_ERRORS
+from data.errors import USER_ERRORS, WorkerBug
 from students.config import DEVICES, add_arguments, flag_values
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # a mistake the user can fix
+EXIT_BUG = 1  # a bug in this project
 
 
 class _Parser(argparse.ArgumentParser):
@@ -272,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     filt.add_argument("--hard", action="store_true", help="one-hot labels instead of soft ones")
     filt.add_argument(
+        "--source-root",
+        action="append",
+        metavar="OLD=NEW",
+        help="the shards labeled under folder OLD are now under NEW (each image is checked "
+        "against its content hash); repeat for several folders",
+    )
+    filt.add_argument(
         "--max-copies",
         type=_positive,
         default=32,
@@ -337,7 +349,43 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="the ResNet-RS model table")
     models.add_argument("name", nargs="*", help="only these models")
     models.set_defaults(func=_cmd_models)
+    for command in _leaf_parsers(parser):
+        command.add_argument(
+            "--debug",
+            action="store_true",
+            help="on any error print its full traceback, a worker's included (also: "
+            "PIPELINE_DEBUG=1)",
+        )
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run a command: those without subcommands of their own."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for sub in subs for p in sub.choices.values() for leaf in _leaf_parsers(p)]
+
+
+def _report_bug(command: str, exc: Exception, debug: bool) -> int:
+    """A bug, not a mistake: one line saying so and where its traceback is (a worker's own,
+    or this process's, written to a file), or with --debug the traceback itself."""
+    if isinstance(exc, WorkerBug):
+        trace, where = exc.trace, exc.where
+    else:
+        trace = "".join(traceback.format_exception(exc))
+        fd, where = tempfile.mkstemp(prefix=f"pipeline-{command}-", suffix=".traceback")
+        with os.fdopen(fd, "w") as f:
+            f.write(trace)
+    if debug:
+        print(trace, end="", file=sys.stderr)
+    print(
+        f"pipeline {command}: internal error (a bug in rs-pseudolabel, please report it): "
+        f"{exc if isinstance(exc, WorkerBug) else f'{type(exc).__name__}: {exc}'}; "
+        f"its traceback is in {where}" + ("" if debug else " (or rerun with --debug)"),
+        file=sys.stderr,
+    )
+    return EXIT_BUG
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -355,11 +403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.beam_args = extra
     func: Callable[[argparse.Namespace], None] = args.func
+    debug = bool(getattr(args, "debug", False) or os.environ.get("PIPELINE_DEBUG"))
     try:
         func(args)
     except USER_ERRORS as exc:
-        if os.environ.get("PIPELINE_DEBUG"):
-            raise
+        if debug:
+            traceback.print_exception(exc)
         print(f"pipeline {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -368,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Exception as exc:
+        return _report_bug(args.command, exc, debug)
     return 0
 
 

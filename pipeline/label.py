@@ -15,14 +15,16 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import apache_beam as beam
 import torch
 from apache_beam.utils.shared import Shared
 
 from data.classes import write_class_names
-from data.errors import USER_ERRORS
+from data.errors import UsageError
 from data.manifest import ErrorLog, StageOutput, inputs_record
+from data.records import MAX_TOPK
 from data.specs import shard_entries
 from data.storage import absolute, join, parent, write_json
 from pipeline.beam_options import (
@@ -43,8 +45,8 @@ from pipeline.reports import (
     finish_stage,
     merge_reports,
     raise_failures,
-    record_failure,
     reported,
+    unit_of_work,
 )
 from pipeline.worklist import WorkList, units
 from teachers import describe_teacher, is_run_dir
@@ -113,20 +115,21 @@ class LabelShardFn(beam.DoFn):
         self.teacher, self.slot, self.failure = None, None, None
         try:
             self.teacher, self.slot = self.shared.acquire(self._teachers, tag=tag).assign()
-        except USER_ERRORS as exc:
+        except Exception as exc:  # recorded per unit: a user's line, or a bug's traceback
             self.failure = exc
+
+    def _label(self, url: str, name: str):
+        if self.failure is not None:
+            raise self.failure
+        batch = self.batch_size or default_batch(self.teacher.device)
+        return label_shard(
+            url, name, self.out_dir, self.teacher, batch, self.topk, self.embed, self.slot
+        )
 
     def process(self, span: tuple[int, int]) -> Iterator[dict]:
         for url, name in units(self.work_url, span):
-            try:
-                if self.failure is not None:
-                    raise self.failure
-                batch = self.batch_size or default_batch(self.teacher.device)
-                report = label_shard(
-                    url, name, self.out_dir, self.teacher, batch, self.topk, self.embed, self.slot
-                )
-            except USER_ERRORS as exc:
-                record_failure(self.out_dir, name, exc)
+            report = unit_of_work(self.out_dir, name, partial(self._label, url, name))
+            if report is None:
                 continue
             beam.metrics.Metrics.counter("label", "images").inc(report.samples_out)
             yield {"output": name, "samples_out": report.samples_out}
@@ -141,6 +144,10 @@ def _threads_per_worker(options) -> int | None:
 
 
 def run(args: LabelArgs, beam_args: list[str]) -> dict:
+    if not 1 <= args.topk <= MAX_TOPK:
+        raise UsageError(
+            f"--topk must be between 1 and {MAX_TOPK} (a record's limit), got {args.topk}"
+        )
     options = beam_options(args.runner, beam_args)
     teacher = absolute(args.teacher) if is_run_dir(args.teacher) else args.teacher
     weights = absolute(args.weights) if args.weights else None

@@ -17,19 +17,23 @@ import os
 import socket
 import threading
 import time
+import traceback
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
+from typing import TypeVar
 
-from data.errors import Drop, UsageError
+from data.errors import USER_ERRORS, Drop, UsageError, WorkerBug
 from data.manifest import ErrorLog, StageOutput
 from data.progress import progress_bar
+from data.read import StorageError
 from data.storage import join, list_dir, read_bytes, read_json, remove, write_bytes
 
 REPORTS = "_reports"
 FAILURES = "_failures"
+T = TypeVar("T")
 READ_AHEAD = 32  # reports fetched at once while merging: latency hidden, memory bounded
 TIME_SPLIT = (  # where a unit's time went, summed into the manifest
     "seconds",
@@ -167,11 +171,32 @@ def finish_stage(out: StageOutput, merged: Merged, args: dict, **extra: object) 
 
 
 def record_failure(out_dir: str, name: str, exc: BaseException) -> None:
-    """What a worker could not do for the user's sake: kept for the launcher to raise."""
-    write_bytes(
-        join(out_dir, FAILURES, name + ".json"),
-        json.dumps({"unit": name, "type": type(exc).__name__, "message": str(exc)}).encode(),
-    )
+    """What a worker could not do, kept for the launcher to raise: a user's mistake as its
+    line, a bug with its formatted traceback (the worker's frames, which the launcher's
+    re-raise does not have)."""
+    record = {"unit": name, "type": type(exc).__name__, "message": str(exc)}
+    if not isinstance(exc, USER_ERRORS):
+        record["traceback"] = "".join(traceback.format_exception(exc))
+    write_bytes(join(out_dir, FAILURES, name + ".json"), json.dumps(record).encode())
+
+
+_lost_storage: list[StorageError] = []  # this worker process's first storage failure
+
+
+def unit_of_work(out_dir: str, name: str, work: Callable[[], T]) -> T | None:
+    """`work()` for one unit, or None with its failure recorded for the launcher: a user's
+    line, or a bug's traceback, never the runner's retries. Once a read failed in the storage
+    after the client's retries, this worker's later units fail at once with that error: each
+    would wait out the same retries against a server that is gone, and a rerun does them."""
+    try:
+        if _lost_storage:
+            raise StorageError(f"not tried after the storage failed: {_lost_storage[0]}")
+        return work()
+    except Exception as exc:
+        if isinstance(exc, StorageError) and not _lost_storage:
+            _lost_storage.append(exc)
+        record_failure(out_dir, name, exc)
+        return None
 
 
 def clear_failures(out_dir: str) -> None:
@@ -183,11 +208,18 @@ def raise_failures(out_dir: str) -> None:
     failed = list_dir(join(out_dir, FAILURES))
     if not failed:
         return
-    message = (read_json(failed[0].url) or {}).get("message", "a worker failed")
+    records = [(e.url, read_json(e.url) or {}) for e in failed]
+    bugs = [(url, r) for url, r in records if "traceback" in r]
+    url, first = bugs[0] if bugs else records[0]
+    message = first.get("message", "a worker failed")
+    if bugs:
+        message = f"{first.get('type')}: {message} (unit {first.get('unit')})"
     if len(failed) > 1:
         message = (
             f"{len(failed)} units failed (see {join(out_dir, FAILURES)}); the first: {message}"
         )
+    if bugs:
+        raise WorkerBug(message, url, first["traceback"])
     raise UsageError(message)
 
 

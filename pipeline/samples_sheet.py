@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from data.classes import read_class_names
 from data.decode import decode_image, find_image
+from data.errors import UsageError
 from data.manifest import read_manifest
 from data.read import iter_shard
 from data.records import PSEUDO_EXT, decode_pseudo, read_cls, read_header
@@ -156,7 +157,7 @@ def collect(spec: str, seed: int = 0) -> Sheet:
     shards = sorted(random.Random(seed).sample(urls, min(len(urls), MAX_SHARDS)))
     records = [record for url in shards for record in _records(url)]
     if not records:
-        raise ValueError(f"no sample in {spec} has a class or a pseudo-label to lay out by")
+        raise UsageError(f"no sample in {spec} has a class or a pseudo-label to lay out by")
     fates = _fates(folder, {key for key, *_ in records}) if filtered else {}
 
     counts: Counter = Counter()

@@ -24,6 +24,7 @@ from typing import get_type_hints
 import yaml
 
 import configs
+from data.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")  # --device of every command; "auto" is resolved where it runs
 
@@ -35,7 +36,7 @@ def _check_crop_scale(value: object) -> tuple[float, float]:
         and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
         and 0 < value[0] <= value[1] <= 1
     ):
-        raise ValueError(f"config key 'crop_scale' must be [low, high] in (0, 1], got {value!r}")
+        raise UsageError(f"config key 'crop_scale' must be [low, high] in (0, 1], got {value!r}")
     return (float(value[0]), float(value[1]))
 
 
@@ -197,16 +198,16 @@ def load_yaml(source: str | Path) -> dict[str, object]:
     else:
         found = configs.bundled(str(source))
         if found is None:
-            raise ValueError(
+            raise UsageError(
                 f"config file not found: {source} (bundled: {', '.join(configs.names())})"
             )
         text = found.read_text()
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {source} is not valid YAML: {yaml_problem(exc)}") from None
+        raise UsageError(f"config file {source} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"config file {source} must hold a mapping of keys to values")
+        raise UsageError(f"config file {source} must hold a mapping of keys to values")
     return values
 
 
@@ -214,7 +215,7 @@ def _check_keys(values: Mapping[str, object], source: str) -> None:
     for key in values:
         if key not in RECIPE_KEYS:
             known = ", ".join(RECIPE_KEYS)
-            raise ValueError(f"unknown config key {key!r} in {source}; known keys: {known}")
+            raise UsageError(f"unknown config key {key!r} in {source}; known keys: {known}")
 
 
 def read_recipe(source: str | Path) -> dict[str, object]:
@@ -231,11 +232,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, object]:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise UsageError(f"--set expects key=value, got {item!r}")
         try:
             values[key] = yaml.safe_load(text)
         except yaml.YAMLError:
-            raise ValueError(f"--set {key}: value {text!r} is not valid YAML") from None
+            raise UsageError(f"--set {key}: value {text!r} is not valid YAML") from None
     _check_keys(values, "--set")
     return values
 
@@ -246,17 +247,17 @@ def _checked(spec: Field, value: object) -> object:
     if value is None:
         if type(None) in getattr(kind, "__args__", ()):
             return None
-        raise ValueError(f"config key {spec.name!r} cannot be null")
+        raise UsageError(f"config key {spec.name!r} cannot be null")
     if spec.metadata["check"] is not None:
         return spec.metadata["check"](value)
     scalar = _scalar(kind)
     if scalar is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"config key {spec.name!r} must be true or false, got {value!r}")
+            raise UsageError(f"config key {spec.name!r} must be true or false, got {value!r}")
         return value
     if scalar is str:
         if not isinstance(value, str):
-            raise ValueError(f"config key {spec.name!r} must be a string, got {value!r}")
+            raise UsageError(f"config key {spec.name!r} must be a string, got {value!r}")
         return value
     low, below = spec.metadata["low"], spec.metadata["below"]
     ok = isinstance(value, int | float) and not isinstance(value, bool)
@@ -265,9 +266,9 @@ def _checked(spec: Field, value: object) -> object:
     if not ok or (low is not None and value < low):
         word = "a whole number" if scalar is int else "a number"
         at_least = f" of at least {low}" if low is not None else ""
-        raise ValueError(f"config key {spec.name!r} must be {word}{at_least}, got {value!r}")
+        raise UsageError(f"config key {spec.name!r} must be {word}{at_least}, got {value!r}")
     if below is not None and value >= below:
-        raise ValueError(f"config key {spec.name!r} must be below {below}, got {value}")
+        raise UsageError(f"config key {spec.name!r} must be below {below}, got {value}")
     return scalar(value)
 
 
@@ -283,10 +284,10 @@ def resolve_recipe(
     _check_keys(given, "the arguments")
     model = given.get("model")
     if model is not None and values.get("model") not in (None, model):
-        raise ValueError(f"--model {model} but the config is a recipe for {values['model']}")
+        raise UsageError(f"--model {model} but the config is a recipe for {values['model']}")
     values |= given
     if values.get("model") is None:
-        raise ValueError("no model: pass --model or use a config that names one")
+        raise UsageError("no model: pass --model or use a config that names one")
     recipe = Recipe(**{f.name: _checked(f, values.get(f.name, f.default)) for f in fields(Recipe)})
     from teachers.registry import get_config  # torch: only once a run is being set up
 
@@ -306,7 +307,7 @@ def resolve(options: Mapping[str, object]) -> tuple[TrainArgs, Recipe]:
     inputs = {f.name for f in fields(TrainArgs)}
     unknown = sorted(set(options) - inputs - set(RECIPE_KEYS))
     if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r}")
+        raise UsageError(f"unknown option {unknown[0]!r}")
     run = {key: value for key, value in options.items() if key in inputs}
     run["overrides"] = tuple(run.get("overrides") or ())
     args = TrainArgs(**run)

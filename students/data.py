@@ -28,7 +28,7 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
 from data.decode import IMAGE_EXTS, decode_image, find_image
-from data.errors import USER_ERRORS, Drop
+from data.errors import USER_ERRORS, Drop, UsageError
 from data.read import iter_shard, member_names
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
 
@@ -108,7 +108,7 @@ class Failed:
     storage: bool
 
     def error(self) -> Exception:
-        return OSError(self.message) if self.storage else ValueError(self.message)
+        return OSError(self.message) if self.storage else UsageError(self.message)
 
 
 def batches(
@@ -151,7 +151,7 @@ def _batches(
             drops[item.reason] += 1
             in_a_row += 1
             if limit is not None and in_a_row >= limit:
-                raise ValueError(
+                raise UsageError(
                     f"{in_a_row} samples in a row could not be used, the last for "
                     f"{item.reason} in {item.shard}: are these the right shards?"
                 )

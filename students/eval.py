@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from data.classes import read_class_names
+from data.errors import UsageError
 from data.progress import progress_bar
 from data.specs import expand_shards
 from students.data import eval_loader
@@ -74,7 +75,7 @@ def evaluate_run(
     model, info = load_teacher(run_dir)
     names = read_class_names(urls)
     if names is not None and info.class_names is not None and names != info.class_names:
-        raise ValueError(
+        raise UsageError(
             f"{data_spec} holds classes {names[:5]}... but {run_dir} was trained on "
             f"{info.class_names[:5]}...: class ids would be scored against the wrong classes"
         )

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.classes import read_class_names
-from data.errors import USER_ERRORS
+from data.errors import USER_ERRORS, UsageError
 from data.manifest import inputs_record
 from data.progress import progress_bar
 from data.specs import shard_entries
@@ -313,13 +313,13 @@ def train_one_epoch(
 def _class_count(recipe: Recipe, class_names: list[str] | None, labeled: str) -> int:
     if class_names is not None:
         if recipe.num_classes not in (None, len(class_names)):
-            raise ValueError(
+            raise UsageError(
                 f"num_classes is {recipe.num_classes} but {labeled} has "
                 f"{len(class_names)} class names in classes.json"
             )
         return len(class_names)
     if recipe.num_classes is None:
-        raise ValueError(f"no classes.json beside {labeled}: set num_classes in the config")
+        raise UsageError(f"no classes.json beside {labeled}: set num_classes in the config")
     return recipe.num_classes
 
 
@@ -329,7 +329,7 @@ def _entries(spec: str | None, what: str) -> list[Entry]:
     try:
         return shard_entries(spec)
     except ValueError as exc:
-        raise ValueError(f"{what} shards: {exc}") from None
+        raise UsageError(f"{what} shards: {exc}") from None
 
 
 def _agreeing_classes(labeled: list[str], others: dict[str, list[str]]) -> list[str] | None:
@@ -347,14 +347,14 @@ def _agreeing_classes(labeled: list[str], others: dict[str, list[str]]) -> list[
             if i is not None
             else f"{len(other)} classes there but {len(names)} in the labeled set"
         )
-        raise ValueError(f"the {what} shards' classes.json disagrees: {where}")
+        raise UsageError(f"the {what} shards' classes.json disagrees: {where}")
     return names
 
 
 def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     table = get_config(recipe.model)
     if recipe.batch_size % env.world:
-        raise ValueError(
+        raise UsageError(
             f"batch_size {recipe.batch_size} is global and must divide over {env.world} processes"
         )
 
@@ -372,9 +372,9 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         )
         samples = recipe.epoch_samples or count_samples(urls["labeled"])
         if samples == 0:
-            raise ValueError(f"no image samples in the labeled shards {args.labeled}")
+            raise UsageError(f"no image samples in the labeled shards {args.labeled}")
         if urls["pseudo"] and not has_samples(urls["pseudo"]):
-            raise ValueError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
+            raise UsageError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
         return found, names, samples
 
     found, class_names, epoch_samples = utils.on_main(env, inputs)
@@ -409,6 +409,13 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     num_classes = recipe.num_classes
     steps_per_epoch = max(1, epoch_samples // recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
+    if env.is_main and epoch_samples < recipe.batch_size:
+        print(
+            f"warning: an epoch of {epoch_samples} samples is smaller than one batch of "
+            f"{recipe.batch_size}, so the {recipe.epochs} epochs make {total_steps} steps in "
+            "all; for a small set pass a recipe made for it (--config) or --batch-size",
+            file=sys.stderr,
+        )
     batch = recipe.batch_size // env.world
     pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch) if pseudo_urls else 0
     # The loaders cut each step in its micro-batches: each comes whole from one loader worker
@@ -474,7 +481,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     checkpoint = utils.load_checkpoint(args.out) if args.resume else None
     if checkpoint is not None:
         if checkpoint["model_name"] != table.name or checkpoint["num_classes"] != num_classes:
-            raise ValueError(
+            raise UsageError(
                 f"{args.out} holds a {checkpoint['model_name']} run with "
                 f"{checkpoint['num_classes']} classes, not {table.name} with {num_classes}"
             )
@@ -482,7 +489,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         try:
             ema.load_state_dict(checkpoint["ema"])
         except RuntimeError:
-            raise ValueError(
+            raise UsageError(
                 f"{args.out} holds a checkpoint from an earlier version of the trainer, whose "
                 "EMA it cannot continue; start a new run with another --out"
             ) from None
@@ -623,7 +630,10 @@ def train(**options: object) -> dict:
     args, recipe = resolve(options)
     created = not torch.distributed.is_initialized()
     env = utils.init_distributed(args.device)
-    result = main(args, recipe, env)
+    try:
+        result = main(args, recipe, env)
+    finally:
+        utils.release_claims()
     # Only after success: a failed rank must exit at once (torchrun then stops the others),
     # not wait in a teardown for ranks that are still waiting for it.
     if created:

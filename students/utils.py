@@ -12,6 +12,9 @@ import json
 import os
 import pickle
 import random
+import socket
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from data.storage import (
     join,
     open_read,
     read_bytes,
+    read_json,
     remove,
     remove_temporaries,
     walk_files,
@@ -167,13 +171,13 @@ def load_checkpoint(run_dir: str) -> dict | None:
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise ValueError(
+            raise UsageError(
                 f"{url} was refused by torch's weights-only loader ({unpickler_reason(exc)}): "
                 "a checkpoint holds only tensors and plain values, and anything else could run "
                 "code. Start a new run with another --out"
             ) from exc
         except (RuntimeError, EOFError) as exc:
-            raise ValueError(f"{url} is not a readable training checkpoint: {exc}") from exc
+            raise UsageError(f"{url} is not a readable training checkpoint: {exc}") from exc
 
 
 def has_checkpoint(run_dir: str) -> bool:
@@ -202,6 +206,74 @@ def write_log(run_dir: str, records: list[dict]) -> None:
 
 # The recipe keys --resume may change: a longer run, and compiling (how, not what, it runs).
 MID_RUN_CHANGES = ("epochs", "compile")
+# Who trains into a run directory: rewritten every BEAT_SECONDS while the run lives, removed
+# when it ends. A claim from another machine whose beat is older than STALE_SECONDS is taken
+# for a run that was killed; one from this machine counts while its process lives.
+CLAIM_FILE = "_claim.json"
+BEAT_SECONDS = 60.0
+STALE_SECONDS = 300.0
+_held: dict[str, threading.Event] = {}  # run directories this process claimed: their stops
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks (None if there is none): a pid the
+    system reused for another process does not hold a claim."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _me() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+
+
+def live_claim(out: str) -> str | None:
+    """Who else is training into `out` now, in words, or None."""
+    try:
+        claim = read_json(join(out, CLAIM_FILE))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(claim, dict):
+        return None
+    me = _me()
+    who = f"pid {claim.get('pid')} on {claim.get('host')}"
+    if claim.get("host") == me["host"]:
+        pid = claim.get("pid")
+        if pid == me["pid"] or not isinstance(pid, int) or _process_start(pid) is None:
+            return None
+        return who if _process_start(pid) == claim.get("start") else None
+    age = time.time() - float(claim.get("beat", 0))
+    return f"{who}, last seen {age:.0f} s ago" if age < STALE_SECONDS else None
+
+
+def _hold(out: str) -> None:
+    """Write this process's claim on `out` and keep it fresh until `release_claims`."""
+    stop = threading.Event()
+    _held[out] = stop
+
+    def beat() -> None:
+        while not stop.wait(BEAT_SECONDS):
+            try:
+                write_json(join(out, CLAIM_FILE), {**_me(), "beat": time.time()})
+            except OSError:  # a storage hiccup: the next beat tries again
+                pass
+
+    write_json(join(out, CLAIM_FILE), {**_me(), "beat": time.time()})
+    threading.Thread(target=beat, name="run-claim", daemon=True).start()
+
+
+def release_claims() -> None:
+    """End this process's claims: the run finished or stopped."""
+    for out, stop in list(_held.items()):
+        stop.set()
+        try:
+            remove(join(out, CLAIM_FILE))
+        except OSError:  # left behind, it goes stale by itself
+            pass
+        del _held[out]
 
 
 def claim_run(
@@ -212,6 +284,13 @@ def claim_run(
     then takes effect); or, with --overwrite, a folder cleared for a fresh run. True when
     `out` already holds this very run, finished: there is nothing left to do."""
     check_apart(out, inputs)
+    holder = live_claim(out)
+    if holder is not None:
+        raise UsageError(
+            f"another trainer ({holder}) is writing {out}: wait for it to end or stop it "
+            f"(a claim from a machine that died expires {STALE_SECONDS:.0f} s after its last "
+            f"beat), or choose another --out"
+        )
     existing = read_manifest(out)
     if overwrite:
         remove(out)
@@ -248,6 +327,7 @@ def claim_run(
         join(out, MANIFEST),
         {"stage": "train-student", "state": RUNNING, "fingerprint": fingerprint},
     )
+    _hold(out)
     return False
 
 

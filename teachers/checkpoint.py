@@ -17,6 +17,7 @@ from pathlib import Path
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from data.errors import UsageError
 from data.storage import exists, join, open_read, read_json, write_bytes, write_json
 from teachers.registry import MODELS, create_model, get_config
 from teachers.weights import (
@@ -100,7 +101,7 @@ def export_run(
     }
     num_classes = classifier_classes(state)
     if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
+        raise UsageError(f"{len(class_names)} class names for a model with {num_classes} classes")
     weights = save_safetensors(state)
     info = _info(
         model_name, weights, num_classes, {"class_names": class_names, "extra": extra or {}}
@@ -128,19 +129,19 @@ def describe_teacher(
     teacher = str(teacher)
     if teacher in MODELS:
         if weights is None:
-            raise ValueError(
+            raise UsageError(
                 f"--weights FILE is required with a model name ({teacher}): a .safetensors or "
                 ".pth state dict; or pass a run directory as --teacher"
             )
         return f"{teacher}@{_streamed_sha256(str(weights))[:8]}", None
     meta = read_json(join(teacher, META_FILE))
     if not isinstance(meta, dict):
-        raise ValueError(
+        raise UsageError(
             f"teacher {teacher!r} is neither a model name ({', '.join(MODELS)}) "
             f"nor a run directory holding {META_FILE}"
         )
     if weights is not None:
-        raise ValueError(f"{teacher} is a run directory with its own weights; drop weights")
+        raise UsageError(f"{teacher} is a run directory with its own weights; drop weights")
     digest = meta.get("weights_sha256") or _streamed_sha256(join(teacher, WEIGHTS_FILE))
     return f"{meta['model']}@{digest[:8]}", meta.get("class_names")
 
@@ -156,7 +157,7 @@ def load_teacher(
     teacher = str(teacher)
     if teacher in MODELS:
         if weights is None:
-            raise ValueError(
+            raise UsageError(
                 f"the teacher {teacher!r} is a model name, so it needs weights "
                 "(a .safetensors/.pth file); or pass a run directory as the teacher"
             )
@@ -165,13 +166,20 @@ def load_teacher(
         info = _info(teacher, data, classifier_classes(state), {})
     elif is_run_dir(teacher):
         if weights is not None:
-            raise ValueError(f"{teacher} is a run directory with its own weights; drop weights")
+            raise UsageError(f"{teacher} is a run directory with its own weights; drop weights")
         meta = json.loads(read_bytes(join(teacher, META_FILE)))
         data = read_bytes(join(teacher, WEIGHTS_FILE))
+        recorded, found = meta.get("weights_sha256"), hashlib.sha256(data).hexdigest()
+        if recorded and recorded != found:
+            raise UsageError(
+                f"{join(teacher, WEIGHTS_FILE)} is not the file {META_FILE} records (sha256 "
+                f"{recorded[:8]}, found {found[:8]}): the run directory was changed after its "
+                "export; put its own weights back, or export the new ones as a run directory"
+            )
         state = parse_weights(data, join(teacher, WEIGHTS_FILE))
         info = _info(meta["model"], data, meta["num_classes"], meta)
     else:
-        raise ValueError(
+        raise UsageError(
             f"teacher {teacher!r} is neither a model name ({', '.join(MODELS)}) "
             f"nor a run directory holding {META_FILE}"
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from data.errors import UsageError
 from teachers.resnet_rs import ResNetRS, scale_depth
 from teachers.weights import WeightsSource, apply_weights, read_weights
 
@@ -119,7 +120,7 @@ def get_config(name: str) -> ModelConfig:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+        raise UsageError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
 
 
 def create_model(

@@ -19,6 +19,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from data import storage
+from data.errors import UsageError
 
 StateDict = dict[str, torch.Tensor]
 WeightsSource = str | Path | Mapping[str, torch.Tensor]
@@ -28,7 +29,7 @@ WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
-class WeightsError(ValueError):
+class WeightsError(UsageError):
     """Weights that cannot be read, are unsafe, or do not fit the model."""
 
 

@@ -61,6 +61,12 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     )
 
 
+def message_lines(stderr: str) -> list[str]:
+    """What a command said on stderr, its progress bars left out (a bar's updates are lines
+    of their own when stderr is not a terminal)."""
+    return [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+
+
 def kill_midway(args: list[str], ready: Callable[[], bool], timeout: float = 120) -> None:
     """Start `pipeline ARGS`, and SIGKILL it the moment `ready()` holds."""
     proc = subprocess.Popen(

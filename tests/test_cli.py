@@ -1,13 +1,15 @@
 """The command-line contract: --help everywhere; bad input is one line and exit status 2."""
 
 import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline.cli import build_parser
-from tests.conftest import run_cli
+from tests.conftest import message_lines, run_cli
 
 
 def _commands(
@@ -52,3 +54,48 @@ def test_the_flags_are_built_without_importing_torch_or_beam():
     probe += "print(sorted({'torch', 'apache_beam'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+# The launcher run with one function of ours replaced by a bug: in a worker (each shard's
+# labeling; the DirectRunner's workers are threads of this process) or in the launcher.
+INJECT = """
+import sys
+import pipeline.label as label
+def broken(*args, **kwargs):
+    raise ValueError("an injected bug")
+setattr(label, sys.argv.pop(1), broken)
+from pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["label_shard", "shard_entries"], ids=["worker", "launcher"])
+def test_a_bug_exits_1_in_one_line_that_says_where_its_traceback_is(
+    random_teacher: Path, digits_dir: Path, tmp_path: Path, where: str
+):
+    shard = sorted((digits_dir / "unlabeled").glob("*.tar"))[0]
+    command = [sys.executable, "-c", INJECT, where, "label", "--teacher", str(random_teacher),
+               "--input", str(shard), "--output", str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    lines = message_lines(result.stderr)
+    assert len(lines) == 1 and "internal error" in lines[0], result.stderr
+    assert "ValueError: an injected bug" in lines[0] and "--debug" in lines[0]
+    saved = Path(lines[0].split("its traceback is in ")[1].split(" (or rerun")[0])
+    trace = saved.read_text()
+    if where == "label_shard":  # the worker's failure record keeps its own frames
+        trace = json.loads(trace)["traceback"]
+    assert "in broken" in trace and "ValueError: an injected bug" in trace
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
+    assert debug.returncode == 1 and "in broken" in debug.stderr and "Traceback" in debug.stderr
+
+
+def test_a_topk_no_record_can_hold_is_refused_before_the_job_starts(
+    random_teacher: Path, digits_dir: Path, tmp_path: Path
+):
+    result = run_cli("label", "--teacher", str(random_teacher), "--topk", "300",
+                     "--input", str(digits_dir / "unlabeled"), "--output", str(tmp_path / "o"))  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--topk must be between 1 and 255" in lines[0]
+    assert not (tmp_path / "o").exists()

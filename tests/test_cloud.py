@@ -20,7 +20,7 @@ from data.records import read_header
 from data.specs import expand_shards
 from data.storage import read_bytes, read_json, walk_files, write_bytes
 from data.write import write_shard
-from tests.conftest import DIGITS_RECIPE, image_bytes, kill_midway, run_cli
+from tests.conftest import DIGITS_RECIPE, image_bytes, kill_midway, message_lines, run_cli
 from tests.servers import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -278,3 +278,16 @@ def test_s3_without_credentials_is_one_line(
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and "no AWS credentials found" in lines[0], lines
+
+
+@pytest.mark.parametrize("server", ["gcs_server", "s3_server"])
+def test_a_bucket_that_does_not_exist_is_named_in_one_line(
+    request, server: str, random_teacher: Path, digits_dir: Path
+):
+    protocol = request.getfixturevalue(server).make_bucket(f"there-{server[:3]}").split(":")[0]
+    shard = sorted((digits_dir / "unlabeled").glob("*.tar"))[0]
+    result = run_cli("label", "--teacher", str(random_teacher), "--input", str(shard),
+                     "--output", f"{protocol}://nosuchbucket/labels")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = message_lines(result.stderr)
+    assert len(lines) == 1 and "there is no bucket 'nosuchbucket'" in lines[0], lines

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from data.storage import read_bytes, read_json, walk_files
-from tests.conftest import run_cli
+from tests.conftest import message_lines, run_cli
 from tests.servers import SilentRelay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,3 +223,48 @@ def test_killing_the_trainer_ends_its_loader_workers(
     finally:
         relay.close()
     assert not left
+
+
+def test_a_bucket_that_stops_answering_mid_label_is_one_line(
+    gcs_server, buckets: dict[str, str], random_teacher: Path, tmp_path: Path
+):
+    """Label reading 26 shards through a relay that goes silent after the first is labeled:
+    each worker's read fails after the client's retries, its later shards fail at once
+    with that error, and the launcher says so in one line (it printed 1,253 lines with 36
+    tracebacks). What was labeled stays, and a rerun once the server is back finishes."""
+    relay = SilentRelay(gcs_server.url)
+    out = tmp_path / "labels"
+    command = [sys.executable, "-m", "pipeline", "label", "--teacher", str(random_teacher),
+               "--input", f"{buckets['gcs_server']}/d/unlabeled", "--output", str(out),
+               "--batch-size", "8"]  # fmt: skip
+    try:
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "STORAGE_EMULATOR_HOST": relay.url, "PIPELINE_STORAGE_TIMEOUT": "1"},
+        )
+        deadline = time.monotonic() + 120
+        while not list((out / "_reports").glob("*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        relay.silence()
+        silenced = time.monotonic()
+        _, stderr = proc.communicate(timeout=300)
+        waited = time.monotonic() - silenced
+    finally:
+        relay.close()
+    assert proc.returncode == 2, stderr[-3000:]
+    lines = message_lines(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert re.match(
+        r"pipeline label: error: \d+ units failed .*: reading gs://\S+\.tar: ", lines[0]
+    )
+    assert waited < 120, waited
+    labeled = len(list(out.glob("*.tar")))
+    assert 1 <= labeled < 26
+    rerun = run_cli(*command[3:])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(list(out.glob("*.tar"))) == 26

@@ -5,12 +5,17 @@ drop are counted where the user sees them."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from data.classes import write_class_names
 from data.read import iter_samples
 from data.specs import expand_shards
+from data.storage import write_json
 from data.write import write_shard
+from students.utils import CLAIM_FILE, STALE_SECONDS, live_claim
 from tests.conftest import DIGITS_RECIPE, run_cli
 
 QUICK = ["--model", "rs-mini", "--config", str(DIGITS_RECIPE), "--batch-size", "16"] + [
@@ -106,3 +111,52 @@ def test_resume_on_a_bucket_needs_nothing_local(gcs_server, digits_dir: Path):
     longer = _train(digits_dir, out, "--epochs", "2", "--resume")
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert "resuming" in longer.stdout
+
+
+def test_a_run_directory_another_live_trainer_holds_is_refused_even_with_overwrite(
+    digits_dir: Path, tmp_path: Path
+):
+    run = tmp_path / "run"
+    args = ["train-student", "--labeled", str(digits_dir / "labeled"), "--out", str(run)]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, *QUICK, "--epochs", "500"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "log.jsonl").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.2)
+        config = (run / "config.yaml").read_text()
+        second = _train(digits_dir, run, "--epochs", "1", "--set", "lr=0.2", "--overwrite")
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pid {first.pid}" in lines[0], second.stderr
+        assert (run / "config.yaml").read_text() == config  # the running run's, untouched
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    # Killed, its claim is a dead process's: the directory can be taken over.
+    again = _train(digits_dir, run, "--epochs", "1", "--set", "lr=0.2", "--overwrite")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "lr: 0.2" in (run / "config.yaml").read_text()
+    assert not (run / CLAIM_FILE).exists()
+
+
+def test_a_claim_from_another_machine_holds_until_its_beat_goes_stale(tmp_path: Path):
+    run = str(tmp_path / "run")
+    claim = {"host": "elsewhere", "pid": 1, "start": "0", "beat": time.time() - 10}
+    write_json(f"{run}/{CLAIM_FILE}", claim)
+    assert "pid 1 on elsewhere" in live_claim(run)
+    write_json(f"{run}/{CLAIM_FILE}", {**claim, "beat": time.time() - STALE_SECONDS - 1})
+    assert live_claim(run) is None
+
+
+def test_an_epoch_smaller_than_a_batch_warns_in_one_line(digits_dir: Path, tmp_path: Path):
+    result = _train(digits_dir, tmp_path / "run", "--epochs", "2", "--batch-size", "64")
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "32 samples is smaller than one batch of 64" in warnings[0]
+    assert "2 steps in all" in warnings[0]

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from teachers import WeightsError, create_model, export_run, load_teacher, read_weights
+from tests.conftest import message_lines, run_cli
 
 
 def _trained_looking(num_classes: int = 10) -> torch.nn.Module:
@@ -134,3 +135,22 @@ def test_safetensors_weights_load_by_model_name(tmp_path: Path):
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_a_run_directory_whose_weights_were_replaced_says_so_in_one_line(
+    digits_dir: Path, tmp_path: Path
+):
+    run, other = tmp_path / "run", tmp_path / "other"
+    export_run(str(run), _trained_looking(), "rs-mini", [str(i) for i in range(10)])
+    torch.manual_seed(1)
+    export_run(str(other), create_model("rs-mini", num_classes=10), "rs-mini", None)
+    (run / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    shard = sorted((digits_dir / "unlabeled").glob("*.tar"))[0]
+    for _ in range(2):  # a rerun says the same: the fix is the user's, not a rerun
+        result = run_cli("label", "--teacher", str(run), "--input", str(shard),
+                         "--output", str(tmp_path / "labels"))  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        lines = message_lines(result.stderr)
+        assert len(lines) == 1, lines
+        assert "model.safetensors is not the file model.json records" in lines[0]
+        assert "rerun" not in lines[0]
