@@ -32,6 +32,11 @@ class UsageError(ValueError):
 USER_ERRORS = (UsageError, OSError)
 
 
+class PeerFailed(UsageError):
+    """This rank stopped because another rank of its job failed first: that rank's own line
+    says why, and this one only that it followed."""
+
+
 class WorkerBug(Exception):
     """A bug a worker met, raised again by the launcher: its traceback is kept at `where`."""
 

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from data.decode import DECODERS
-from data.errors import USER_ERRORS, WorkerBug
+from data.errors import USER_ERRORS, PeerFailed, WorkerBug
 from students.config import DEVICES, add_arguments, flag_values
 
 EXIT_USAGE = 2  # a mistake the user can fix
@@ -409,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if debug:
             traceback.print_exception(exc)
-        print(f"pipeline {args.command}: error: {exc}", file=sys.stderr)
+        kind = "stopped" if isinstance(exc, PeerFailed) else "error"
+        print(f"pipeline {args.command}: {kind}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(

@@ -383,6 +383,17 @@ def count_samples(urls: Sequence[str], threads: int = 16) -> int:
         return sum(pool.map(_count_shard, urls))
 
 
+def has_classes(urls: Sequence[str]) -> bool:
+    """Whether the first shard that holds images holds classes too (`.cls` members), from
+    its tar headers: unlabeled validation shards are refused before training, not found out
+    after the first epoch."""
+    for url in urls:
+        exts = {(base_plus_ext(name)[1] or "").lower() for name in member_names(url)}
+        if exts & set(IMAGE_EXTS):
+            return "cls" in exts
+    return False
+
+
 def has_samples(urls: Sequence[str]) -> bool:
     """Whether any shard holds an image sample; stops at the first that does."""
     return any(_count_shard(url) for url in urls)

@@ -30,10 +30,12 @@ def evaluate(
     info: TeacherInfo,
     distributed: bool = False,
     progress: bool = False,
+    source: str = "the evaluation data",
 ) -> dict:
     """{"top1", "top5", "samples", "dropped"} over (uint8 images, labels, drops) batches,
     normalised on the device with the model's `info`; with `distributed`, summed over all
-    ranks, each rank having read its own part of the shards."""
+    ranks, each rank having read its own part of the shards. Data with no sample to score
+    (unlabeled shards, say) is refused: a top-1 of 0 on 0 samples reads as a result."""
     device = torch.device(device)
     predictor = Predictor(model, device)
     normal = Normalizer(info.mean, info.std, device)
@@ -52,6 +54,11 @@ def evaluate(
     if distributed:
         counts = all_reduce_sum(counts.to(device)).cpu()
     top1, top5, samples, dropped = counts.tolist()
+    if not samples:
+        raise UsageError(
+            f"{source}: none of its {int(dropped)} samples could be scored (no class, or "
+            "unreadable; `pipeline stats` counts them by reason): evaluation needs labeled shards"
+        )
     return {
         "top1": top1 / samples if samples else 0.0,
         "top5": top5 / samples if samples else 0.0,
@@ -80,4 +87,4 @@ def evaluate_run(
             f"{info.class_names[:5]}...: class ids would be scored against the wrong classes"
         )
     loader = eval_loader(urls, eval_pixels(info), info.num_classes, batch_size, workers=workers)
-    return evaluate(model, loader, device, info, progress=progress)
+    return evaluate(model, loader, device, info, progress=progress, source=data_spec)

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.classes import read_class_names
-from data.errors import USER_ERRORS, UsageError
+from data.errors import USER_ERRORS, PeerFailed, UsageError
 from data.manifest import inputs_record
 from data.progress import progress_bar
 from data.specs import shard_entries
@@ -41,6 +41,7 @@ from students.data import (
     PseudoDecoder,
     count_samples,
     eval_loader,
+    has_classes,
     has_samples,
     train_loader,
 )
@@ -375,6 +376,11 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             raise UsageError(f"no image samples in the labeled shards {args.labeled}")
         if urls["pseudo"] and not has_samples(urls["pseudo"]):
             raise UsageError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
+        if urls["val"] and not has_classes(urls["val"]):
+            raise UsageError(
+                f"the validation shards {args.val} hold images without classes (no .cls): "
+                "validate on labeled shards"
+            )
         return found, names, samples
 
     found, class_names, epoch_samples = utils.on_main(env, inputs)
@@ -559,7 +565,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             }
             if val_loader is not None:
                 metrics = evaluate(
-                    ema.module, val_loader, env.device, info, distributed=env.enabled
+                    ema.module, val_loader, env.device, info, env.enabled, source=args.val
                 )
                 record.update({f"val_{key}": value for key, value in metrics.items()})
             log.append(record)
@@ -632,6 +638,13 @@ def train(**options: object) -> dict:
     env = utils.init_distributed(args.device)
     try:
         result = main(args, recipe, env)
+    except RuntimeError as exc:
+        if env.enabled and utils.peer_lost(exc):
+            raise PeerFailed(
+                f"rank {env.rank} stopped: another rank of this job failed first (its own line "
+                "says why; torchrun's report follows)"
+            ) from exc
+        raise
     finally:
         utils.release_claims()
     # Only after success: a failed rank must exit at once (torchrun then stops the others),

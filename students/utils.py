@@ -132,6 +132,15 @@ def on_main(env: Distributed, work: Callable[[], object]) -> object:
     return result
 
 
+def peer_lost(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another rank went away (gloo and NCCL raise a
+    plain RuntimeError naming the closed connection), not for a fault of this rank."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        cue in text for cue in ("closed by peer", "reset by peer", "remote worker", "Broken pipe")
+    )
+
+
 def gather_objects(value: object, env: Distributed) -> list[object]:
     """Every rank's `value`, on every rank (small things: a rank's drop counts)."""
     if not env.enabled:

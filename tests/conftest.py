@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +65,8 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 def message_lines(stderr: str) -> list[str]:
     """What a command said on stderr, its progress bars left out (a bar's updates are lines
     of their own when stderr is not a terminal)."""
-    return [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+    bar = re.compile(r"\[\d+:\d\d(:\d\d)?[<,]")  # tqdm's elapsed time: "[00:04<00:10, ..."
+    return [line for line in stderr.splitlines() if line.strip() and not bar.search(line)]
 
 
 def kill_midway(args: list[str], ready: Callable[[], bool], timeout: float = 120) -> None:

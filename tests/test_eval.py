@@ -13,6 +13,7 @@ from data.specs import expand_shards
 from data.write import write_shard
 from students.eval import evaluate_run
 from teachers import create_model, export_run
+from tests.conftest import DIGITS_RECIPE, message_lines, run_cli
 
 
 def test_evaluate_run_scores_every_sample_and_counts_the_unusable(tmp_path: Path):
@@ -79,3 +80,21 @@ def test_broken_shards_are_counted_as_unusable_in_eval_and_in_training(tmp_path:
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"not_a_tar", "truncated_shard"} <= set(manifest["drops"]), manifest
     assert manifest["dropped"] == sum(manifest["drops"].values())
+
+
+def test_unlabeled_shards_are_refused_for_eval_and_for_validation(
+    digits_dir: Path, random_teacher: Path, tmp_path: Path
+):
+    unlabeled = str(digits_dir / "unlabeled")
+    scored = run_cli("eval", "--checkpoint", str(random_teacher), "--data", unlabeled)
+    lines = message_lines(scored.stderr)
+    assert scored.returncode == 2 and len(lines) == 1, scored.stderr
+    assert f"{unlabeled}: none of its 1300 samples could be scored" in lines[0]
+    run = tmp_path / "run"
+    trained = run_cli("train-student", "--model", "rs-mini", "--config", str(DIGITS_RECIPE),
+                      "--labeled", str(digits_dir / "labeled"), "--val", unlabeled,
+                      "--out", str(run), "--epochs", "1")  # fmt: skip
+    lines = message_lines(trained.stderr)
+    assert trained.returncode == 2 and len(lines) == 1, trained.stderr
+    assert "hold images without classes" in lines[0]
+    assert not (run / "log.jsonl").exists()  # refused before the first epoch

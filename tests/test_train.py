@@ -485,6 +485,10 @@ def test_a_rank_that_fails_ends_the_torchrun_job_with_its_error(tmp_path: Path):
     )
     assert result.returncode != 0
     assert time.monotonic() - started < 60
+    # Rank 0 only followed: it says so if its collective fails before torchrun stops it.
+    assert "internal error" not in result.stderr, result.stderr
+    followed = [line for line in result.stderr.splitlines() if "train-student: stopped:" in line]
+    assert all("rank 0 stopped: another rank of this job failed first" in f for f in followed)
     errors = [line for line in result.stderr.splitlines() if "train-student: error:" in line]
     assert errors == [
         "pipeline train-student: error: 1000 samples in a row could not be used, the last for "
