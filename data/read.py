@@ -111,7 +111,10 @@ def _number(field: bytes) -> int:
     if field[:1] == b"\x80":
         return int.from_bytes(field[1:], "big")
     digits = field.split(b"\0", 1)[0].strip()
-    return int(digits, 8) if digits else 0
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:  # the checksum covers the header, not whether its fields are numbers
+        raise ShardFault("unreadable_shard", f"tar header size field {digits[:12]!r}") from None
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -128,8 +131,13 @@ def _pax_records(data: bytes) -> dict[str, str]:
     """`length key=value\\n` records of a pax extended header."""
     records, pos = {}, 0
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        try:
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+        except ValueError:
+            raise ShardFault("unreadable_shard", "damaged pax extended header") from None
+        if length <= space - pos:
+            raise ShardFault("unreadable_shard", "damaged pax extended header")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length

@@ -133,7 +133,11 @@ def read_pseudo_shard(url: str, on_error) -> Iterator[PseudoLabel]:
     the sidecar and the key, so one bad record costs its sample, not the job."""
     header: dict = {}
     for sample in iter_shard(url, on_error):
-        found = read_header(sample)
+        try:
+            found = read_header(sample)
+        except ValueError as exc:  # a damaged header: the records after it lose nothing
+            on_error(Drop(url, None, "bad_record", f"__shard__.json: {exc}"))
+            continue
         if found is not None:
             header = found
         elif PSEUDO_EXT in sample:

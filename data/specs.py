@@ -76,7 +76,10 @@ def shard_entries(spec: str | Sequence[str]) -> list[Entry]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     entries: list[Entry] = []
     for item in specs:
-        expanded = [absolute(u) for u in braceexpand.braceexpand(item)]
+        try:
+            expanded = [absolute(u) for u in braceexpand.braceexpand(item)]
+        except ValueError as exc:  # unbalanced braces
+            raise ShardSpecError(f"{item}: {exc}") from None
         if len(expanded) > 1:
             entries.extend(_named(expanded))
         else:

@@ -94,7 +94,11 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     request under a time-out."""
     if "://" not in url or url.startswith("file://"):
         return fsspec.core.url_to_fs(url)
-    return fsspec.core.url_to_fs(url, use_listings_cache=False, **_client_options(_protocol(url)))
+    try:
+        options = _client_options(_protocol(url))
+        return fsspec.core.url_to_fs(url, use_listings_cache=False, **options)
+    except ValueError as exc:  # fsspec's "Protocol not known: gss", say
+        raise UsageError(f"{url}: {exc}") from None
 
 
 def is_local(url: str) -> bool:
@@ -233,6 +237,8 @@ def read_json(url: str) -> object | None:
         return json.loads(read_bytes(url))
     except FileNotFoundError:
         return None
+    except ValueError as exc:  # not JSON (or not UTF-8): a file damaged or edited by hand
+        raise UsageError(f"{url} is not valid JSON ({exc}): restore it or write it again") from None
 
 
 class AtomicFile:
@@ -375,9 +381,12 @@ def _missing_bucket(url: str) -> str | None:
     fs, path = filesystem(url)
     bucket = path.split("/", 1)[0]
     try:
-        return None if fs.exists(bucket) else bucket
-    except OSError:
+        fs.info(bucket)
+    except FileNotFoundError:
+        return bucket
+    except Exception:  # no right to look (a write-only role), or no answer: say nothing
         return None
+    return None
 
 
 def write_bytes(url: str, data: bytes) -> None:

@@ -332,7 +332,7 @@ class WriteChunkFn(beam.DoFn):
                         shard.add(
                             {
                                 "__key__": f"{key}_c{copy:03d}",
-                                "__image__": label.key,
+                                "__image__": key,
                                 ext: image,
                                 "cls": str(cls).encode(),
                                 "pl": encode_pseudo(target),

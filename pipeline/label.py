@@ -116,11 +116,11 @@ class LabelShardFn(beam.DoFn):
         try:
             self.teacher, self.slot = self.shared.acquire(self._teachers, tag=tag).assign()
         except Exception as exc:  # recorded per unit: a user's line, or a bug's traceback
-            self.failure = exc
+            self.failure, self.failure_trace = exc, exc.__traceback__
 
     def _label(self, url: str, name: str):
-        if self.failure is not None:
-            raise self.failure
+        if self.failure is not None:  # the set-up's own frames, not one more per unit
+            raise self.failure.with_traceback(self.failure_trace)
         batch = self.batch_size or default_batch(self.teacher.device)
         return label_shard(
             url, name, self.out_dir, self.teacher, batch, self.topk, self.embed, self.slot

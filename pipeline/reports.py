@@ -200,6 +200,8 @@ def unit_of_work(out_dir: str, name: str, work: Callable[[], T]) -> T | None:
 
 
 def clear_failures(out_dir: str) -> None:
+    """A job starts afresh: no failure recorded, no storage failure remembered."""
+    _lost_storage.clear()
     remove(join(out_dir, FAILURES))
 
 

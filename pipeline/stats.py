@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import random
+import struct
 import tempfile
 import uuid
 from collections import Counter
@@ -84,7 +85,11 @@ def shard_summary(url: str, size: int) -> tuple[dict, list[str]]:
         if cls is not None:
             classes[str(cls)] += 1
         if PSEUDO_EXT in sample:
-            label = decode_pseudo(sample["__key__"], sample[PSEUDO_EXT])
+            try:
+                label = decode_pseudo(sample["__key__"], sample[PSEUDO_EXT])
+            except (ValueError, struct.error) as exc:  # counted as the filter drops it
+                faults.append(Drop(url, sample["__key__"], "bad_record", str(exc)))
+                continue
             labels.add(label.top1, label.confidence, label.entropy)
             if found is not None:
                 hashes.append(label.content_hash.hex())

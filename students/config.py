@@ -194,7 +194,10 @@ def load_yaml(source: str | Path) -> dict[str, object]:
     loader, so a tag that would build a Python object is an error like any other."""
     path = Path(source)
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise UsageError(f"config file {source} is not a text file") from None
     else:
         found = configs.bundled(str(source))
         if found is None:

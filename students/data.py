@@ -29,7 +29,7 @@ from webdataset.utils import make_seed
 
 from data.decode import IMAGE_EXTS, decode_image, find_image
 from data.errors import USER_ERRORS, Drop, UsageError
-from data.read import iter_shard, member_names
+from data.read import ShardFault, iter_shard, member_names
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
 
 log = logging.getLogger(__name__)
@@ -388,7 +388,10 @@ def has_classes(urls: Sequence[str]) -> bool:
     its tar headers: unlabeled validation shards are refused before training, not found out
     after the first epoch."""
     for url in urls:
-        exts = {(base_plus_ext(name)[1] or "").lower() for name in member_names(url)}
+        try:
+            exts = {(base_plus_ext(name)[1] or "").lower() for name in member_names(url)}
+        except ShardFault:  # a damaged shard says nothing; the next one may
+            continue
         if exts & set(IMAGE_EXTS):
             return "cls" in exts
     return False

@@ -640,9 +640,10 @@ def train(**options: object) -> dict:
         result = main(args, recipe, env)
     except RuntimeError as exc:
         if env.enabled and utils.peer_lost(exc):
+            said = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
             raise PeerFailed(
                 f"rank {env.rank} stopped: another rank of this job failed first (its own line "
-                "says why; torchrun's report follows)"
+                f"says why; torchrun's report follows): {said}"
             ) from exc
         raise
     finally:

@@ -136,7 +136,7 @@ def peer_lost(exc: RuntimeError) -> bool:
     """Whether a collective failed because another rank went away (gloo and NCCL raise a
     plain RuntimeError naming the closed connection), not for a fault of this rank."""
     text = str(exc)
-    return isinstance(exc, dist.DistError) or any(
+    return isinstance(exc, dist.DistNetworkError) or any(
         cue in text for cue in ("closed by peer", "reset by peer", "remote worker", "Broken pipe")
     )
 
@@ -217,11 +217,14 @@ def write_log(run_dir: str, records: list[dict]) -> None:
 MID_RUN_CHANGES = ("epochs", "compile")
 # Who trains into a run directory: rewritten every BEAT_SECONDS while the run lives, removed
 # when it ends. A claim from another machine whose beat is older than STALE_SECONDS is taken
-# for a run that was killed; one from this machine counts while its process lives.
+# for a run that was killed (SIGKILL, SIGTERM: no handler, which a rank blocked in a
+# collective would not run); one from this machine counts while its process lives.
 CLAIM_FILE = "_claim.json"
-BEAT_SECONDS = 60.0
-STALE_SECONDS = 300.0
-_held: dict[str, threading.Event] = {}  # run directories this process claimed: their stops
+BEAT_SECONDS = 30.0
+STALE_SECONDS = 120.0
+# The run directories this process claimed: the event that stops each one's heartbeat, and
+# the thread that beats.
+_held: dict[str, tuple[threading.Event, threading.Thread]] = {}
 
 
 def _process_start(pid: int) -> str | None:
@@ -234,9 +237,23 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _boot_id() -> str | None:
+    """This boot of this machine: two machines of one host name, or one rebooted, differ."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _me() -> dict:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+    return {
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "pid": pid,
+        "start": _process_start(pid),
+    }
 
 
 def live_claim(out: str) -> str | None:
@@ -249,19 +266,22 @@ def live_claim(out: str) -> str | None:
         return None
     me = _me()
     who = f"pid {claim.get('pid')} on {claim.get('host')}"
-    if claim.get("host") == me["host"]:
-        pid = claim.get("pid")
-        if pid == me["pid"] or not isinstance(pid, int) or _process_start(pid) is None:
+    pid = claim.get("pid")
+    same_boot = (claim.get("host"), claim.get("boot")) == (me["host"], me["boot"])
+    if same_boot and me["start"] is not None and isinstance(pid, int):  # its process decides
+        if pid == me["pid"]:
             return None
         return who if _process_start(pid) == claim.get("start") else None
-    age = time.time() - float(claim.get("beat", 0))
+    try:  # another machine (or no /proc to ask): the heartbeat decides
+        age = time.time() - float(claim.get("beat", 0))
+    except (TypeError, ValueError):
+        return None
     return f"{who}, last seen {age:.0f} s ago" if age < STALE_SECONDS else None
 
 
 def _hold(out: str) -> None:
     """Write this process's claim on `out` and keep it fresh until `release_claims`."""
     stop = threading.Event()
-    _held[out] = stop
 
     def beat() -> None:
         while not stop.wait(BEAT_SECONDS):
@@ -271,13 +291,16 @@ def _hold(out: str) -> None:
                 pass
 
     write_json(join(out, CLAIM_FILE), {**_me(), "beat": time.time()})
-    threading.Thread(target=beat, name="run-claim", daemon=True).start()
+    thread = threading.Thread(target=beat, name="run-claim", daemon=True)
+    thread.start()
+    _held[out] = (stop, thread)
 
 
 def release_claims() -> None:
     """End this process's claims: the run finished or stopped."""
-    for out, stop in list(_held.items()):
+    for out, (stop, thread) in list(_held.items()):
         stop.set()
+        thread.join()  # no beat may write the claim again once it is removed
         try:
             remove(join(out, CLAIM_FILE))
         except OSError:  # left behind, it goes stale by itself
@@ -318,7 +341,10 @@ def claim_run(
             )
         if existing.get("fingerprint") == fingerprint:
             # The same run, resumed: its record stands until the run finishes again.
-            return existing.get("state") == DONE
+            if existing.get("state") == DONE:
+                return True
+            _hold(out)
+            return False
     else:
         remove_temporaries(out)
         if has_checkpoint(out):

@@ -10,7 +10,6 @@ atomically (temporary name, then rename), the weights first, so a fresh director
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,7 +166,7 @@ def load_teacher(
     elif is_run_dir(teacher):
         if weights is not None:
             raise UsageError(f"{teacher} is a run directory with its own weights; drop weights")
-        meta = json.loads(read_bytes(join(teacher, META_FILE)))
+        meta = read_json(join(teacher, META_FILE))
         data = read_bytes(join(teacher, WEIGHTS_FILE))
         recorded, found = meta.get("weights_sha256"), hashlib.sha256(data).hexdigest()
         if recorded and recorded != found:

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,19 @@ def test_every_command_has_help(command: tuple[str, ...]):
         ("data", "digits", "--out", "/tmp/never", "--labeled", "5000"),
         ("data", "ingest", "/no/such/place", "--out", "x"),
         ("data", "ingest", "/no/such/shards-{000..009}.tar", "--out", "x"),
+        ("data", "ingest", "/tmp/shards-{000..009.tar", "--out", "x"),
+        ("data", "digits", "--out", "gss://bucket/digits"),
+        (
+            "train-student",
+            "--model",
+            "rs-mini",
+            "--labeled",
+            "x",
+            "--out",
+            "y",
+            "--config",
+            sys.executable,
+        ),
         ("no-such-command",),
     ],
     ids=lambda a: " ".join(a),
@@ -88,6 +102,16 @@ def test_a_bug_exits_1_in_one_line_that_says_where_its_traceback_is(
     assert "in broken" in trace and "ValueError: an injected bug" in trace
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
     assert debug.returncode == 1 and "in broken" in debug.stderr and "Traceback" in debug.stderr
+
+
+def test_a_damaged_model_json_is_one_line(random_teacher: Path, digits_dir: Path, tmp_path: Path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(random_teacher, teacher)
+    (teacher / "model.json").write_text((teacher / "model.json").read_text()[:-5])
+    result = run_cli("eval", "--checkpoint", str(teacher), "--data", str(digits_dir / "val"))
+    lines = message_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"{teacher / 'model.json'} is not valid JSON" in lines[0]
 
 
 def test_a_topk_no_record_can_hold_is_refused_before_the_job_starts(

@@ -113,31 +113,39 @@ def test_resume_on_a_bucket_needs_nothing_local(gcs_server, digits_dir: Path):
     assert "resuming" in longer.stdout
 
 
-def test_a_run_directory_another_live_trainer_holds_is_refused_even_with_overwrite(
-    digits_dir: Path, tmp_path: Path
-):
-    run = tmp_path / "run"
+def _refused_while_running(digits_dir: Path, run: Path, *extra: str) -> None:
+    """A trainer into `run` (with `extra`) runs; a second one with --overwrite is refused in
+    one line naming it, and leaves the running one's files alone. Then it is SIGKILLed."""
     args = ["train-student", "--labeled", str(digits_dir / "labeled"), "--out", str(run)]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args, *QUICK, "--epochs", "500"],
+    epochs = len(_log(run)) if (run / "log.jsonl").exists() else 0
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, *QUICK, "--epochs", "500", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 120
-        while not (run / "log.jsonl").exists():
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+        while not (run / "log.jsonl").exists() or len(_log(run)) <= epochs:
+            assert trainer.poll() is None and time.monotonic() < deadline, trainer.stderr.read()
             time.sleep(0.2)
         config = (run / "config.yaml").read_text()
         second = _train(digits_dir, run, "--epochs", "1", "--set", "lr=0.2", "--overwrite")
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"pid {first.pid}" in lines[0], second.stderr
+        assert len(lines) == 1 and f"pid {trainer.pid}" in lines[0], second.stderr
         assert (run / "config.yaml").read_text() == config  # the running run's, untouched
-        assert first.poll() is None
+        assert trainer.poll() is None
     finally:
-        first.kill()
-        first.wait()
+        trainer.kill()
+        trainer.wait()
+
+
+def test_a_run_directory_another_live_trainer_holds_is_refused_even_with_overwrite(
+    digits_dir: Path, tmp_path: Path
+):
+    run = tmp_path / "run"
+    _refused_while_running(digits_dir, run)
+    _refused_while_running(digits_dir, run, "--resume")  # a resumed run holds it as well
     # Killed, its claim is a dead process's: the directory can be taken over.
     again = _train(digits_dir, run, "--epochs", "1", "--set", "lr=0.2", "--overwrite")
     assert again.returncode == 0, again.stderr[-2000:]

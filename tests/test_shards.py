@@ -129,3 +129,27 @@ def test_member_names_that_climb_out_are_dropped_not_passed_on(tmp_path: Path):
         ("../../escape", "unsafe_member_name"),
         ("/etc/absolute", "unsafe_member_name"),
     ]
+
+
+def _with_header_field(shard: Path, member: int, offset: int, value: bytes) -> None:
+    """Overwrite a field of the `member`-th tar header and make its checksum right again:
+    damage the checksum does not catch."""
+    data = bytearray(shard.read_bytes())
+    pos = 0
+    for _ in range(member):  # walk the headers: 512 bytes, then the data in 512-byte blocks
+        size = int(data[pos + 124 : pos + 136].split(b"\0")[0].strip() or b"0", 8)
+        pos += 512 + -(-size // 512) * 512
+    data[pos + offset : pos + offset + len(value)] = value
+    data[pos + 148 : pos + 156] = b" " * 8
+    data[pos + 148 : pos + 156] = b"%06o\0 " % sum(data[pos : pos + 512])
+    shard.write_bytes(bytes(data))
+
+
+def test_a_header_field_that_is_no_number_is_an_unreadable_shard_not_a_crash(tmp_path: Path):
+    url = tmp_path / "a.tar"
+    write_shard(str(url), _samples(4, size=100))
+    _with_header_field(url, 4, 124, b"zzzzzzzzzzz\0")  # the third sample's .bin
+    samples, drops = _read([str(url)])
+    assert [s["__key__"] for s in samples] == ["s0000", "s0001"]
+    assert [(d.key, d.reason) for d in drops] == [(None, "unreadable_shard")]
+    assert "size field" in drops[0].detail
