@@ -128,7 +128,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         write_json(args.json, scores)
     print(
         f"top-1 {100 * scores['top1']:.2f}%  top-5 {100 * scores['top5']:.2f}%  "
-        f"on {scores['samples']} samples ({scores['dropped']} unusable)"
+        f"on {scores['samples']} samples ({scores['dropped']} unusable) at "
+        f"{scores['eval_size']} px"
     )
 
 

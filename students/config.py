@@ -79,7 +79,9 @@ class Recipe:
     warmup_epochs: float = _key(5.0, "linear warm-up before the cosine decay", low=0)
     momentum: float = _key(0.9, "SGD momentum", low=0)
     weight_decay: float = _key(4e-5, "on conv and linear weights; not on biases and norms", low=0)
-    label_smoothing: float = _key(0.1, "on the labeled cross-entropy", low=0)
+    label_smoothing: float = _key(
+        0.1, "on the labeled cross-entropy and on hard pseudo-labels", low=0
+    )
     temperature: float = _key(
         1.0, "pseudo targets become p^(1/T), renormalised: T < 1 sharpens", low=1e-6
     )
@@ -94,6 +96,11 @@ class Recipe:
     )
     image_size: int | None = _key(
         None, "train resolution; null: the model table's", low=1, table="train_size"
+    )
+    eval_size: int | None = _key(
+        None,
+        "validation resolution, recorded in model.json for eval and label; null: image_size",
+        low=1,
     )
     randaugment_ops: int = _key(2, "RandAugment operations per image", low=0)
     randaugment_magnitude: float | None = _key(
@@ -159,6 +166,11 @@ class TrainArgs:
         False,
     )
     overwrite: bool = _arg("clear --out and start afresh, whatever run it holds", False)
+    init: str | None = _arg(
+        "start from these weights: a run directory, or a weights file for --model (a "
+        "classifier of another class count is replaced)",
+        None,
+    )
     device: str = _arg("device to train on", "auto", choices=DEVICES)
 
 
@@ -295,7 +307,7 @@ def resolve_recipe(
     from teachers.registry import get_config  # torch: only once a run is being set up
 
     table = get_config(recipe.model)
-    return replace(
+    recipe = replace(
         recipe,
         **{
             f.name: getattr(table, f.metadata["table"])
@@ -303,6 +315,8 @@ def resolve_recipe(
             if f.metadata["table"] and getattr(recipe, f.name) is None
         },
     )
+    # Weights are evaluated (and label) at the size they were trained at unless told.
+    return replace(recipe, eval_size=recipe.eval_size or recipe.image_size)
 
 
 def resolve(options: Mapping[str, object]) -> tuple[TrainArgs, Recipe]:

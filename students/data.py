@@ -230,18 +230,26 @@ def soft_target(indices: Sequence[int], probs: Sequence[float], num_classes: int
 class PseudoDecoder:
     """sample -> (image tensor, dense soft target) from a training shard of `pipeline filter`.
 
-    The soft label is the `.pl` record; a sample with only a `.cls` gets a one-hot target.
+    The soft label is the `.pl` record. A hard label (a record of one class, as `filter
+    --hard` and the top-k strategy write, or only a `.cls`) is smoothed by `smoothing` as
+    the labeled cross-entropy is, which is what the official Noisy Student code does; soft
+    labels stay as the teacher gave them.
     """
 
-    def __init__(self, transform: Transform, num_classes: int) -> None:
-        self.transform, self.num_classes = transform, num_classes
+    def __init__(self, transform: Transform, num_classes: int, smoothing: float = 0.0) -> None:
+        self.transform, self.num_classes, self.smoothing = transform, num_classes, smoothing
+
+    def _hard(self, cls: int) -> torch.Tensor:
+        target = torch.full((self.num_classes,), self.smoothing / self.num_classes)
+        target[cls] += 1.0 - self.smoothing
+        return target
 
     def _target(self, sample: dict) -> torch.Tensor | Drop:
         drop = partial(Drop, sample.get("__url__", ""), sample["__key__"])
         payload = sample.get(PSEUDO_EXT)
         if payload is None:
             cls = _class_id(sample, self.num_classes)
-            return cls if isinstance(cls, Drop) else soft_target([cls], [1.0], self.num_classes)
+            return cls if isinstance(cls, Drop) else self._hard(cls)
         try:
             label = decode_pseudo(sample["__key__"], payload)
         except Exception as exc:  # a damaged record is a dropped sample, whatever broke
@@ -250,6 +258,8 @@ class PseudoDecoder:
             return drop("empty_pseudo_label")
         if int(label.indices.max()) >= self.num_classes:
             return drop("unknown_class", f"class {label.indices.max()} of {self.num_classes}")
+        if label.indices.size == 1 and float(label.probs[0]) == 1.0:
+            return self._hard(int(label.indices[0]))
         return soft_target(label.indices, label.probs.astype("float32"), self.num_classes)
 
     def __call__(self, sample: dict | Drop) -> tuple[torch.Tensor, torch.Tensor] | Drop | None:

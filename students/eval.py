@@ -87,4 +87,5 @@ def evaluate_run(
             f"{info.class_names[:5]}...: class ids would be scored against the wrong classes"
         )
     loader = eval_loader(urls, eval_pixels(info), info.num_classes, batch_size, workers=workers)
-    return evaluate(model, loader, device, info, progress=progress, source=data_spec)
+    metrics = evaluate(model, loader, device, info, progress=progress, source=data_spec)
+    return {**metrics, "eval_size": info.eval_size}

@@ -62,16 +62,18 @@ def train_preset(cfg: ModelConfig, recipe: Recipe) -> TrainPreset:
     )
 
 
-def model_info(cfg: ModelConfig, num_classes: int, class_names: list[str] | None) -> TeacherInfo:
+def model_info(
+    cfg: ModelConfig, num_classes: int, class_names: list[str] | None, eval_size: int
+) -> TeacherInfo:
     """What `eval_transform` needs to know about a model that is still being trained: the
-    table's preprocessing, which `export_run` will record for it."""
+    table's preprocessing at the run's eval size, which `export_run` records for it."""
     return TeacherInfo(
         teacher_id=cfg.name,
         model_name=cfg.name,
         num_classes=num_classes,
         class_names=class_names,
-        eval_size=cfg.eval_size,
-        crop_pct=cfg.crop_pct,
+        eval_size=eval_size,
+        crop_pct=cfg.crop_pct_at(eval_size),
         interpolation=cfg.interpolation,
         mean=cfg.mean,
         std=cfg.std,

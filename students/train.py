@@ -49,7 +49,14 @@ from students.ema import ModelEma
 from students.eval import evaluate
 from students.losses import student_loss
 from students.presets import model_info, train_preset
-from teachers import create_model, export_run, get_config
+from teachers import (
+    create_model,
+    describe_teacher,
+    export_run,
+    get_config,
+    is_run_dir,
+    load_teacher,
+)
 from teachers.inference import DeviceFeed, Normalizer, eval_pixels, memory_format
 
 SHOW_EVERY = 10  # steps between two readings of the losses for the progress bar
@@ -403,6 +410,8 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             if spec
         },
     }
+    if args.init:  # where the weights start is part of what the run is
+        fingerprint["init"] = utils.on_main(env, lambda: _init_id(args.init, table.name))
     folders = sorted({parent(e.url) for entries in found.values() for e in entries})
     finished = utils.on_main(
         env, lambda: utils.claim_run(args.out, fingerprint, folders, args.resume, args.overwrite)
@@ -445,7 +454,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         shuffle_buffer=recipe.shuffle_buffer,
         pin_memory=feed.pin_memory,
     )
-    info = model_info(table, num_classes, class_names)
+    info = model_info(table, num_classes, class_names, recipe.eval_size)
     val_loader = (
         eval_loader(
             val_urls,
@@ -467,8 +476,12 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         num_classes,
         drop_rate=recipe.dropout,
         drop_path_rate=recipe.stochastic_depth,
-    ).to(env.device)
-    model = model.to(memory_format=memory_format(env.device))
+    )
+    if args.init:
+        said = init_from(model, args.init, table.name)
+        if env.is_main and said:
+            print(said)
+    model = model.to(env.device, memory_format=memory_format(env.device))
     # cuDNN (CUDA only) times its kernels for each shape once and keeps the fastest, unless
     # the run asked for deterministic algorithms
     torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
@@ -537,7 +550,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             pseudo = (
                 stream(
                     pseudo_urls,
-                    PseudoDecoder(preset, num_classes),
+                    PseudoDecoder(preset, num_classes, recipe.label_smoothing),
                     [pse.stop - pse.start for _, pse in splits],
                     epoch=epoch,
                     stream=1,
@@ -589,10 +602,47 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
 
     if env.is_main:
         export_run(
-            args.out, ema.module, table.name, class_names, extra={"recipe": recipe.to_dict()}
+            args.out,
+            ema.module,
+            table.name,
+            class_names,
+            extra={"recipe": recipe.to_dict()},
+            eval_size=recipe.eval_size,
         )
         utils.finish_run(args.out, fingerprint, log)
     return log[-1] if log else {}
+
+
+def _init_source(init: str, model_name: str) -> tuple[str, str | None]:
+    """(teacher, weights) for `load_teacher`: a run directory as it is, a file as weights
+    of this run's model."""
+    return (init, None) if is_run_dir(init) else (model_name, init)
+
+
+def _init_id(init: str, model_name: str) -> str:
+    return describe_teacher(*_init_source(init, model_name))[0]
+
+
+def init_from(model: nn.Module, init: str, model_name: str) -> str | None:
+    """Load `init`'s weights into `model` (a run's starting point, before its EMA copy);
+    a classifier of another class count is left as initialised, and said so."""
+    source, info = load_teacher(*_init_source(init, model_name))
+    if info.model_name != model_name:
+        raise UsageError(f"--init {init} holds a {info.model_name}, not a {model_name}")
+    state = source.state_dict()
+    own = model.state_dict()
+    head = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    for key in head:
+        del state[key]
+    loaded = model.load_state_dict(state, strict=False)
+    if set(loaded.missing_keys) != set(head) or loaded.unexpected_keys:
+        raise UsageError(f"--init {init}: its weights do not fit a {model_name}")
+    if head:
+        return (
+            f"--init {init}: its classifier has {info.num_classes} classes and this run "
+            f"{own[head[0]].shape[0]}: the classifier ({', '.join(head)}) starts afresh"
+        )
+    return None
 
 
 def _mean_over_ranks(stats: dict, env: utils.Distributed) -> dict:

@@ -91,9 +91,12 @@ def export_run(
     model_name: str,
     class_names: list[str] | None,
     extra: dict | None = None,
+    eval_size: int | None = None,
 ) -> TeacherInfo:
     """Write `model` (pass the EMA copy when there is one) as a run directory, local or at an
-    fsspec URL; returns what `load_teacher` will report for it."""
+    fsspec URL; returns what `load_teacher` will report for it. `eval_size`: the resolution
+    its weights are to be evaluated and used for labeling at (default: the table's); the
+    center crop keeps the table's padding there."""
     state = {
         key: value.detach().cpu().contiguous()
         for key, value in clean_state_dict(model.state_dict()).items()
@@ -102,9 +105,11 @@ def export_run(
     if class_names is not None and len(class_names) != num_classes:
         raise UsageError(f"{len(class_names)} class names for a model with {num_classes} classes")
     weights = save_safetensors(state)
-    info = _info(
-        model_name, weights, num_classes, {"class_names": class_names, "extra": extra or {}}
-    )
+    cfg = get_config(model_name)
+    size = eval_size or cfg.eval_size
+    meta = {"class_names": class_names, "extra": extra or {}}
+    meta |= {"eval_size": size, "crop_pct": cfg.crop_pct_at(size)}
+    info = _info(model_name, weights, num_classes, meta)
     run_dir = str(run_dir)
     write_bytes(join(run_dir, WEIGHTS_FILE), weights)
     meta = asdict(info)

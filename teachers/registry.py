@@ -67,7 +67,11 @@ class ModelConfig:
 
     @property
     def crop_pct(self) -> float:
-        return self.size / (self.size + self.crop_padding)
+        return self.crop_pct_at(self.size)
+
+    def crop_pct_at(self, size: int) -> float:
+        """The center crop's share at an eval size: the image resized to size + padding."""
+        return size / (size + self.crop_padding)
 
     @property
     def stage_depths(self) -> tuple[int, ...]:

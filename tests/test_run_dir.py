@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import yaml
+
 from data.classes import write_class_names
 from data.read import iter_samples
 from data.specs import expand_shards
@@ -168,3 +171,60 @@ def test_an_epoch_smaller_than_a_batch_warns_in_one_line(digits_dir: Path, tmp_p
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "32 samples is smaller than one batch of 64" in warnings[0]
     assert "2 steps in all" in warnings[0]
+
+
+def test_the_training_size_reaches_model_json_eval_and_label(digits_dir: Path, tmp_path: Path):
+    """Weights trained at 48 px are validated, evaluated and label at 48 px (the table's
+    rs-mini size is 32), or at the eval_size asked for."""
+    from teachers import get_config, load_teacher
+    from teachers.inference import eval_crop
+
+    run, larger = tmp_path / "run", tmp_path / "larger"
+    assert _train(digits_dir, run, "--epochs", "1", "--set", "image_size=48").returncode == 0
+    meta = json.loads((run / "model.json").read_text())
+    padding = get_config("rs-mini").crop_padding  # the table's padding, kept at 48 px
+    assert meta["eval_size"] == 48 and meta["crop_pct"] == 48 / (48 + padding)
+    assert yaml.safe_load((run / "config.yaml").read_text())["eval_size"] == 48
+    scores = tmp_path / "scores.json"
+    result = run_cli("eval", "--checkpoint", str(run), "--data", str(digits_dir / "val"),
+                     "--json", str(scores))  # fmt: skip
+    assert result.returncode == 0 and "at 48 px" in result.stdout, result.stderr
+    assert json.loads(scores.read_text())["eval_size"] == 48
+    crop = eval_crop(load_teacher(str(run))[1])  # what label's decoders crop to
+    assert (crop.resize, crop.crop) == (48 + padding, 48)
+    extra = ("--set", "image_size=48", "--set", "eval_size=64")
+    assert _train(digits_dir, larger, "--epochs", "1", *extra).returncode == 0
+    assert json.loads((larger / "model.json").read_text())["eval_size"] == 64
+
+
+def test_init_starts_from_another_runs_weights_with_a_new_head_for_other_classes(
+    digits_dir: Path, tmp_path: Path
+):
+    from students.train import init_from
+    from teachers import create_model, export_run
+
+    torch.manual_seed(3)
+    source = create_model("rs-mini", num_classes=10)
+    export_run(str(tmp_path / "source"), source, "rs-mini", [str(i) for i in range(10)])
+    same = create_model("rs-mini", num_classes=10)
+    assert init_from(same, str(tmp_path / "source"), "rs-mini") is None
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(),
+                                                  source.state_dict().values(), strict=True))  # fmt: skip
+    torch.manual_seed(4)
+    other = create_model("rs-mini", num_classes=5)
+    fresh_head = {k: v.clone() for k, v in other.state_dict().items() if k.startswith("fc.")}
+    said = init_from(other, str(tmp_path / "source"), "rs-mini")
+    assert "10 classes and this run 5" in said
+    for key, value in other.state_dict().items():
+        expected = fresh_head[key] if key in fresh_head else source.state_dict()[key]
+        assert torch.equal(value, expected), key
+    # From the command line: recorded in the run's fingerprint, and refused for another model.
+    run = tmp_path / "run"
+    result = _train(digits_dir, run, "--epochs", "1", "--init", str(tmp_path / "source"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    fingerprint = json.loads((run / "manifest.json").read_text())["fingerprint"]
+    assert fingerprint["init"].startswith("rs-mini@")
+    wrong = run_cli("train-student", "--model", "rs-tiny", "--labeled",
+                    str(digits_dir / "labeled"), "--out", str(tmp_path / "wrong"),
+                    "--init", str(tmp_path / "source"), "--epochs", "1")  # fmt: skip
+    assert wrong.returncode == 2 and "holds a rs-mini, not a rs-tiny" in wrong.stderr

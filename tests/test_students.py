@@ -318,6 +318,23 @@ def test_decoders_turn_bad_samples_into_reasons():
         assert isinstance(drop, Drop) and drop.reason == reason, (reason, drop)
 
 
+def test_hard_pseudo_labels_are_smoothed_as_labeled_ones_and_soft_ones_are_not():
+    import torch.nn.functional as F
+
+    from students.losses import soft_cross_entropy
+
+    png = image_bytes()
+    pseudo = PseudoDecoder(_identity, num_classes=10, smoothing=0.1)
+    logits = torch.randn(1, 10, generator=torch.Generator().manual_seed(0))
+    for hard in ({"cls": b"4"}, {PSEUDO_EXT: _pseudo("h", [4], [1.0])}):
+        _, target = pseudo({"__key__": "h", "png": png, **hard})
+        assert target[4] == pytest.approx(0.91) and target[0] == pytest.approx(0.01)
+        smoothed = F.cross_entropy(logits, torch.tensor([4]), label_smoothing=0.1)
+        assert soft_cross_entropy(logits, target[None]) == pytest.approx(float(smoothed))
+    _, soft = pseudo({"__key__": "g", "png": png, PSEUDO_EXT: _pseudo("g", [2, 5], [0.7, 0.3])})
+    assert soft[2] == pytest.approx(0.7, abs=1e-3) and soft[0] == 0
+
+
 def test_a_stream_of_nothing_but_unusable_samples_is_an_error():
     from students.data import Failed, Loader, batches
 
