@@ -29,6 +29,12 @@ def _is_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
 
 
+def is_pattern(spec: str) -> bool:
+    """Whether a spec names shards by a pattern (a glob or braces) rather than one folder or
+    shard: a pattern has no manifest of its own."""
+    return _is_glob(spec) or "{" in spec
+
+
 def _shards(entries: list[Entry]) -> list[Entry]:
     return [e for e in entries if is_shard_name(e.name)]
 

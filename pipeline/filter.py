@@ -18,7 +18,7 @@ import apache_beam as beam
 from data.classes import CLASSES_FILE, write_class_names
 from data.errors import UsageError
 from data.manifest import ErrorLog, StageOutput, finished_manifest, inputs_record, read_manifest
-from data.specs import is_shard_name, shard_entries
+from data.specs import is_pattern, is_shard_name, shard_entries
 from data.storage import absolute, is_dir, join, list_dir, parent, read_json, write_json
 from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
 from pipeline.dedup import EvalIndex
@@ -79,7 +79,7 @@ class FilterArgs:
 
 def _label_folder(args: FilterArgs) -> tuple[dict, list[str]]:
     """The label output's finished manifest and its sidecars (one listing)."""
-    if any(c in args.input for c in "*?[{"):
+    if is_pattern(args.input):
         raise UsageError(
             f"--input {args.input}: filter reads the output folder of `pipeline label` "
             "(it holds manifest.json), not a shard pattern; pass that folder"
@@ -112,7 +112,7 @@ def source_roots(items: list[str]) -> tuple[tuple[str, str], ...]:
 def _check_dedup_source(spec: str) -> None:
     """Refuse a label output folder (sidecars, no images) before anything is labeled: the
     near-copy search needs the images of the evaluation set."""
-    if any(c in spec for c in "*?[{") or not is_dir(spec):
+    if is_pattern(spec) or not is_dir(spec):
         return
     found = read_manifest(spec)
     if found is not None and found.get("stage") == "label":

@@ -136,15 +136,18 @@ class _Aligned:
         # `pipeline label`, and never became a pseudo-label; listing it again here would count
         # a drop against no input record. A record whose sample is gone is `missing_source`;
         # a whole shard gone is a mistake of where, not a loss: the chunk fails, and a rerun
-        # with --source-root writes it.
-        if not exists(at):
-            moved = f" (nor at {at})" if at != source else ""
-            raise UsageError(
-                f"the source shard {source} that labeling read is not there{moved}: if the "
-                f"shards moved, pass --source-root {parent(source)}=WHERE_THEY_ARE_NOW"
-            )
+        # with --source-root writes it. Asked only when the shard could not be read: no
+        # request more per source shard.
+        def gone(drop: Drop) -> None:
+            if drop.key is None and not exists(at):
+                moved = f" (nor at {at})" if at != source else ""
+                raise UsageError(
+                    f"the source shard {source} that labeling read is not there{moved}: if "
+                    f"the shards moved, pass --source-root {parent(source)}=WHERE_THEY_ARE_NOW"
+                )
+
         self.source = source
-        self.samples = iter_shard(at, lambda drop: None)
+        self.samples = iter_shard(at, gone)
 
     def find(self, key: str) -> dict | None:
         for sample in self.samples:

@@ -31,7 +31,7 @@ from data.errors import Drop, UsageError
 from data.manifest import DONE, read_manifest
 from data.read import iter_shard
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
-from data.specs import shard_entries
+from data.specs import is_pattern, shard_entries
 from data.storage import AtomicFile, absolute, join, parent, read_json, write_json
 from pipeline.beam_options import DIRECT_RUNNERS, beam_options, run_pipeline
 from pipeline.reports import add_into
@@ -248,7 +248,7 @@ def collect(
 ) -> tuple[dict, list[str] | None]:
     """The report and the class names; from the stage's manifest when it has the answer."""
     folder = absolute(spec)
-    manifest = read_manifest(folder) if not any(c in spec for c in "*?[{") else None
+    manifest = read_manifest(folder) if not is_pattern(spec) else None
     names = read_class_names([join(folder, "x.tar")]) if manifest else None
     if (
         manifest
