@@ -60,7 +60,7 @@ def loaded(urls: list[str], preset, images: int, workers: int, epoch: int) -> fl
         BATCH,
         rank=0,
         world=1,
-        epoch=epoch,
+        first_epoch=epoch,
         seed=0,
         workers=workers,
         shuffle_buffer=256,

@@ -67,7 +67,7 @@ def main() -> None:
         args.batch_size,
         rank=0,
         world=1,
-        epoch=0,
+        first_epoch=0,
         seed=0,
         workers=args.workers,
         shuffle_buffer=256,

@@ -266,7 +266,7 @@ def loader_step_rate(
         [micro],
         rank=0,
         world=1,
-        epoch=0,
+        first_epoch=0,
         seed=0,
         workers=workers,
         shuffle_buffer=256,

@@ -1,8 +1,9 @@
 """The student's loaders: webdataset stages joined in one visible chain per stream.
 
-Training streams are infinite (resampled shards), so an epoch is a number of steps, and are
-rebuilt for every epoch from (seed, epoch, rank): the data a rank sees in epoch e is the same
-whether or not the run was interrupted before it. The evaluation stream reads every sample
+Training streams are infinite (resampled shards), so an epoch is a number of steps; each
+epoch's stream starts afresh from (seed, epoch, rank) in worker processes that live for the
+whole run: the data a rank sees in epoch e is the same whether or not the run was
+interrupted before it. The evaluation stream reads every sample
 once. Both split shards by node (disjoint across ranks) and then by loader worker.
 """
 
@@ -31,6 +32,7 @@ from data.decode import IMAGE_EXTS, decode_image, find_image
 from data.errors import USER_ERRORS, Drop, UsageError
 from data.read import ShardFault, iter_shard, member_names
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
+from students.utils import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +301,7 @@ class Loader:
             batch_size=None,
             num_workers=workers,
             worker_init_fn=partial(end_with_parent, os.getpid()) if workers else None,
+            persistent_workers=workers > 0,  # iterated once an epoch, started once a run
             **options,
         )
 
@@ -309,6 +312,51 @@ class Loader:
             yield item
 
 
+class EpochStream(torch.utils.data.IterableDataset):
+    """One rank's training stream for loader workers that live for the whole run: each
+    `iter` of it (once per epoch, in every worker) starts the next epoch, whose shards,
+    shuffle and augmentation are seeded by (seed, epoch, rank, stream, worker) alone, so
+    epoch e's data is the same whether the run was interrupted before it or not, and no
+    epoch waits for workers to start and fill their buffers from nothing."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        decode: Callable[[dict], object],
+        batch_size: int | Sequence[int],
+        *,
+        rank: int,
+        world: int,
+        seed: int,
+        first_epoch: int,
+        shuffle_buffer: int,
+        stream: int,
+    ) -> None:
+        self.urls, self.decode, self.batch_size = list(urls), decode, batch_size
+        self.rank, self.world, self.seed, self.stream = rank, world, seed, stream
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = first_epoch  # the next to start, counted by each process on its own
+
+    def shards(self, epoch: int) -> list[str]:
+        return node_shards(self.urls, self.rank, self.world, seed=make_seed(self.seed, epoch))
+
+    def __iter__(self) -> Iterator:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        stream_seed = make_seed(self.seed, epoch, self.rank, self.stream)
+        info = torch.utils.data.get_worker_info()
+        if info is not None:  # in the main process the trainer seeds each epoch itself
+            seed_everything(stream_seed, info.id)
+        yield from wds.DataPipeline(
+            wds.SimpleShardList(self.shards(epoch)),
+            wds.split_by_worker,
+            partial(resample, seed=stream_seed),
+            tar_samples,
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=stream_seed),
+            wds.map(self.decode),
+            partial(batches, batch_size=self.batch_size, limit=MAX_DROPS_IN_A_ROW),
+        )
+
+
 def train_loader(
     urls: Sequence[str],
     decode: Callable[[dict], object],
@@ -316,34 +364,37 @@ def train_loader(
     *,
     rank: int,
     world: int,
-    epoch: int,
+    first_epoch: int,
     seed: int,
     workers: int,
     shuffle_buffer: int,
     pin_memory: bool = False,
     stream: int = 0,
 ) -> Loader:
-    """An endless stream of (uint8 images, targets, drops) batches for one rank in one
-    epoch, of `batch_size` images or, given a step's micro-batch sizes, of those in turn
-    (see `batches`); `stream` tells apart the streams of one rank (labeled, pseudo-labeled)
-    so they draw apart."""
-    shards = node_shards(urls, rank, world, seed=make_seed(seed, epoch))
-    workers = min(workers, len(shards))
-    stream_seed = make_seed(seed, epoch, rank, stream)
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shards),
-        wds.split_by_worker,
-        partial(resample, seed=stream_seed),
-        tar_samples,
-        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=stream_seed),
-        wds.map(decode),
-        partial(batches, batch_size=batch_size, limit=MAX_DROPS_IN_A_ROW),
+    """One rank's training loader for a run from `first_epoch` on: each `iter` of it is the
+    next epoch's endless stream of (uint8 images, targets, drops) batches, of `batch_size`
+    images or, given a step's micro-batch sizes, of those in turn (see `batches`), from the
+    same worker processes (see `EpochStream`); `stream` tells apart the streams of one rank
+    (labeled, pseudo-labeled) so they draw apart."""
+    dataset = EpochStream(
+        urls,
+        decode,
+        batch_size,
+        rank=rank,
+        world=world,
+        seed=seed,
+        first_epoch=first_epoch,
+        shuffle_buffer=shuffle_buffer,
+        stream=stream,
     )
+    # Every epoch's slice of the shards has the same length: as many workers as it has shards.
     return Loader(
-        pipeline,
-        workers,
+        dataset,
+        min(workers, len(dataset.shards(first_epoch))),
         pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(stream_seed),  # seeds each worker's augmentation
+        # the workers' own start seed, drawn from this and not from the trainer's RNG, whose
+        # draws (dropout, stochastic depth) must not depend on when the loader started
+        generator=torch.Generator().manual_seed(make_seed(seed, rank, stream)),
     )
 
 

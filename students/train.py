@@ -531,6 +531,25 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
         )
 
+    # The loaders, started once for the run: each epoch is one more pass over each.
+    labeled = stream(
+        labeled_urls,
+        LabeledDecoder(preset, num_classes),
+        [lab.stop - lab.start for lab, _ in splits],
+        first_epoch=start_epoch,
+        stream=0,
+    )
+    pseudo = (
+        stream(
+            pseudo_urls,
+            PseudoDecoder(preset, num_classes, recipe.label_smoothing),
+            [pse.stop - pse.start for _, pse in splits],
+            first_epoch=start_epoch,
+            stream=1,
+        )
+        if pseudo_batch
+        else None
+    )
     with progress_bar(
         total=total_steps,
         initial=start_epoch * steps_per_epoch,
@@ -540,24 +559,6 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     ) as bar:
         for epoch in range(start_epoch, recipe.epochs):
             utils.seed_everything(recipe.seed, epoch, env.rank)
-            labeled = stream(
-                labeled_urls,
-                LabeledDecoder(preset, num_classes),
-                [lab.stop - lab.start for lab, _ in splits],
-                epoch=epoch,
-                stream=0,
-            )
-            pseudo = (
-                stream(
-                    pseudo_urls,
-                    PseudoDecoder(preset, num_classes, recipe.label_smoothing),
-                    [pse.stop - pse.start for _, pse in splits],
-                    epoch=epoch,
-                    stream=1,
-                )
-                if pseudo_batch
-                else None
-            )
             stats = train_one_epoch(
                 model,
                 optimizer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -417,7 +418,7 @@ def test_the_loader_cuts_each_step_in_micro_batches_that_its_workers_share(tmp_p
         [3, 2, 3],
         rank=0,
         world=1,
-        epoch=0,
+        first_epoch=0,
         seed=0,
         workers=2,
         shuffle_buffer=4,
@@ -430,3 +431,49 @@ def test_the_loader_cuts_each_step_in_micro_batches_that_its_workers_share(tmp_p
     halves = [set(labels.tolist()) for _, labels, _ in got]
     first, second = set().union(*halves[0::2]), set().union(*halves[1::2])
     assert first and second and not first & second and first | second <= {0, 1, 2, 3}
+
+
+class _WithPid:
+    """A decoder's (image, class) with the id of the process that decoded it."""
+
+    def __init__(self, decode: LabeledDecoder) -> None:
+        self.decode = decode
+
+    def __call__(self, sample: dict | Drop) -> object:
+        out = self.decode(sample)
+        return ((out[0], os.getpid()), out[1]) if isinstance(out, tuple) else out
+
+
+def test_training_loaders_keep_their_workers_and_each_epoch_its_data(tmp_path: Path):
+    """A training loader started once serves epoch after epoch from the same two worker
+    processes, and its epochs 1 and 2 (augmentation included) are those of a loader started
+    at epoch 1, as a resumed run starts it."""
+    from data.write import write_shard
+    from students.data import train_loader
+
+    urls = []
+    for k in range(4):
+        urls.append(str(tmp_path / f"part-{k}.tar"))
+        samples = [{"__key__": f"s{k}i{i}", "png": image_bytes(size=(20 + i, 16)), "cls": b"%d" % k}
+                   for i in range(12)]  # fmt: skip
+        write_shard(urls[-1], samples)
+    decode = _WithPid(LabeledDecoder(TrainPreset(16, randaugment_magnitude=15), 4))
+
+    def epochs(first: int, count: int) -> list[list]:
+        loader = train_loader(
+            urls, decode, 4, rank=0, world=1, first_epoch=first, seed=0, workers=2,
+            shuffle_buffer=8,
+        )  # fmt: skip
+        return [list(itertools.islice(iter(loader), 6)) for _ in range(count)]
+
+    run, resumed = epochs(0, 3), epochs(1, 2)
+    pids = [{pid for (_, pids), _, _ in epoch for pid in pids.tolist()} for epoch in run]
+    assert len(pids[0]) == 2 and os.getpid() not in pids[0] and pids[1] == pids[0] == pids[2]
+    for ours, theirs in zip(run[1:], resumed, strict=True):
+        for ((images, _), labels, _), ((others, _), other_labels, _) in zip(
+            ours, theirs, strict=True
+        ):
+            assert torch.equal(images, others) and torch.equal(labels, other_labels)
+    assert not all(
+        torch.equal(a[0][0], b[0][0]) for a, b in zip(run[0], run[1], strict=True)
+    )  # each epoch draws anew
