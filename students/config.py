@@ -104,7 +104,7 @@ class Recipe:
     )
     randaugment_ops: int = _key(2, "RandAugment operations per image", low=0)
     randaugment_magnitude: float | None = _key(
-        None, "null: the model table's", low=0, table="randaugment_magnitude"
+        None, "null: the official rule for image_size (10 at 160 px and below, else 15)", low=0
     )
     crop_scale: tuple[float, float] = _key(
         (0.08, 1.0), "RandomResizedCrop's area range", check=_check_crop_scale
@@ -304,7 +304,7 @@ def resolve_recipe(
     if values.get("model") is None:
         raise UsageError("no model: pass --model or use a config that names one")
     recipe = Recipe(**{f.name: _checked(f, values.get(f.name, f.default)) for f in fields(Recipe)})
-    from teachers.registry import get_config  # torch: only once a run is being set up
+    from teachers.registry import get_config, randaugment_magnitude_at  # torch: only now
 
     table = get_config(recipe.model)
     recipe = replace(
@@ -316,7 +316,13 @@ def resolve_recipe(
         },
     )
     # Weights are evaluated (and label) at the size they were trained at unless told.
-    return replace(recipe, eval_size=recipe.eval_size or recipe.image_size)
+    return replace(
+        recipe,
+        eval_size=recipe.eval_size or recipe.image_size,
+        randaugment_magnitude=recipe.randaugment_magnitude
+        if recipe.randaugment_magnitude is not None
+        else randaugment_magnitude_at(recipe.image_size),
+    )
 
 
 def resolve(options: Mapping[str, object]) -> tuple[TrainArgs, Recipe]:

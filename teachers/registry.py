@@ -5,8 +5,9 @@ magnitude) lives in `MODELS`, read by the trainer, the labeler and `pipeline mod
 adding a member is one row and never touches the model code. Numbers are those of the
 official ResNet-RS configs (tensorflow/tpu, models/official/resnet/resnet_rs/configs):
 train resolution = eval resolution; dropout 0.25, and 0.4 at 320 px (RS-350 and RS-420);
-stochastic depth 0.1 from RS-200 up; RandAugment 10 at 160 px (RS-50) and 15 from 192 px up,
-on the TF reference's scale (`students.randaugment`). RS-350 is listed at 256 px; its 320-px
+stochastic depth 0.1 from RS-200 up, per stage as the official code schedules it
+(`resnet_rs.stage_drop_path_rate`); RandAugment 10 at 160 px and below and 15 above, a rule of
+the training resolution on the TF reference's scale (`students.randaugment`). RS-350 is listed at 256 px; its 320-px
 config raises dropout to 0.4 (`image_size: 320`, `dropout: 0.4` in a recipe). The eval crop pads 32 px like the official ResNet-RS eval (resize
 to size + 32, center-crop size).
 """
@@ -38,6 +39,13 @@ MICRO = {
 }
 
 
+def randaugment_magnitude_at(size: int) -> int:
+    """The official configs' RandAugment magnitude for a training resolution (10 at 160 px
+    and below, 15 above), on the TF reference's scale: a rule of the size, not of the model,
+    so RS-101 trained at 160 px gets RS-50's 10."""
+    return 10 if size <= 160 else 15
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One member of the family: its architecture and the recipe it is trained and run with."""
@@ -50,12 +58,15 @@ class ModelConfig:
     crop_padding: int = 32  # eval: resize to size + padding, center-crop size
     drop_rate: float = 0.25
     drop_path_rate: float = 0.0
-    randaugment_magnitude: int = 15  # level out of 10 on the TF reference's scale
     micro_batch: int = 0  # images per forward and backward that fit a 40 GiB GPU (bench_micro)
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     timm_name: str | None = None  # the timm model whose state dicts load as they are
+
+    @property
+    def randaugment_magnitude(self) -> int:
+        return randaugment_magnitude_at(self.size)
 
     @property
     def train_size(self) -> int:
@@ -91,7 +102,6 @@ def _small(name: str, size: int, depth: float, width: float, crop_padding: int =
         depth=depth,
         width=width,
         crop_padding=crop_padding,
-        randaugment_magnitude=10,
     )
 
 
@@ -103,7 +113,7 @@ MODELS: dict[str, ModelConfig] = {
         _small("rs-mini", 32, depth=0.25, width=0.25, crop_padding=0),
         _small("rs-tiny", 32, depth=0.5, width=0.5, crop_padding=0),
         _small("rs-small", 128, depth=1.0, width=0.5),
-        _paper(50, RS50_LAYERS, 160, randaugment_magnitude=10, micro_batch=MICRO["rs-50"]),
+        _paper(50, RS50_LAYERS, 160, micro_batch=MICRO["rs-50"]),
         _paper(101, (3, 4, 23, 3), 192, micro_batch=MICRO["rs-101"]),
         _paper(152, (3, 8, 36, 3), 256, micro_batch=MICRO["rs-152"]),
         _paper(200, (3, 24, 36, 3), 256, drop_path_rate=0.1, micro_batch=MICRO["rs-200"]),

@@ -107,6 +107,13 @@ def _conv_bn_relu(in_chs: int, out_chs: int, stride: int) -> list[nn.Module]:
     ]
 
 
+def stage_drop_path_rate(rate: float, stage: int) -> float:
+    """The official ResNet-RS schedule: one rate for all blocks of a stage, rising with the
+    stage as `rate * (stage + 2) / 5` (0.04, 0.06, 0.08, 0.10 at 0.1), the stem counted as
+    the first of five groups."""
+    return rate * (stage + 2) / (len(BASE_CHANNELS) + 1)
+
+
 class ResNetRS(nn.Module):
     """The whole family in one class: `layers` and `depth` set the blocks per stage, `width`
     scales every channel count (1.0 gives the paper's models)."""
@@ -132,17 +139,16 @@ class ResNetRS(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem * 2)
         self.maxpool = nn.Sequential(*_conv_bn_relu(stem * 2, stem * 2, 2))
 
-        depths = scale_depth(layers, depth)
-        total, index = sum(depths), 0
         in_chs = stem * 2
+        depths = scale_depth(layers, depth)
         for stage, (blocks, base) in enumerate(zip(depths, BASE_CHANNELS, strict=True)):
             planes = make_divisible(base * width)
+            rate = stage_drop_path_rate(drop_path_rate, stage)
             stage_blocks = []
             for i in range(blocks):
-                rate = drop_path_rate * index / max(total - 1, 1)
                 stride = 2 if stage > 0 and i == 0 else 1
                 stage_blocks.append(Bottleneck(in_chs, planes, stride, rate))
-                in_chs, index = planes * EXPANSION, index + 1
+                in_chs = planes * EXPANSION
             self.add_module(f"layer{stage + 1}", nn.Sequential(*stage_blocks))
         self.num_features = in_chs
         self.fc = nn.Linear(in_chs, num_classes)

@@ -111,10 +111,19 @@ def test_every_block_starts_as_identity_through_zero_initialised_last_bn():
     assert blocks and all(torch.all(b.bn3.weight == 0) for b in blocks)
 
 
-def test_stochastic_depth_rises_linearly_and_acts_only_in_training():
+@pytest.mark.parametrize("name", list_models())
+def test_stochastic_depth_is_the_official_per_stage_schedule(name: str):
+    # tensorflow/tpu resnet_rs: each stage's blocks share init_rate * (stage + 2) / 5.
+    rate = get_config(name).drop_path_rate or 0.1
+    # a sixteenth of the width: the same blocks per stage, built in a moment
+    model = create_model(name, num_classes=10, drop_path_rate=rate, width=1 / 16)
+    for stage, blocks in enumerate(get_config(name).stage_depths):
+        layer = getattr(model, f"layer{stage + 1}")
+        assert [b.drop_path.rate for b in layer] == [pytest.approx(rate * (stage + 2) / 5)] * blocks
+
+
+def test_stochastic_depth_acts_only_in_training():
     model = create_model("rs-tiny", num_classes=10, drop_rate=0.0, drop_path_rate=0.4)
-    rates = [m.drop_path.rate for m in model.modules() if isinstance(m, Bottleneck)]
-    assert rates == pytest.approx(torch.linspace(0, 0.4, len(rates)).tolist())
 
     drop = DropPath(0.5).train()
     x = torch.ones(1000, 4)

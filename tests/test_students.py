@@ -65,6 +65,15 @@ def test_one_imagenet_recipe_takes_each_size_from_the_model_table():
     assert (large.image_size, large.randaugment_magnitude, large.stochastic_depth) == (256, 15, 0.1)
 
 
+def test_randaugment_magnitude_follows_the_training_resolution():
+    # The official RS-101 at 160 px uses M=10; the same model at its table's 192 px, 15.
+    def magnitude(*overrides: str) -> float:
+        return resolve_recipe("imagenet", overrides, model="rs-101").randaugment_magnitude
+
+    assert (magnitude("image_size=160"), magnitude(), magnitude("image_size=161")) == (10, 15, 15)
+    assert magnitude("image_size=160", "randaugment_magnitude=7") == 7
+
+
 def test_bundled_recipes_resolve_by_name_or_path():
     trainer_recipes = [name for name in configs.names() if name != "demo"]  # demo: a pipeline's
     assert trainer_recipes == ["digits", "imagenet"]
