@@ -4,9 +4,13 @@
 
 Each seed is a whole `pipeline demo` process in a fresh folder (data split, teacher,
 label, filter, student, eval); the table has both models' held-out top-1 per seed, the
-mean gain and its spread, and the time of each stage. With `--rounds 2` the student
-teaches a second student; round 1 of such a run is the one-round demo, step for step, and
-its time is the sum of the stages up to round 1's evaluation.
+mean gain, its minimum and standard error, and the time of each stage. With `--rounds 2`
+the student teaches a second student; round 1 of such a run is the one-round demo, step
+for step, and its time is the sum of the stages up to round 1's evaluation. Then the two
+controls of `pipeline.demo.CONTROLS` train beside each seed's demo (`--no-controls` skips
+them): the round-1 student's recipe and seed on the labeled digits alone (supervised), and
+on its pseudo-labels without RandAugment, dropout or stochastic depth (noise-free); the
+round-1 student minus each control says what the pseudo-labels and the noise add.
 
 The default seeds, 10 to 14, played no part in choosing the recipe (bench/select_demo.py
 chose it on worlds carved from labeled digits of other seeds).
@@ -25,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.record import append, timed  # noqa: E402
+from pipeline.demo import CONTROLS  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +39,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12, 13, 14])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--keep", help="keep each seed's demo folder under this directory")
+    parser.add_argument("--no-controls", dest="controls", action="store_false")
     args = parser.parse_args()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-demo-"))
     if any((work / f"seed{seed}").exists() for seed in args.seeds):
@@ -47,7 +53,10 @@ def main() -> None:
                 + ["--rounds", str(args.rounds)]
             )[0]
         )
-        reports.append(json.loads((out / "report.json").read_text()))
+        report = json.loads((out / "report.json").read_text())
+        if args.controls:
+            report["controls"] = {kind: _control(out, seed, kind) for kind in CONTROLS}
+        reports.append(report)
     if not args.keep:
         shutil.rmtree(work)
 
@@ -75,14 +84,34 @@ def main() -> None:
             f"{statistics.mean(round_walls):.0f} |"
         )
         figures[f"round{r + 1}"] = {"gains": gains, "wall_s": round_walls}
+    rows += ["", "| difference (points of top-1) | per seed | mean | min | std. error |"]
+    rows.append("|---|---|---|---|---|")
+    differences = {
+        f"round {r + 1} student - {'round-0 teacher' if r == 0 else f'round {r} student'}": [
+            100 * rep["rounds"][r]["gain"] for rep in reports
+        ]
+        for r in range(args.rounds)
+    }
     if args.rounds > 1:
-        over = [
+        differences[f"round {args.rounds} student - round-0 teacher"] = [
             100 * (rep["rounds"][-1]["student"]["top1"] - rep["teacher"]["top1"]) for rep in reports
         ]
+    if args.controls:
+        for kind in CONTROLS:
+            differences[f"round 1 student - {kind} control"] = [
+                100 * (rep["rounds"][0]["student"]["top1"] - rep["controls"][kind]["top1"])
+                for rep in reports
+            ]
+            figures[f"control_{kind}"] = [rep["controls"][kind]["top1"] for rep in reports]
+    for name, values in differences.items():
+        error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
         rows.append(
-            f"| **round {args.rounds} student - round-0 teacher** | | | "
-            f"**{statistics.mean(over):+.1f}** (min {min(over):+.1f}) | | |"
+            f"| {name} | {', '.join(f'{v:+.1f}' for v in values)} | "
+            f"**{statistics.mean(values):+.1f}** | {min(values):+.1f} | {error:.2f} |"
         )
+    figures["differences"] = differences
+    models = ", ".join(f"round {x['round']} {x.get('model')}" for x in reports[0]["rounds"])
+    rows += ["", f"Students: {models}."]
     stages = ", ".join(f"{name} {s:.0f} s" for name, s in reports[0]["timings"].items())
     rows += ["", f"Stages of seed {args.seeds[0]}: {stages}. Whole process: {walls[0]:.0f} s."]
     append(
@@ -93,6 +122,18 @@ def main() -> None:
         "demo",
         figures,
     )
+
+
+def _control(out: Path, seed: int, kind: str) -> dict:
+    """A control trained beside a finished demo, in a process of its own like the demo."""
+    scores = out / f"control-{kind}.json"
+    code = (
+        "import json, sys; from pipeline.demo import run_control; from pathlib import Path; "
+        "Path(sys.argv[4]).write_text(json.dumps(run_control(sys.argv[1], int(sys.argv[2]), "
+        "sys.argv[3])))"
+    )
+    timed([sys.executable, "-c", code, str(out), str(seed), kind, str(scores)])
+    return json.loads(scores.read_text())
 
 
 def _seconds_to_round(report: dict, last: int) -> float:

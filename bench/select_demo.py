@@ -1,6 +1,8 @@
 """How the demo recipe is chosen: candidate recipes run on worlds carved from labeled digits.
 
     python bench/select_demo.py --seeds 20 21 22 --vary filter.per_class=80,145 [--keep DIR]
+    python bench/select_demo.py --seeds 20 21 22 23 --rounds 2 \
+        --vary later_rounds.student.model=rs-mini,rs-tiny later_rounds.filter.keep_selection=false,true
 
 A choice made by looking at the demo's held-out split, or at the true classes its unlabeled
 split hides, would be graded on the data it was tuned on. So each selection seed writes the
@@ -9,8 +11,9 @@ never reads that seed's validation split, and carves a world of the demo's shape
 labeled images alone: 50 labeled, 297 for scoring, the rest with their classes removed as
 the unlabeled corpus. Every combination of the `--vary` values (dotted keys into
 configs/demo.yaml) runs the whole demo on every such world; the table gives each
-candidate's teacher and student top-1 and the gain. Seeds 10 to 14 are refused: they are
-the seeds the chosen recipe is reported on.
+candidate's teacher and student top-1 and the gain, of the last round with `--rounds`
+(round 2's student against round 1's). Seeds 10 to 14 are refused: they are the seeds the
+chosen recipe is reported on.
 """
 
 from __future__ import annotations
@@ -98,7 +101,10 @@ def _reuse_teacher(work: Path, seed: int, recipe: dict, out: Path) -> None:
     for done in sorted(work.glob(f"seed{seed}-*/report.json")):
         slug = done.parent.name.removeprefix(f"seed{seed}-")
         other = yaml.safe_load((work / f"{slug}.yaml").read_text())
-        if all(other[part] == recipe[part] for part in ("recipe", "data", "teacher", "label")):
+        if all(
+            other.get(part) == recipe.get(part)
+            for part in ("recipe", "data", "teacher", "label", "threads")
+        ):
             for step in ("round0-teacher", "round1-labels"):
                 shutil.copytree(done.parent / step, out / step)
             return
@@ -111,6 +117,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[20, 21, 22])
     parser.add_argument("--vary", nargs="*", default=[], metavar="KEY=V1,V2")
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--rounds", type=int, default=1, help="graded on the last round")
     parser.add_argument("--keep", help="keep the worlds and runs under this directory")
     args = parser.parse_args()
     if set(args.seeds) & set(REPORT_SEEDS):
@@ -133,25 +140,34 @@ def main() -> None:
                 _reuse_teacher(work, seed, recipe, out)
                 code = (
                     "import sys; from pipeline.demo import run; run(sys.argv[1], "
-                    "seed=int(sys.argv[2]), recipe_path=sys.argv[3], data_dir=sys.argv[4])"
+                    "seed=int(sys.argv[2]), recipe_path=sys.argv[3], data_dir=sys.argv[4], "
+                    "rounds=int(sys.argv[5]))"
                 )
-                timed([sys.executable, "-c", code, str(out), str(seed), str(path), str(world)])
+                timed(
+                    [sys.executable, "-c", code, str(out), str(seed), str(path), str(world)]
+                    + [str(args.rounds)]
+                )
             report = json.loads((out / "report.json").read_text())
             results.setdefault(name, []).append(report)
-            print(f"seed {seed} {name}: {100 * report['rounds'][0]['gain']:+.1f}", flush=True)
+            print(f"seed {seed} {name}: {100 * report['rounds'][-1]['gain']:+.1f}", flush=True)
 
+    # Graded on the last round: its student against its own teacher (the round before).
     rows = [
-        "| candidate | teacher top-1 | student top-1 | gain per seed (points) | mean gain |",
+        f"| candidate | round {args.rounds} teacher top-1 | student top-1 | "
+        "gain per seed (points) | mean gain |",
         "|---|---|---|---|---|",
     ]
     for name, reports in results.items():
-        gains = [100 * r["rounds"][0]["gain"] for r in reports]
+        last = [r["rounds"][-1] for r in reports]
+        gains = [100 * x["gain"] for x in last]
         rows.append(
-            f"| {name} | {statistics.mean(100 * r['teacher']['top1'] for r in reports):.1f}% | "
-            f"{statistics.mean(100 * r['student']['top1'] for r in reports):.1f}% | "
+            f"| {name} | {statistics.mean(100 * x['teacher']['top1'] for x in last):.1f}% | "
+            f"{statistics.mean(100 * x['student']['top1'] for x in last):.1f}% | "
             f"{', '.join(f'{g:+.1f}' for g in gains)} | **{statistics.mean(gains):+.1f}** |"
         )
     command = f"python bench/select_demo.py --seeds {' '.join(map(str, args.seeds))}"
+    if args.rounds > 1:
+        command += f" --rounds {args.rounds}"
     if args.vary:
         command += " --vary " + " ".join(args.vary)
     append(
@@ -163,7 +179,10 @@ def main() -> None:
             "seeds": args.seeds,
             "candidates": {
                 name: [
-                    {"teacher": r["teacher"]["top1"], "student": r["student"]["top1"]}
+                    {
+                        "teacher": r["rounds"][-1]["teacher"]["top1"],
+                        "student": r["rounds"][-1]["student"]["top1"],
+                    }
                     for r in reports
                 ]
                 for name, reports in results.items()

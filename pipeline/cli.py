@@ -285,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
         "against its content hash); repeat for several folders",
     )
     filt.add_argument(
+        "--keep-selection",
+        metavar="PREVIOUS_TRAIN",
+        help="keep the images and copies that filter output kept, with the new labels of "
+        "--input (Noisy Student: select once, then relabel each round); no threshold, no "
+        "balancing",
+    )
+    filt.add_argument(
         "--max-copies",
         type=_positive,
         default=32,

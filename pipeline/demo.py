@@ -2,7 +2,9 @@
 
     data digits -> train the round-0 teacher on the few labeled digits -> label the
     unlabeled split -> filter and balance -> train a noised student on labeled + pseudo
-    -> evaluate both on the held-out split (-> with --rounds 2 the student teaches again)
+    -> evaluate both on the held-out split (-> with --rounds 2 the student teaches a
+    student of its own, as configs/demo.yaml's `later_rounds` says: larger, or relabeling
+    round 1's selection)
 
 Every step is the real stage (the same Beam jobs, the same trainer) run with the bundled
 recipe configs/demo.yaml, and every step is resumable: rerun the command and finished work
@@ -29,6 +31,25 @@ from students.utils import has_checkpoint
 DEFAULT_RECIPE = "demo"  # configs/demo.yaml, bundled with the package
 
 
+SEEDS_PER_ROUND = 1000  # trainer seed of round r: the demo's seed + r x this
+
+
+def trainer_seed(seed: int, round_: int) -> int:
+    """Each round's model starts from weights and noise of its own (the round-0 teacher
+    from the demo's seed itself), and seeds of two demos never meet below 1,000 rounds: a
+    student drawn like its teacher would start from its teacher's initial weights."""
+    return seed + SEEDS_PER_ROUND * round_
+
+
+def round_parts(recipe: dict, round_: int) -> tuple[dict, dict]:
+    """Round r's student and filter settings: round 1's `student` and `filter`, from round
+    2 on with `later_rounds` over them (a larger student, the selection kept)."""
+    later = recipe.get("later_rounds", {}) if round_ > 1 else {}
+    student = {**recipe["student"], **later.get("student", {})}
+    student["set"] = {**recipe["student"].get("set", {}), **later.get("student", {}).get("set", {})}
+    return student, {**recipe["filter"], **later.get("filter", {})}
+
+
 def _train(
     run_dir: str,
     labeled: str,
@@ -39,10 +60,10 @@ def _train(
     pseudo: str | None = None,
 ) -> None:
     """Train, continue a run cut short, or find it finished: the trainer decides from the
-    run's fingerprint, so an edited recipe is refused rather than an old run reused. The
-    demo's seed is the trainer's too, so seeds differ in initial weights and noise, not only
-    in the split."""
-    overrides = [f"seed={seed}"] + [f"{k}={v}" for k, v in part.get("set", {}).items()]
+    run's fingerprint, so an edited recipe is refused rather than an old run reused."""
+    # the model by --set as well: the bundled recipe names one, and a round may grow it
+    overrides = [f"seed={seed}", f"model={part['model']}"]
+    overrides += [f"{k}={v}" for k, v in part.get("set", {}).items()]
     train(
         labeled=labeled,
         out=run_dir,
@@ -89,33 +110,45 @@ def run(
         )
     labeled, unlabeled, val = (join(data, s) for s in ("labeled", "unlabeled", "val"))
     teacher = join(out, "round0-teacher")
-    timed("train teacher", _train, teacher, labeled, val, recipe["teacher"], trainer_recipe, seed)
-    rounds_report = []
+    timed(
+        "train teacher",
+        _train,
+        teacher,
+        labeled,
+        val,
+        recipe["teacher"],
+        trainer_recipe,
+        trainer_seed(seed, 0),
+    )
+    rounds_report, first_selection = [], None
     for r in range(1, rounds + 1):
         labels, training, student = (
             join(out, f"round{r}-{s}") for s in ("labels", "train", "student")
         )
+        student_part, filter_part = round_parts(recipe, r)
         timed(
             f"round {r} label",
             label_run,
             LabelArgs(teacher=teacher, input=unlabeled, output=labels, **recipe["label"]),
             [],
         )
+        keep = filter_part.pop("keep_selection", False) and first_selection
         filtered = timed(
             f"round {r} filter",
             filter_run,
-            FilterArgs(input=labels, output=training, **recipe["filter"]),
+            FilterArgs(input=labels, output=training, keep_selection=keep or None, **filter_part),
             [],
         )
+        first_selection = first_selection or training
         timed(
             f"round {r} train student",
             _train,
             student,
             labeled,
             val,
-            recipe["student"],
+            student_part,
             trainer_recipe,
-            seed,
+            trainer_seed(seed, r),
             pseudo=training,
         )
         scores = {
@@ -125,6 +158,8 @@ def run(
         rounds_report.append(
             {
                 "round": r,
+                "model": student_part["model"],
+                "kept_selection": bool(keep),
                 **scores,
                 "pseudo_labels": filtered["samples_written"],
                 "gain": scores["student"]["top1"] - scores["teacher"]["top1"],
@@ -143,6 +178,33 @@ def run(
     write_json(join(out, "report.json"), report)
     _plot(report, join(out, "report.png"))
     return report
+
+
+# What each control changes in the round-1 student's run: the same model, recipe and
+# trainer seed (so the same initial weights), one ingredient taken away.
+CONTROLS: dict[str, dict] = {
+    "supervised": {"pseudo": False, "set": {}},  # the labeled digits alone
+    "noise-free": {  # its pseudo-labels, with no input or model noise (the crop stays)
+        "pseudo": True,
+        "set": {"randaugment_ops": 0, "dropout": 0.0, "stochastic_depth": 0.0},
+    },
+}
+
+
+def run_control(out: str, seed: int, kind: str, recipe_path: str | None = None) -> dict:
+    """Train and evaluate control `kind` beside a finished demo in `out` (its data and its
+    round-1 selection): what the round-1 student scores without the pseudo-labels, or
+    without the noise, so the demo's gain can be put down to one or the other."""
+    recipe = load_yaml(recipe_path or DEFAULT_RECIPE)
+    torch.set_num_threads(int(recipe.get("threads", torch.get_num_threads())))
+    control = CONTROLS[kind]
+    part, _ = round_parts(recipe, 1)
+    part = {**part, "set": {**part.get("set", {}), **control["set"]}}
+    data, run_dir = join(out, "data"), join(out, f"control-{kind}")
+    labeled, val = join(data, "labeled"), join(data, "val")
+    pseudo = join(out, "round1-train") if control["pseudo"] else None
+    _train(run_dir, labeled, val, part, recipe["recipe"], trainer_seed(seed, 1), pseudo=pseudo)
+    return evaluate_run(run_dir, val, progress=False)
 
 
 def _plot(report: dict, path: str) -> None:
@@ -180,7 +242,9 @@ def table(report: dict) -> str:
         s = r["student"]
         lines.append(
             f"student (round {r['round']})    {100 * s['top1']:5.1f}%  {100 * s['top5']:5.1f}%"
-            f"   gain {100 * r['gain']:+.1f} points, {r['pseudo_labels']} pseudo-labels"
+            f"   gain {100 * r['gain']:+.1f} points, {r.get('model', '')}, "
+            f"{r['pseudo_labels']} pseudo-labels"
+            + (" (round 1's selection, relabeled)" if r.get("kept_selection") else "")
         )
     lines.append(
         f"finished in {report['seconds']:.0f} s; report.json and report.png are in the output folder"

@@ -72,6 +72,7 @@ class FilterArgs:
     shard_size: int = 1000
     max_copies: float = 32.0
     source_root: list[str] | None = None  # OLD=NEW: where the labeled shards are now
+    keep_selection: str | None = None  # a previous filter's output: keep its choices, relabeled
     runner: str | None = None
     overwrite: bool = False
     describe_job: str | None = None
@@ -193,20 +194,50 @@ def _write(p: beam.Pipeline, work: WorkList, plan: FilterPlan, size: float, rule
     )
 
 
-def chunks(sidecars: list[str], expected: float, shard_size: int, workers: int) -> list:
+def chunks(
+    sidecars: list[str], expected: float, shard_size: int, workers: int, count: int = 0
+) -> list:
     """Sidecars dealt into chunks of nearly equal size, in a seeded random order: each chunk
     mixes images from all over the corpus, writes about SHARDS_PER_CHUNK training shards
     (fewer when the rules keep little), reads at most SIDECARS_PER_CHUNK sidecars, and there
-    are enough chunks for every worker."""
+    are enough chunks for every worker. A `count` of another filter's chunks over sidecars
+    of the same names deals them as that filter did."""
     wanted = max(
         workers,
         round(expected / (SHARDS_PER_CHUNK * shard_size)),
         math.ceil(len(sidecars) / SIDECARS_PER_CHUNK),
     )
-    count = max(1, min(len(sidecars), wanted))
+    count = count or max(1, min(len(sidecars), wanted))
     order = list(sidecars)
     random.Random(CHUNK_SEED).shuffle(order)
     return [(i, order[i::count]) for i in range(count)]
+
+
+def _kept_selection(args: FilterArgs, sidecars: list[str]) -> tuple[dict, dict[int, list]]:
+    """The finished filter whose choices --keep-selection keeps, and its training shards by
+    chunk: each new chunk reads the same sidecars as that filter's chunk of the same number
+    and keeps what that chunk kept."""
+    if args.dedup_against:
+        raise UsageError(
+            "--keep-selection keeps a selection its own filter already deduplicated: "
+            "drop --dedup-against"
+        )
+    if absolute(args.keep_selection) == absolute(args.output):
+        raise UsageError("--keep-selection names --output itself: pass the previous round's")
+    try:
+        previous = finished_manifest(args.keep_selection, "filter")
+    except UsageError as exc:
+        raise UsageError(f"--keep-selection: {exc}") from None
+    if previous.get("input_sidecars", len(sidecars)) != len(sidecars):
+        raise UsageError(
+            f"--keep-selection {args.keep_selection} filtered {previous['input_sidecars']} "
+            f"sidecars, --input holds {len(sidecars)}: label the same unlabeled shards"
+        )
+    by_chunk: dict[int, list] = {}
+    for entry in list_dir(args.keep_selection):
+        if is_shard_name(entry.name) and entry.name.startswith("train-"):
+            by_chunk.setdefault(int(entry.name.split("-")[1]), []).append(entry.url)
+    return previous, by_chunk
 
 
 def _workers(options) -> int:
@@ -231,12 +262,20 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     dedup = (
         inputs_record(absolute(args.dedup_against), dedup_entries) if args.dedup_against else None
     )
+    previous, previous_shards = (
+        _kept_selection(args, sidecars) if args.keep_selection else (None, {})
+    )
     settings = {
         k: v
         for k, v in asdict(args).items()
         # Where the source shards are is not what is made: each image is checked by its hash.
         if k not in ("runner", "overwrite", "describe_job", "input", "output", "source_root")
     }
+    if previous is not None:
+        settings["keep_selection"] = {
+            "folder": absolute(args.keep_selection),
+            "fingerprint": previous["fingerprint"],
+        }
     out = StageOutput(
         args.output,
         "filter",
@@ -282,20 +321,34 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         eval_dir,
         dedup_threshold,
         roots,
+        absolute(args.keep_selection) if previous is not None else None,
     )
-    hist, counted_by = _histograms(
-        args.input, sidecars, plan, options, join(output, WORK, HISTOGRAMS)
-    )
-    if args.strategy == "topk":
-        rules = topk_rules(hist, args.per_class)
+    if previous is not None:  # the choices are made: no histograms, no rules
+        hist, counted_by, rules = {}, "kept selection", {}
+        expected = previous["samples_written"]
     else:
-        rules = threshold_rules(hist, args.threshold, args.per_class, args.max_copies)
-    if not rules:
-        out.abandon()
-        raise UsageError(_nothing_kept(hist, args.threshold))
-    expected = expected_copies(hist, rules)
+        hist, counted_by = _histograms(
+            args.input, sidecars, plan, options, join(output, WORK, HISTOGRAMS)
+        )
+        if args.strategy == "topk":
+            rules = topk_rules(hist, args.per_class)
+        else:
+            rules = threshold_rules(hist, args.threshold, args.per_class, args.max_copies)
+        if not rules:
+            out.abandon()
+            raise UsageError(_nothing_kept(hist, args.threshold))
+        expected = expected_copies(hist, rules)
     size = expected / max(1, math.ceil(expected / args.shard_size))
-    work = chunks(sidecars, expected, args.shard_size, _workers(options))
+    work = [
+        (i, urls, previous_shards.get(i, []))
+        for i, urls in chunks(
+            sidecars,
+            expected,
+            args.shard_size,
+            _workers(options),
+            previous["chunks"] if previous is not None else 0,
+        )
+    ]
     clear_failures(output)
     finished = reported(output)
     todo = [c for c in work if chunk_name(c[0]) not in finished]
@@ -306,7 +359,7 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         ):
             run_pipeline(options, lambda p: _write(p, chunk_list, plan, size, rules))
         raise_failures(output)
-    names = [chunk_name(i) for i, _ in work]
+    names = [chunk_name(i) for i, *_ in work]
     with ErrorLog(output) as log:
         merged = merge_reports(output, names, log, ahead=2)
     class_names = read_json(join(args.input, CLASSES_FILE))
@@ -325,12 +378,13 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         class_thresholds={str(c): rule.min_bin / BINS for c, rule in rules.items()},
         class_rates={str(c): round(rule.rate, 4) for c, rule in rules.items()},
         capped_classes=[str(c) for c in capped_classes(hist, rules, args.per_class)]
-        if args.strategy == "threshold"
+        if args.strategy == "threshold" and previous is None
         else [],
         dedup_threshold=dedup_threshold,
         confidences_counted_by=counted_by,
         output_shards=len([e for e in list_dir(output) if is_shard_name(e.name)]),
         chunks=len(work),
+        input_sidecars=len(sidecars),
         seconds=round(time.monotonic() - started, 2),
         summary={k: v for k, v in merged.stats.items() if k != "classes"},
     )
@@ -347,7 +401,7 @@ def _nothing_kept(hist: dict, threshold: float) -> str:
 
 def _dry_run(args: FilterArgs, options, sidecars: list[str], teacher: str) -> dict:
     plan = FilterPlan(absolute(args.output), args.strategy, args.top_p, args.hard, None, None)
-    work = chunks(sidecars, 0, args.shard_size, _workers(options))
+    work = [(i, urls, []) for i, urls in chunks(sidecars, 0, args.shard_size, _workers(options))]
     hist_url = join(plan.out_dir, WORK, HISTOGRAMS)
     steps, descriptions = [], []
     for build in (
@@ -386,8 +440,10 @@ def summary(manifest: dict) -> str:
     if manifest.get("dedup_threshold") is not None:
         drops += f" (near-copy cosine >= {manifest['dedup_threshold']:.3f})"
     capped = manifest.get("capped_classes") or []
+    kept = manifest["args"].get("keep_selection")
     return (
-        f"Filtered {manifest['samples_in']} pseudo-labels: kept {manifest['images_kept']} images as "
+        (f"Kept the selection of {kept}, relabeled. " if kept else "")
+        + f"Filtered {manifest['samples_in']} pseudo-labels: kept {manifest['images_kept']} images as "
         f"{manifest['samples_written']} training samples ({spread}) in {manifest['output_shards']} shards "
         f"in {manifest['seconds']} s. Dropped: {drops}."
         + (

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,7 +26,13 @@ from apache_beam.utils.shared import Shared
 from data.decode import find_image
 from data.errors import Drop, UsageError
 from data.read import iter_shard
-from data.records import PseudoLabel, content_hash, encode_pseudo, read_pseudo_shard
+from data.records import (
+    PseudoLabel,
+    content_hash,
+    decode_pseudo,
+    encode_pseudo,
+    read_pseudo_shard,
+)
 from data.stages import batched
 from data.storage import exists, join, parent
 from data.write import open_shard
@@ -50,6 +56,7 @@ class FilterPlan:
     eval_dir: str | None
     dedup_threshold: float | None
     source_roots: tuple[tuple[str, str], ...] = ()  # (recorded folder, where it is now)
+    keep_selection: str | None = None  # a previous filter's output whose choices are kept
 
     def where(self, source: str) -> str:
         """Where the source shard labeling read as `source` is now (--source-root)."""
@@ -190,6 +197,53 @@ class Selection:
         return [], "balanced_out"
 
 
+class KeptSelection:
+    """Another filter's choices applied to new pseudo-labels of the same images (Noisy
+    Student selects once, then relabels): an image is kept, with as many copies, when that
+    filter kept it, whatever its new confidence; its class is the new label's top-1 (under
+    --strategy topk, the class it was ranked under). Built from that filter's training
+    shards of the same chunk, so it holds one chunk's choices, never the corpus's."""
+
+    def __init__(self, plan: FilterPlan, previous: list[str]) -> None:
+        self.plan, self.previous = plan, previous
+        self.chosen: dict[tuple[str, bytes], list[tuple[int, int]]] = {}
+
+        def damaged(drop: Drop) -> None:
+            raise UsageError(
+                f"--keep-selection: cannot read {drop.shard}: {drop.reason} {drop.detail}"
+            )
+
+        for url in previous:
+            for sample in iter_shard(url, damaged):
+                key, _, copy = sample["__key__"].rpartition("_c")
+                label = decode_pseudo(key, sample["pl"])
+                self.chosen.setdefault((key, label.content_hash), []).append(
+                    (int(copy), int(sample["cls"]))
+                )
+
+    def __call__(self, label: PseudoLabel) -> tuple[list[int], str | None]:
+        # a key the chunk shared between two source shards carries its source's tag
+        for key in (label.key, f"{label.key}_{source_tag(label.source)}"):
+            copies = self.chosen.pop((key, label.content_hash), None)
+            if copies is not None:
+                if self.plan.strategy == "topk":
+                    return [cls for _, cls in sorted(copies)], None
+                return [label.top1] * len(copies), None
+        return [], "not_selected"
+
+    def check_all_found(self, chunk: str) -> None:
+        """Every image the previous filter kept must be among the new labels: one missing
+        means they label another corpus (or another labeling of it) and the selection
+        cannot be kept."""
+        if self.chosen:
+            (key, _), *_ = self.chosen
+            raise UsageError(
+                f"--keep-selection: {len(self.chosen)} images the previous filter kept in "
+                f"{chunk} (e.g. {key}) are not among the pseudo-labels of --input, or their "
+                "image changed: label the same unlabeled shards that filter's labels came from"
+            )
+
+
 class _ShuffledShard:
     """One output shard filled through a small shuffle buffer that never puts two copies
     of one image side by side when it can help it."""
@@ -247,9 +301,13 @@ class WriteChunkFn(beam.DoFn):
         self.eval_index = load_eval_index(self.plan)
 
     def process(self, span: tuple[int, int], rules: dict) -> Iterator[dict]:
-        for index, sidecars in units(self.work_url, span):
+        for index, sidecars, previous in units(self.work_url, span):
             name = chunk_name(index)
-            select = Selection(self.plan, rules)
+            select = (
+                partial(KeptSelection, self.plan, previous)
+                if self.plan.keep_selection
+                else partial(Selection, self.plan, rules)
+            )
             report = unit_of_work(
                 self.plan.out_dir, name, partial(self._write, name, sidecars, select)
             )
@@ -257,7 +315,9 @@ class WriteChunkFn(beam.DoFn):
                 continue
             yield {"chunk": name, "samples_out": report.samples_out}
 
-    def _choose(self, sidecars: list[str], select: Selection, report: ShardReport) -> list:
+    def _choose(
+        self, sidecars: list[str], select: Selection | KeptSelection, report: ShardReport
+    ) -> list:
         """Every kept label with its classes (one per copy), in sidecar order."""
         kept = []
 
@@ -280,9 +340,17 @@ class WriteChunkFn(beam.DoFn):
                     kept.append((label, classes))
         return kept
 
-    def _write(self, name: str, sidecars: list[str], select: Selection) -> ShardReport:
+    def _write(
+        self,
+        name: str,
+        sidecars: list[str],
+        make_selection: Callable[[], Selection | KeptSelection],
+    ) -> ShardReport:
         report = ShardReport(source=name, output=name)
+        select = make_selection()
         kept = self._choose(sidecars, select, report)
+        if isinstance(select, KeptSelection):
+            select.check_all_found(name)
         total = sum(len(classes) for _, classes in kept)
         count = max(1, round(total / self.size)) if total else 0
         sizes = [total // count + (k < total % count) for k in range(count)] if count else []

@@ -44,3 +44,53 @@ def test_demo_runs_all_stages_resumably_and_reports_both_models(tmp_path: Path):
     assert edited.returncode == 2
     assert "round1-student holds a run made with other settings" in edited.stderr
     assert (out / "round1-student" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_later_rounds_grow_the_student_keep_the_selection_and_seed_each_model(tmp_path: Path):
+    from pipeline.demo import CONTROLS, run_control
+
+    recipe = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    for part in ("teacher", "student"):
+        recipe[part]["epochs"] = 1
+        recipe[part]["set"]["epoch_samples"] = 64
+    recipe["filter"]["threshold"] = 0.0
+    recipe["later_rounds"] = {"student": {"model": "rs-tiny"}, "filter": {"keep_selection": True}}
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    args = ["demo", "--out", str(out), "--seed", "3", "--rounds", "2"]
+    run_cli(*args, "--config", str(tmp_path / "quick.yaml"), check=True)
+    report = json.loads((out / "report.json").read_text())
+
+    def run_config(name: str) -> dict:  # the recipe a run trained with
+        return yaml.safe_load((out / name / "config.yaml").read_text())
+
+    # Every model its own trainer seed, so no student starts from its teacher's weights.
+    seeds = [
+        run_config(f"round{r}-{part}")["seed"]
+        for r, part in ((0, "teacher"), (1, "student"), (2, "student"))
+    ]
+    assert seeds == [3, 1003, 2003]
+    assert [run_config(f"round{r}-student")["model"] for r in (1, 2)] == [
+        "rs-mini",
+        "rs-tiny",
+    ]
+    assert [x["model"] for x in report["rounds"]] == ["rs-mini", "rs-tiny"]
+    # Round 2 relabels round 1's images: the same ones, as many copies, the new teacher's labels.
+    first, second = (
+        json.loads((out / f"round{r}-train" / "manifest.json").read_text()) for r in (1, 2)
+    )
+    assert second["args"]["keep_selection"] == str(out / "round1-train")
+    assert second["samples_written"] == first["samples_written"] > 0
+    assert second["drops"].get("not_selected", 0) == first["samples_in"] - first["images_kept"]
+    assert report["rounds"][1]["kept_selection"] and not report["rounds"][0]["kept_selection"]
+
+    # The controls: round 1's student without the pseudo-labels, and without the noise.
+    for kind in CONTROLS:
+        scores = run_control(str(out), 3, kind, str(tmp_path / "quick.yaml"))
+        assert 0 < scores["top1"] <= 1 and scores["samples"] == 297
+    supervised, noise_free = (run_config(f"control-{kind}") for kind in CONTROLS)
+    inputs = json.loads((out / "control-supervised" / "manifest.json").read_text())
+    assert set(inputs["fingerprint"]["inputs"]) == {"labeled", "val"}
+    assert supervised["seed"] == noise_free["seed"] == 1003
+    assert noise_free["randaugment_ops"] == 0
+    assert noise_free["dropout"] == noise_free["stochastic_depth"] == 0

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from data.errors import UsageError
 from data.read import iter_samples
-from data.records import decode_pseudo, read_cls
+from data.records import decode_pseudo, read_cls, read_pseudo_shard
 from data.specs import expand_shards
 from pipeline.filter import HISTOGRAMS, SIDECARS_PER_CHUNK, FilterArgs, chunks, run
 from pipeline.filter_rules import CLASS_CONFIDENCES, load_histograms
@@ -178,6 +179,57 @@ def test_a_chunk_reads_a_bounded_number_of_sidecars_however_little_is_kept():
         assert sorted(dealt) == sidecars  # each sidecar in exactly one chunk
         assert max(len(urls) for _, urls in work) <= SIDECARS_PER_CHUNK
         assert len(work) >= 2
+
+
+def test_keep_selection_keeps_the_images_and_copies_with_the_new_teachers_labels(
+    labels: Path, random_teacher: Path, digits_dir: Path, tmp_path: Path
+):
+    # Round 1 selects; round 2's teacher relabels the whole corpus and keeps that selection.
+    first = tmp_path / "round1-train"
+    chosen = _filter(labels, first, threshold=0.5, per_class=100, shard_size=64)
+    relabeled = tmp_path / "round2-labels"
+    label(
+        LabelArgs(
+            teacher=str(random_teacher), input=str(digits_dir / "unlabeled"), output=str(relabeled)
+        ),
+        [],
+    )
+    second = tmp_path / "round2-train"
+    # a threshold that would keep nothing of the random teacher's labels: no rules apply
+    kept = _filter(relabeled, second, threshold=0.99, keep_selection=str(first))
+
+    old, new = _training_samples(first), _training_samples(second)
+    assert Counter(_image(s["__key__"]) for s in new) == Counter(_image(s["__key__"]) for s in old)
+    assert {_image(s["__key__"]): s["png"] for s in new} == {
+        _image(s["__key__"]): s["png"] for s in old
+    }
+    new_labels = {
+        lab.key: lab
+        for url in expand_shards(str(relabeled))
+        for lab in read_pseudo_shard(url, lambda d: None)
+    }
+    for s in new:
+        target = decode_pseudo(s["__key__"], s["pl"])
+        teacher = new_labels[_image(s["__key__"])]
+        assert target.indices.tolist() == teacher.indices.tolist()
+        assert read_cls(s) == teacher.top1
+    assert kept["samples_written"] == chosen["samples_written"] == len(new)
+    assert kept["images_kept"] == chosen["images_kept"]
+    assert kept["drops"] == {"not_selected": 1300 - chosen["images_kept"]}
+    assert kept["samples_in"] == 1300
+
+    # Labels of other images cannot keep it: refused, nothing written.
+    with pytest.raises(UsageError, match="keep-selection"):
+        _filter(labels, tmp_path / "other", keep_selection=str(tmp_path / "round2-labels"))
+    val_labels = tmp_path / "val-labels"
+    label(
+        LabelArgs(
+            teacher=str(random_teacher), input=str(digits_dir / "val"), output=str(val_labels)
+        ),
+        [],
+    )
+    with pytest.raises(UsageError, match="keep-selection"):
+        _filter(val_labels, tmp_path / "other", keep_selection=str(first))
 
 
 def test_plain_webdataset_reads_every_training_sample_with_its_image_and_class(
