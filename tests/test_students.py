@@ -74,9 +74,18 @@ def test_randaugment_magnitude_follows_the_training_resolution():
     assert magnitude("image_size=160", "randaugment_magnitude=7") == 7
 
 
+def test_finetune_recipe_is_labeled_only_unaugmented_short_and_at_the_size_given():
+    tuned = resolve_recipe("finetune", ["image_size=320"], model="rs-152")
+    assert (tuned.image_size, tuned.eval_size) == (320, 320)
+    assert tuned.unlabeled_ratio == tuned.randaugment_ops == tuned.stochastic_depth == 0
+    assert tuned.epochs * tuned.epoch_samples == pytest.approx(1.5 * 1_281_167, abs=1)
+    assert tuned.ema_decay == 0.99 and tuned.warmup_epochs == 0
+    assert tuned.lr < resolve_recipe("imagenet", model="rs-152").lr
+
+
 def test_bundled_recipes_resolve_by_name_or_path():
     trainer_recipes = [name for name in configs.names() if name != "demo"]  # demo: a pipeline's
-    assert trainer_recipes == ["digits", "imagenet"]
+    assert trainer_recipes == ["digits", "finetune", "imagenet"]
     by_name = resolve_recipe("digits")
     assert by_name == resolve_recipe(CONFIGS / "digits.yaml") == resolve_recipe("digits.yaml")
     assert by_name.flip is False and by_name.model == "rs-mini"
