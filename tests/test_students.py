@@ -78,7 +78,7 @@ def test_finetune_recipe_is_labeled_only_unaugmented_short_and_at_the_size_given
     tuned = resolve_recipe("finetune", ["image_size=320"], model="rs-152")
     assert (tuned.image_size, tuned.eval_size) == (320, 320)
     assert tuned.unlabeled_ratio == tuned.randaugment_ops == tuned.stochastic_depth == 0
-    assert tuned.epochs * tuned.epoch_samples == pytest.approx(1.5 * 1_281_167, abs=1)
+    assert tuned.epochs * tuned.epoch_samples == pytest.approx(1.5 * 1_281_167, abs=2)
     assert tuned.ema_decay == 0.99 and tuned.warmup_epochs == 0
     assert tuned.lr < resolve_recipe("imagenet", model="rs-152").lr
 
