@@ -417,12 +417,9 @@ def test_micro_batches_give_the_update_of_the_whole_batch():
         assert torch.allclose(p, q, atol=1e-6, rtol=1e-4)
 
 
-def test_the_loader_cuts_each_step_in_micro_batches_that_its_workers_share(tmp_path: Path):
-    """Two loader workers, each step of 8 labeled images in micro-batches of 3, 2 and 3: the
-    loader's batches come in those sizes, as uint8, and in turn from the two workers (each
-    reads its own half of the shards, told apart here by the class of each shard)."""
+def _four_class_shards(tmp_path: Path) -> list[str]:
+    """Four shards of 12 small PNGs each, every image of shard k of class k."""
     from data.write import write_shard
-    from students.data import LabeledDecoder, train_loader
 
     urls = []
     for k in range(4):
@@ -430,6 +427,16 @@ def test_the_loader_cuts_each_step_in_micro_batches_that_its_workers_share(tmp_p
         samples = [{"__key__": f"s{k}i{i}", "png": image_bytes(size=(20 + i, 16)), "cls": b"%d" % k}
                    for i in range(12)]  # fmt: skip
         write_shard(urls[-1], samples)
+    return urls
+
+
+def test_the_loader_cuts_each_step_in_micro_batches_that_its_workers_share(tmp_path: Path):
+    """Two loader workers, each step of 8 labeled images in micro-batches of 3, 2 and 3: the
+    loader's batches come in those sizes, as uint8, and in turn from the two workers (each
+    reads its own half of the shards, told apart here by the class of each shard)."""
+    from students.data import LabeledDecoder, train_loader
+
+    urls = _four_class_shards(tmp_path)
     loader = train_loader(
         urls,
         LabeledDecoder(TrainPreset(16, flip=False, randaugment_ops=0), 4),
@@ -466,15 +473,9 @@ def test_training_loaders_keep_their_workers_and_each_epoch_its_data(tmp_path: P
     """A training loader started once serves epoch after epoch from the same two worker
     processes, and its epochs 1 and 2 (augmentation included) are those of a loader started
     at epoch 1, as a resumed run starts it."""
-    from data.write import write_shard
     from students.data import train_loader
 
-    urls = []
-    for k in range(4):
-        urls.append(str(tmp_path / f"part-{k}.tar"))
-        samples = [{"__key__": f"s{k}i{i}", "png": image_bytes(size=(20 + i, 16)), "cls": b"%d" % k}
-                   for i in range(12)]  # fmt: skip
-        write_shard(urls[-1], samples)
+    urls = _four_class_shards(tmp_path)
     decode = _WithPid(LabeledDecoder(TrainPreset(16, randaugment_magnitude=15), 4))
 
     def epochs(first: int, count: int) -> list[list]:
