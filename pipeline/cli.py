@@ -322,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded digits")
     demo.add_argument("--out", default="demo-out", help="output folder (demo-out)")
     demo.add_argument("--seed", type=int, default=0, help="data split and training seed (0)")
-    demo.add_argument("--rounds", type=_positive, default=1, help="student-teacher rounds (1)")
+    demo.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        help="student-teacher rounds (1); round 2 on: configs/demo.yaml's later_rounds",
+    )
     demo.add_argument("--config", help="demo recipe: a path, or a bundled one by name (demo)")
     demo.set_defaults(func=_cmd_demo)
 
