@@ -196,6 +196,9 @@ class Selection:
             return [], "below_threshold"
         return [], "balanced_out"
 
+    def check_all_found(self, chunk: str) -> None:
+        """Nothing to check: the rules decide each label on its own."""
+
 
 class KeptSelection:
     """Another filter's choices applied to new pseudo-labels of the same images (Noisy
@@ -205,7 +208,7 @@ class KeptSelection:
     shards of the same chunk, so it holds one chunk's choices, never the corpus's."""
 
     def __init__(self, plan: FilterPlan, previous: list[str]) -> None:
-        self.plan, self.previous = plan, previous
+        self.plan = plan
         self.chosen: dict[tuple[str, bytes], list[tuple[int, int]]] = {}
 
         def damaged(drop: Drop) -> None:
@@ -349,8 +352,7 @@ class WriteChunkFn(beam.DoFn):
         report = ShardReport(source=name, output=name)
         select = make_selection()
         kept = self._choose(sidecars, select, report)
-        if isinstance(select, KeptSelection):
-            select.check_all_found(name)
+        select.check_all_found(name)
         total = sum(len(classes) for _, classes in kept)
         count = max(1, round(total / self.size)) if total else 0
         sizes = [total // count + (k < total % count) for k in range(count)] if count else []
