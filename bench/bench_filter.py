@@ -33,7 +33,7 @@ from bench.record import append, timed  # noqa: E402
 from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header  # noqa: E402
 from data.storage import write_json  # noqa: E402
 from data.write import write_shard  # noqa: E402
-from pipeline.filter_rules import CLASS_CONFIDENCES, conf_bins, save_histograms  # noqa: E402
+from pipeline.confidence import CLASS_CONFIDENCES, conf_bins, save_histograms  # noqa: E402
 
 
 def long_tailed(rng: np.random.Generator, classes: int, n: int) -> np.ndarray:

@@ -22,7 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.records import content_hash, decode_pseudo, encode_pseudo  # noqa: E402
-from pipeline.filter_rules import BINS, conf_bin, threshold_rules  # noqa: E402
+from pipeline.confidence import BINS, conf_bin  # noqa: E402
+from pipeline.options import FilterArgs  # noqa: E402
+from pipeline.strategies import Threshold  # noqa: E402
 
 BUFFER = 64
 
@@ -55,7 +57,15 @@ def main() -> None:
     for path in sidecars:
         for _, label in sidecar_records(path):
             hist.setdefault(label.top1, np.zeros(BINS, np.int64))[conf_bin(label.confidence)] += 1
-    rules = threshold_rules(hist, args.threshold, args.per_class, args.max_copies)
+    rules = Threshold(
+        FilterArgs(
+            input=args.input,
+            output=args.output,
+            threshold=args.threshold,
+            per_class=args.per_class,
+            max_copies=args.max_copies,
+        )
+    ).rules(hist)
 
     Path(args.output).mkdir(parents=True, exist_ok=True)
     rng, buffer, written, shard_index = random.Random(0), [], 0, 0

@@ -13,8 +13,8 @@ import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 
-from data.decode import DECODERS
 from data.errors import USER_ERRORS, PeerFailed, WorkerBug
+from pipeline.options import FilterArgs, LabelArgs, add_flags, from_flags
 from students.config import DEVICES, add_arguments, flag_values
 
 EXIT_USAGE = 2  # a mistake the user can fix
@@ -59,27 +59,15 @@ def _cmd_data_ingest(args: argparse.Namespace) -> None:
 
 
 def _cmd_label(args: argparse.Namespace) -> None:
-    from pipeline.label import LabelArgs, run, summary
+    from pipeline.label import run, summary
 
-    fields = {k: getattr(args, k) for k in LabelArgs.__dataclass_fields__}
-    print(summary(run(LabelArgs(**fields), args.beam_args)))
+    print(summary(run(from_flags(LabelArgs, args), args.beam_args)))
 
 
 def _cmd_filter(args: argparse.Namespace) -> None:
-    from pipeline.filter import FilterArgs, run, summary
+    from pipeline.filter import run, summary
 
-    fields = {k: getattr(args, k) for k in FilterArgs.__dataclass_fields__}
-    print(summary(run(FilterArgs(**fields), args.beam_args)))
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
-    return value
+    print(summary(run(from_flags(FilterArgs, args), args.beam_args)))
 
 
 def _fraction(text: str) -> float:
@@ -153,17 +141,6 @@ def _add_overwrite(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runner", help="Beam runner (DirectRunner, workers = cores)")
-    parser.add_argument(
-        "--describe-job",
-        metavar="FILE",
-        help="write what the runner was given (steps, worker image, service options, "
-        "experiments) as JSON; with Beam's --dry_run=True that is all that happens",
-    )
-    _add_overwrite(parser)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pipeline",
@@ -198,48 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="label unlabeled shards with a teacher (Beam job)",
         epilog="Any other option (--temp_location, --project, ...) goes to the Beam runner.",
     )
-    label.add_argument("--teacher", required=True, help="model name (rs-152) or run directory")
-    label.add_argument("--weights", help="state dict (.pth/.safetensors), with a model name")
-    label.add_argument("--input", required=True, help="unlabeled shards: dir, glob or braces")
-    label.add_argument("--output", required=True, help="folder for the pseudo-label shards")
-    label.add_argument(
-        "--batch-size",
-        type=_positive,
-        help="images per forward pass (default: 256 on a GPU, 32 on the CPU)",
-    )
-    label.add_argument("--topk", type=_positive, default=16, help="classes kept per image (16)")
-    label.add_argument("--embed", action="store_true", help="store an embedding for dedup")
-    label.add_argument(
-        "--device",
-        choices=DEVICES,
-        default="auto",
-        help="where the teacher runs, decided on each worker (auto: CUDA if it has a GPU)",
-    )
-    label.add_argument(
-        "--decode",
-        choices=DECODERS,
-        default="auto",
-        help="where JPEGs are decoded: device is torchvision's decoder on the teacher's "
-        "device (nvJPEG on a GPU; gpu is its old name), cpu is Pillow in decode processes "
-        "(auto: device on a GPU, else cpu); what the device path does not take goes the cpu way",
-    )
-    label.add_argument(
-        "--forwards-per-device",
-        type=_positive,
-        help="forward passes in flight at once on each device, whatever the worker threads "
-        "(default: 1 on a GPU, no bound on the CPU)",
-    )
-    label.add_argument(
-        "--compile",
-        action="store_true",
-        help="run the teacher through torch.compile (the first batches pay for compiling)",
-    )
-    label.add_argument(
-        "--decode-processes",
-        type=_non_negative,
-        help="decode processes per worker (default: its cores; 0 decodes in the worker)",
-    )
-    _add_job_arguments(label)
+    add_flags(label, LabelArgs)
     label.set_defaults(func=_cmd_label, beam=True)
 
     filt = commands.add_parser(
@@ -247,58 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="filter, deduplicate and class-balance pseudo-labels into training shards (Beam job)",
         epilog="Any other option (--temp_location, --project, ...) goes to the Beam runner.",
     )
-    filt.add_argument("--input", required=True, help="output folder of `pipeline label`")
-    filt.add_argument("--output", required=True, help="folder for the training shards")
-    filt.add_argument(
-        "--threshold", type=_fraction, default=0.3, help="lowest confidence kept (0.3)"
-    )
-    filt.add_argument(
-        "--per-class", type=_positive, default=130_000, help="images per class (130000)"
-    )
-    filt.add_argument(
-        "--strategy",
-        choices=("threshold", "topk"),
-        default="threshold",
-        help="Noisy Student threshold + balance, or Yalniz top-K per class",
-    )
-    filt.add_argument(
-        "--top-p", type=_positive, default=10, help="with --strategy topk: classes ranked per image"
-    )
-    filt.add_argument("--dedup-against", help="evaluation shards whose copies are dropped")
-    filt.add_argument(
-        "--dedup-threshold",
-        type=_fraction,
-        help="cosine for near copies (default: calibrated on the evaluation set)",
-    )
-    filt.add_argument(
-        "--dedup-fpr",
-        type=_fraction,
-        default=0.005,
-        help="with a calibrated threshold: share of distinct images dropped (0.005)",
-    )
-    filt.add_argument("--hard", action="store_true", help="one-hot labels instead of soft ones")
-    filt.add_argument(
-        "--source-root",
-        action="append",
-        metavar="OLD=NEW",
-        help="the shards labeled under folder OLD are now under NEW (each image is checked "
-        "against its content hash); repeat for several folders",
-    )
-    filt.add_argument(
-        "--keep-selection",
-        metavar="PREVIOUS_TRAIN",
-        help="keep the images and copies that filter output kept, with the new labels of "
-        "--input (Noisy Student: select once, then relabel each round); no threshold, no "
-        "balancing",
-    )
-    filt.add_argument(
-        "--max-copies",
-        type=_positive,
-        default=32,
-        help="at most this many copies of one image, for classes with too few images (32)",
-    )
-    filt.add_argument("--shard-size", type=_positive, default=1000, help="samples per output shard")
-    _add_job_arguments(filt)
+    add_flags(filt, FilterArgs)
     filt.set_defaults(func=_cmd_filter, beam=True)
 
     train = commands.add_parser(

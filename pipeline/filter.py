@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
 
 import apache_beam as beam
 
@@ -21,17 +20,8 @@ from data.manifest import ErrorLog, StageOutput, finished_manifest, inputs_recor
 from data.specs import is_pattern, is_shard_name, shard_entries
 from data.storage import absolute, is_dir, join, list_dir, parent, read_json, write_json
 from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
+from pipeline.confidence import CLASS_CONFIDENCES, bin_floor, load_histograms, save_histograms
 from pipeline.dedup import EvalIndex
-from pipeline.filter_rules import (
-    BINS,
-    CLASS_CONFIDENCES,
-    capped_classes,
-    expected_copies,
-    load_histograms,
-    save_histograms,
-    threshold_rules,
-    topk_rules,
-)
 from pipeline.filter_shard import (
     FilterPlan,
     HistogramFn,
@@ -39,6 +29,7 @@ from pipeline.filter_shard import (
     chunk_name,
     merge_sparse,
 )
+from pipeline.options import FilterArgs, LabelArgs, fingerprint, manifest_args
 from pipeline.reports import (
     ReportProgress,
     clear_failures,
@@ -47,6 +38,7 @@ from pipeline.reports import (
     raise_failures,
     reported,
 )
+from pipeline.strategies import expected_copies, strategy_of
 from pipeline.worklist import WORK, WorkList
 
 SHARDS_PER_CHUNK = 16  # training shards one chunk writes: copies of an image spread over them
@@ -55,27 +47,6 @@ SHARDS_PER_CHUNK = 16  # training shards one chunk writes: copies of an image sp
 SIDECARS_PER_CHUNK = 64
 CHUNK_SEED = 0
 HISTOGRAMS = "histograms.npy"  # pass 1's counts, under _work/
-
-
-@dataclass
-class FilterArgs:
-    input: str
-    output: str
-    threshold: float = 0.3
-    per_class: int = 130_000
-    strategy: str = "threshold"
-    top_p: int = 1
-    dedup_against: str | None = None
-    dedup_threshold: float | None = None  # None: calibrated on the evaluation set
-    dedup_fpr: float = 0.005
-    hard: bool = False
-    shard_size: int = 1000
-    max_copies: float = 32.0
-    source_root: list[str] | None = None  # OLD=NEW: where the labeled shards are now
-    keep_selection: str | None = None  # a previous filter's output: keep its choices, relabeled
-    runner: str | None = None
-    overwrite: bool = False
-    describe_job: str | None = None
 
 
 def _label_folder(args: FilterArgs) -> tuple[dict, list[str]]:
@@ -124,24 +95,21 @@ def _check_dedup_source(spec: str) -> None:
 
 
 def _eval_embeddings(args: FilterArgs, output: str, label_manifest: dict, beam_args) -> str:
-    """Label the evaluation shards with the same teacher, with embeddings (resumable). The
-    label stage (and with it torch, seconds of start-up) is imported only here: a filter
-    without --dedup-against runs no model."""
-    from pipeline.label import LabelArgs
+    """Label the evaluation shards as the corpus was labeled (its manifest's arguments), with
+    embeddings (resumable). The label stage (and with it torch, seconds of start-up) is
+    imported only here: a filter without --dedup-against runs no model."""
     from pipeline.label import run as label
 
     eval_dir = join(output, WORK, "eval")
-    teacher_args = label_manifest["args"]
     label(
-        LabelArgs(
-            teacher=teacher_args["teacher"],
-            weights=teacher_args.get("weights"),
+        LabelArgs.from_record(
+            label_manifest["args"],
             input=args.dedup_against,
             output=eval_dir,
             embed=True,
-            batch_size=teacher_args.get("batch_size"),
-            device=teacher_args.get("device", "auto"),
             runner=args.runner,
+            overwrite=False,
+            describe_job=None,
         ),
         beam_args,
     )
@@ -155,7 +123,7 @@ def _histograms(
     top-1 without deduplication counts what the label stage already counted while labeling:
     its class_confidences.npy is read, and no pass reads the sidecars for it. Otherwise
     pass 1 counts them, saved under _work/ so a rerun after a kill skips it."""
-    if plan.eval_dir is None and plan.top_p == 1:
+    if plan.eval_dir is None and plan.strategy.ranks_top1:
         counted = load_histograms(join(label_dir, CLASS_CONFIDENCES))
         if counted is not None:
             return counted, "label"
@@ -246,11 +214,7 @@ def _workers(options) -> int:
 
 
 def run(args: FilterArgs, beam_args: list[str]) -> dict:
-    if not 0 <= args.threshold < 1:
-        raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
-    if args.max_copies < 1:
-        raise UsageError(f"--max-copies must be at least 1, got {args.max_copies}")
-    roots = source_roots(args.source_root or [])
+    roots = source_roots(args.source_root)
     # One local thread by default: the filter's work is pure Python under one GIL, so a
     # second thread adds no speed, only a second chunk's memory (bench_filter.py).
     options = beam_options(args.runner, beam_args, local_workers=1)
@@ -265,28 +229,19 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     previous, previous_shards = (
         _kept_selection(args, sidecars) if args.keep_selection else (None, {})
     )
-    settings = {
-        k: v
-        for k, v in asdict(args).items()
-        # Where the source shards are is not what is made: each image is checked by its hash.
-        if k not in ("runner", "overwrite", "describe_job", "input", "output", "source_root")
+    kept = previous and {
+        "folder": absolute(args.keep_selection),
+        "fingerprint": previous["fingerprint"],
     }
-    if previous is not None:
-        settings["keep_selection"] = {
-            "folder": absolute(args.keep_selection),
-            "fingerprint": previous["fingerprint"],
-        }
     out = StageOutput(
         args.output,
         "filter",
-        {
-            "labels": {
-                "folder": absolute(args.input),
-                "fingerprint": label_manifest["fingerprint"],
-            },
-            **settings,
-            "dedup_against": dedup,
-        },
+        fingerprint(
+            args,
+            input={"folder": absolute(args.input), "fingerprint": label_manifest["fingerprint"]},
+            dedup_against=dedup,
+            keep_selection=kept,
+        ),
         inputs=[args.input, *sorted({parent(e.url) for e in dedup_entries})],
         overwrite=args.overwrite,
     )
@@ -313,11 +268,10 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
             )
         if dedup_threshold is None:
             dedup_threshold = EvalIndex.from_sidecars(eval_dir, None, args.dedup_fpr).threshold
+    strategy = strategy_of(args)
     plan = FilterPlan(
         output,
-        args.strategy,
-        args.top_p if args.strategy == "topk" else 1,
-        args.hard,
+        strategy,
         eval_dir,
         dedup_threshold,
         roots,
@@ -330,13 +284,10 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         hist, counted_by = _histograms(
             args.input, sidecars, plan, options, join(output, WORK, HISTOGRAMS)
         )
-        if args.strategy == "topk":
-            rules = topk_rules(hist, args.per_class)
-        else:
-            rules = threshold_rules(hist, args.threshold, args.per_class, args.max_copies)
+        rules = strategy.rules(hist)
         if not rules:
             out.abandon()
-            raise UsageError(_nothing_kept(hist, args.threshold))
+            raise UsageError(strategy.nothing_kept(hist))
         expected = expected_copies(hist, rules)
     size = expected / max(1, math.ceil(expected / args.shard_size))
     work = [
@@ -370,16 +321,14 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     return finish_stage(
         out,
         merged,
-        {**asdict(args), "beam_args": beam_args},
+        manifest_args(args, beam_args),
         teacher=teacher,
         samples_written=merged.samples_out,
         images_kept=kept_images,
         class_counts=dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
-        class_thresholds={str(c): rule.min_bin / BINS for c, rule in rules.items()},
+        class_thresholds={str(c): bin_floor(rule.min_bin) for c, rule in rules.items()},
         class_rates={str(c): round(rule.rate, 4) for c, rule in rules.items()},
-        capped_classes=[str(c) for c in capped_classes(hist, rules, args.per_class)]
-        if args.strategy == "threshold" and previous is None
-        else [],
+        capped_classes=[str(c) for c in strategy.capped(hist, rules)],
         dedup_threshold=dedup_threshold,
         confidences_counted_by=counted_by,
         output_shards=len([e for e in list_dir(output) if is_shard_name(e.name)]),
@@ -390,17 +339,8 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     )
 
 
-def _nothing_kept(hist: dict, threshold: float) -> str:
-    best = {c: (max(h.nonzero()[0]) + 1) / BINS for c, h in hist.items() if h.any()}
-    shown = ", ".join(f"class {c} {v:.3f}" for c, v in list(best.items())[:10])
-    return (
-        f"--threshold {threshold} keeps no pseudo-label: the highest confidence per class is "
-        f"{shown}{' ...' if len(best) > 10 else ''}; lower --threshold"
-    )
-
-
 def _dry_run(args: FilterArgs, options, sidecars: list[str], teacher: str) -> dict:
-    plan = FilterPlan(absolute(args.output), args.strategy, args.top_p, args.hard, None, None)
+    plan = FilterPlan(absolute(args.output), strategy_of(args), None, None)
     work = [(i, urls, []) for i, urls in chunks(sidecars, 0, args.shard_size, _workers(options))]
     hist_url = join(plan.out_dir, WORK, HISTOGRAMS)
     steps, descriptions = [], []

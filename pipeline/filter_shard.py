@@ -36,9 +36,10 @@ from data.records import (
 from data.stages import batched
 from data.storage import exists, join, parent
 from data.write import open_shard
+from pipeline.confidence import conf_bin
 from pipeline.dedup import EvalIndex
-from pipeline.filter_rules import ClassRule, conf_bin, unit_draw
 from pipeline.reports import ShardReport, unit_of_work, write_shard_report
+from pipeline.strategies import Rules, Strategy, unit_draw
 from pipeline.summaries import LabelSummary
 from pipeline.worklist import units
 
@@ -50,9 +51,7 @@ class FilterPlan:
     """Everything a worker needs, small enough to pickle into the job graph."""
 
     out_dir: str
-    strategy: str  # "threshold" or "topk"
-    top_p: int
-    hard: bool
+    strategy: Strategy
     eval_dir: str | None
     dedup_threshold: float | None
     source_roots: tuple[tuple[str, str], ...] = ()  # (recorded folder, where it is now)
@@ -91,16 +90,6 @@ def _eval_matches(index: EvalIndex | None, labels: list[PseudoLabel]) -> list:
     return index.matches([lab.content_hash for lab in labels], embeddings)
 
 
-def _entries(label: PseudoLabel, plan: FilterPlan) -> list[tuple[int, float]]:
-    """(class, probability) pairs a label is ranked under: its top-1, or its top-P."""
-    if plan.strategy == "topk":
-        return [
-            (int(c), float(p))
-            for c, p in zip(label.indices[: plan.top_p], label.probs[: plan.top_p], strict=True)
-        ]
-    return [(label.top1, label.confidence)]
-
-
 def _labels_with_matches(url: str, index: EvalIndex | None, on_error) -> Iterator[tuple]:
     for chunk in batched(read_pseudo_shard(url, on_error), 256):
         yield from zip(chunk, _eval_matches(index, chunk), strict=True)
@@ -121,7 +110,7 @@ class HistogramFn(beam.DoFn):
         for url in units(self.work_url, span):
             for label, match in _labels_with_matches(url, self.eval_index, lambda d: None):
                 if match is None:
-                    for cls, prob in _entries(label, self.plan):
+                    for cls, prob in self.plan.strategy.ranked(label):
                         hists.setdefault(cls, Counter())[conf_bin(prob)] += 1
         for cls, counts in hists.items():
             yield cls, dict(counts)
@@ -163,38 +152,15 @@ class _Aligned:
         return None
 
 
-def training_label(label: PseudoLabel, cls: int, plan: FilterPlan) -> PseudoLabel:
-    if plan.hard or plan.strategy == "topk":
-        return PseudoLabel(
-            label.key, np.array([cls]), np.array([1.0], np.float16), 1.0, 0.0, label.content_hash
-        )
-    return PseudoLabel(
-        label.key, label.indices, label.probs, label.confidence, label.entropy, label.content_hash
-    )
-
-
 class Selection:
-    """The filter's rules applied to one pseudo-label: the classes it is kept under, one
+    """The strategy's rules applied to one pseudo-label: the classes it is kept under, one
     entry per copy, or the reason it is not kept."""
 
-    def __init__(self, plan: FilterPlan, rules: dict[int, ClassRule]) -> None:
-        self.plan, self.rules = plan, rules
+    def __init__(self, plan: FilterPlan, rules: Rules) -> None:
+        self.strategy, self.rules = plan.strategy, rules
 
     def __call__(self, label: PseudoLabel) -> tuple[list[int], str | None]:
-        kept: list[int] = []
-        for cls, prob in _entries(label, self.plan):
-            rule = self.rules.get(cls)
-            salt = f"{label.key}/{cls}" if self.plan.strategy == "topk" else label.key
-            if rule is not None and rule.keeps(conf_bin(prob), salt):
-                kept += [cls] * rule.copies(label.key)
-        if kept:
-            return kept, None
-        if self.plan.strategy == "topk":
-            return [], "not_in_top_k"
-        rule = self.rules.get(label.top1)
-        if rule is None or not rule.keeps(conf_bin(label.confidence), label.key):
-            return [], "below_threshold"
-        return [], "balanced_out"
+        return self.strategy.select(label, self.rules)
 
     def check_all_found(self, chunk: str) -> None:
         """Nothing to check: the rules decide each label on its own."""
@@ -203,12 +169,12 @@ class Selection:
 class KeptSelection:
     """Another filter's choices applied to new pseudo-labels of the same images (Noisy
     Student selects once, then relabels): an image is kept, with as many copies, when that
-    filter kept it, whatever its new confidence; its class is the new label's top-1 (under
-    --strategy topk, the class it was ranked under). Built from that filter's training
+    filter kept it, whatever its new confidence; its class is the strategy's `kept_class`
+    (the new label's top-1, or under --strategy topk the class it was ranked under). Built from that filter's training
     shards of the same chunk, so it holds one chunk's choices, never the corpus's."""
 
     def __init__(self, plan: FilterPlan, previous: list[str]) -> None:
-        self.plan = plan
+        self.strategy = plan.strategy
         self.chosen: dict[tuple[str, bytes], list[tuple[int, int]]] = {}
 
         def damaged(drop: Drop) -> None:
@@ -229,9 +195,7 @@ class KeptSelection:
         for key in (label.key, f"{label.key}_{source_tag(label.source)}"):
             copies = self.chosen.pop((key, label.content_hash), None)
             if copies is not None:
-                if self.plan.strategy == "topk":
-                    return [cls for _, cls in sorted(copies)], None
-                return [label.top1] * len(copies), None
+                return [self.strategy.kept_class(label, cls) for _, cls in sorted(copies)], None
         return [], "not_selected"
 
     def check_all_found(self, chunk: str) -> None:
@@ -398,7 +362,7 @@ class WriteChunkFn(beam.DoFn):
             key = f"{label.key}_{source_tag(source)}" if label.key in shared else label.key
             written = 0
             for copy, cls in enumerate(classes):
-                target = training_label(label, cls, self.plan)
+                target = self.plan.strategy.training_label(label, cls)
                 for step in range(len(shards)):
                     shard = shards[(first + copy + step) % len(shards)]
                     if not shard.full:

@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from functools import partial
 
 import apache_beam as beam
@@ -22,9 +22,7 @@ import torch
 from apache_beam.utils.shared import Shared
 
 from data.classes import write_class_names
-from data.errors import UsageError
 from data.manifest import ErrorLog, StageOutput, inputs_record
-from data.records import MAX_TOPK
 from data.specs import shard_entries
 from data.storage import absolute, join, parent, write_json
 from pipeline.beam_options import (
@@ -35,9 +33,10 @@ from pipeline.beam_options import (
     run_pipeline,
     workers_in_process,
 )
-from pipeline.filter_rules import CLASS_CONFIDENCES, save_histograms, sparse_from_json
+from pipeline.confidence import CLASS_CONFIDENCES, save_histograms, sparse_from_json
 from pipeline.label_decode import default_processes, warm_pool
 from pipeline.label_shard import Teacher, Teachers, default_batch, label_shard, sidecar_names
+from pipeline.options import LabelArgs, fingerprint, manifest_args, worker_spec
 from pipeline.reports import (
     ReportProgress,
     clear_failures,
@@ -53,25 +52,6 @@ from teachers import describe_teacher, is_run_dir
 from teachers.inference import worker_devices
 
 
-@dataclass
-class LabelArgs:
-    teacher: str
-    input: str
-    output: str
-    weights: str | None = None
-    batch_size: int | None = None  # None: by the worker's device (label_shard.LABEL_BATCH)
-    topk: int = 16
-    embed: bool = False
-    device: str = "auto"
-    decode: str = "auto"
-    decode_processes: int | None = None  # None: the worker's cores
-    forwards_per_device: int | None = None  # None: 1 on a GPU, no bound on the CPU
-    compile: bool = False
-    runner: str | None = None
-    overwrite: bool = False
-    describe_job: str | None = None
-
-
 class LabelShardFn(beam.DoFn):
     """Beam's unit of work: a span of the job's (shard URL, sidecar name) list, each shard
     labeled and reported on its own (a span is one shard unless the job has thousands). The
@@ -83,35 +63,28 @@ class LabelShardFn(beam.DoFn):
     def __init__(
         self, args: LabelArgs, teacher_id: str, threads: int | None, work_url: str
     ) -> None:
-        self.spec = (
-            args.teacher,
-            args.weights,
-            args.device,
-            teacher_id,
-            args.decode,
-            args.decode_processes,
-            args.compile,
-            args.forwards_per_device,
-        )
-        self.out_dir, self.batch_size = args.output, args.batch_size
-        self.topk, self.embed, self.threads = args.topk, args.embed, threads
+        self.args, self.teacher_id, self.threads = args, teacher_id, threads
         self.work_url = work_url
         self.shared = Shared()
 
     def _teachers(self) -> Teachers:
-        teacher, weights, device, teacher_id, decode, processes, compile, forwards = self.spec
-        processes = default_processes(processes)
-        devices = worker_devices(device)
+        args = self.args
+        processes = default_processes(args.decode_processes)
 
         def load(where: str) -> Teacher:
-            return Teacher.load(teacher, weights, where, teacher_id, decode, processes, compile)
+            return Teacher.load(
+                args.teacher, args.weights, where, self.teacher_id, args.decode, processes,
+                args.compile,
+            )  # fmt: skip
 
-        return Teachers(load, devices, forwards)
+        return Teachers(load, worker_devices(args.device), args.forwards_per_device)
 
     def setup(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        tag = hashlib.sha1(repr(self.spec).encode()).hexdigest()
+        # Threads of one worker process share its teachers when they would set them up alike.
+        spec = (*worker_spec(self.args), self.teacher_id)
+        tag = hashlib.sha1(repr(spec).encode()).hexdigest()
         self.teacher, self.slot, self.failure = None, None, None
         try:
             self.teacher, self.slot = self.shared.acquire(self._teachers, tag=tag).assign()
@@ -121,14 +94,15 @@ class LabelShardFn(beam.DoFn):
     def _label(self, url: str, name: str):
         if self.failure is not None:  # the set-up's own frames, not one more per unit
             raise self.failure.with_traceback(self.failure_trace)
-        batch = self.batch_size or default_batch(self.teacher.device)
+        args = self.args
+        batch = args.batch_size or default_batch(self.teacher.device)
         return label_shard(
-            url, name, self.out_dir, self.teacher, batch, self.topk, self.embed, self.slot
+            url, name, args.output, self.teacher, batch, args.topk, args.embed, self.slot
         )
 
     def process(self, span: tuple[int, int]) -> Iterator[dict]:
         for url, name in units(self.work_url, span):
-            report = unit_of_work(self.out_dir, name, partial(self._label, url, name))
+            report = unit_of_work(self.args.output, name, partial(self._label, url, name))
             if report is None:
                 continue
             beam.metrics.Metrics.counter("label", "images").inc(report.samples_out)
@@ -144,10 +118,6 @@ def _threads_per_worker(options) -> int | None:
 
 
 def run(args: LabelArgs, beam_args: list[str]) -> dict:
-    if not 1 <= args.topk <= MAX_TOPK:
-        raise UsageError(
-            f"--topk must be between 1 and {MAX_TOPK} (a record's limit), got {args.topk}"
-        )
     options = beam_options(args.runner, beam_args)
     teacher = absolute(args.teacher) if is_run_dir(args.teacher) else args.teacher
     weights = absolute(args.weights) if args.weights else None
@@ -155,8 +125,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     entries = shard_entries(args.input)
     sources = [e.url for e in entries]
     names = sidecar_names(sources)
-    resolved = LabelArgs(**{**asdict(args), "teacher": teacher, "weights": weights})
-    resolved.output = absolute(args.output)
+    resolved = replace(args, teacher=teacher, weights=weights, output=absolute(args.output))
     threads = _threads_per_worker(options)
 
     def build(work: WorkList):
@@ -174,15 +143,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     out = StageOutput(
         args.output,
         "label",
-        {
-            "input": inputs_record(absolute(args.input), entries),
-            "teacher": teacher_id,
-            "topk": args.topk,
-            "embed": args.embed,
-            "batch_size": args.batch_size,
-            "device": args.device,
-            "decode": args.decode,
-        },
+        fingerprint(args, input=inputs_record(absolute(args.input), entries), teacher=teacher_id),
         inputs=sorted({parent(u) for u in sources}) + ([teacher] if weights is None else []),
         overwrite=args.overwrite,
     )
@@ -215,7 +176,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     return finish_stage(
         out,
         merged,
-        {**asdict(args), "beam_args": beam_args},
+        manifest_args(args, beam_args),
         teacher=teacher_id,
         shards=merged.shards,
         shards_done_before=len(names) - len(fresh),

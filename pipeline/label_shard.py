@@ -26,8 +26,9 @@ from data.records import PseudoLabel, pseudo_sample, shard_header
 from data.stages import Behind, ahead
 from data.storage import basename, join
 from data.write import AtomicShard
-from pipeline.filter_rules import conf_bins, sparse_to_json
+from pipeline.confidence import conf_bins, sparse_to_json
 from pipeline.label_decode import InputTally, content_hashes, make_decoder
+from pipeline.options import LABEL_BATCH
 from pipeline.reports import ShardReport, write_shard_report
 from pipeline.summaries import LabelSummary
 from teachers import Predictor, load_teacher, resolve_device
@@ -78,7 +79,6 @@ def embedding_projection(dim: int, out_dim: int = EMBED_DIM) -> torch.Tensor | N
     return torch.randn(dim, out_dim, generator=gen) / out_dim**0.5
 
 
-LABEL_BATCH = {"cuda": 256, "cpu": 32}  # --batch-size by device: an H100 is launch-bound at 32
 INPUT_AHEAD = 3  # decoded batches waiting for the forward pass
 OUTPUT_BEHIND = 4  # labeled batches waiting to be written
 

@@ -34,8 +34,10 @@ from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
 from data.specs import is_pattern, shard_entries
 from data.storage import AtomicFile, absolute, join, parent, read_json, write_json
 from pipeline.beam_options import DIRECT_RUNNERS, beam_options, run_pipeline
+from pipeline.confidence import COARSE_BINS, coarse_edges, share_at_least
+from pipeline.options import FilterArgs, default
 from pipeline.reports import add_into
-from pipeline.summaries import CONF_BINS, ENTROPY_STEP, LabelSummary
+from pipeline.summaries import ENTROPY_STEP, LabelSummary
 
 SAMPLE_SEED = 0
 # What `--json` always holds (SPEC section 5), whichever way the answer was found.
@@ -189,8 +191,8 @@ def _histograms(summary: dict) -> dict:
     top = max(entropy, default=-1) + 1
     return {
         "confidence_hist": {
-            "edges": [round(i / CONF_BINS, 3) for i in range(CONF_BINS + 1)],
-            "counts": list(summary.get("confidence", [0] * CONF_BINS)),
+            "edges": coarse_edges(),
+            "counts": list(summary.get("confidence", [0] * COARSE_BINS)),
         },
         "entropy_hist": {
             "edges": [round(i * ENTROPY_STEP, 3) for i in range(top + 1)],
@@ -304,11 +306,12 @@ def format_report(report: dict, class_names: list[str] | None) -> str:
             )
         )
         rows += [(f"  {name(c)}", f"{n:,}") for c, n in list(counts.items())[:20]]
-    conf = report["confidence_hist"]["counts"]
+    conf, edges = report["confidence_hist"]["counts"], report["confidence_hist"]["edges"]
     if sum(conf):
-        mids = [(i + 0.5) / CONF_BINS for i in range(CONF_BINS)]
+        mids = [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)]
         mean = sum(m * c for m, c in zip(mids, conf, strict=True)) / sum(conf)
-        rows.append(("confidence", f"mean {mean:.3f}; >= 0.3: {sum(conf[6:]) / sum(conf):.1%}"))
+        cut = default(FilterArgs, "threshold")  # what the filter keeps unless told
+        rows.append(("confidence", f"mean {mean:.3f}; >= {cut:g}: {share_at_least(conf, cut):.1%}"))
     if report["copies_hist"]:
         rows.append(
             ("copies per image", ", ".join(f"{k}x: {v}" for k, v in report["copies_hist"].items()))

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-CONF_BINS = 20
+from pipeline.confidence import COARSE_BINS, coarse_bin
+
 ENTROPY_STEP = 0.1
-
-
-def confidence_bin(confidence: float) -> int:
-    return min(max(int(confidence * CONF_BINS), 0), CONF_BINS - 1)
 
 
 def entropy_bin(entropy: float) -> int:
@@ -23,12 +20,12 @@ class LabelSummary:
 
     def __init__(self) -> None:
         self.top1: Counter = Counter()
-        self.confidence = [0] * CONF_BINS
+        self.confidence = [0] * COARSE_BINS
         self.entropy: Counter = Counter()
 
     def add(self, top1: int, confidence: float, entropy: float) -> None:
         self.top1[top1] += 1
-        self.confidence[confidence_bin(confidence)] += 1
+        self.confidence[coarse_bin(confidence)] += 1
         self.entropy[entropy_bin(entropy)] += 1
 
     def to_json(self) -> dict:

@@ -121,5 +121,5 @@ def test_a_topk_no_record_can_hold_is_refused_before_the_job_starts(
                      "--input", str(digits_dir / "unlabeled"), "--output", str(tmp_path / "o"))  # fmt: skip
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--topk must be between 1 and 255" in lines[0]
+    assert len(lines) == 1 and "--topk must be a whole number between 1 and 255" in lines[0]
     assert not (tmp_path / "o").exists()

@@ -7,6 +7,7 @@ import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,11 @@ from data.errors import UsageError
 from data.read import iter_samples
 from data.records import decode_pseudo, read_cls, read_pseudo_shard
 from data.specs import expand_shards
+from pipeline.confidence import CLASS_CONFIDENCES, load_histograms
 from pipeline.filter import HISTOGRAMS, SIDECARS_PER_CHUNK, FilterArgs, chunks, run
-from pipeline.filter_rules import CLASS_CONFIDENCES, load_histograms
 from pipeline.label import LabelArgs
 from pipeline.label import run as label
+from pipeline.options import fingerprint_keys
 from tests.conftest import assert_same_shards, kill_midway, message_lines, run_cli
 
 
@@ -119,6 +121,15 @@ def test_topk_strategy_keeps_k_per_class_with_hard_labels(labels: Path, tmp_path
     assert all(abs(n - 50) <= 4 * math.sqrt(50) for n in counts.values()), counts
     assert abs(sum(counts.values()) - 500) <= 4 * math.sqrt(500)
     assert all(len(decode_pseudo(s["__key__"], s["pl"]).indices) == 1 for s in samples)
+
+
+def test_the_manifests_record_the_declared_options(labels: Path, uninterrupted: Path):
+    """The manifests' `args` and fingerprints hold the options the dataclasses declare, and
+    only those: no option is recorded by hand."""
+    for cls, folder in ((LabelArgs, labels), (FilterArgs, uninterrupted)):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert set(manifest["args"]) == {f.name for f in fields(cls)} | {"beam_args"}
+        assert set(manifest["fingerprint"]) == {"stage", *fingerprint_keys(cls).values()}
 
 
 RERUN_ARGS = ["filter", "--threshold", "0", "--per-class", "200", "--shard-size", "50"]

@@ -1,0 +1,88 @@
+"""Every option of `pipeline label` and `pipeline filter` is declared once, as a field of its
+dataclass: the flags, their defaults and range checks, the fingerprint's keys and the
+manifest's `args` all come from it. (The manifests of real runs are checked in
+test_filter.py, which has them.)"""
+
+import argparse
+import re
+from dataclasses import MISSING, fields
+
+import pytest
+
+from data.errors import UsageError
+from pipeline.cli import build_parser, main
+from pipeline.options import FilterArgs, LabelArgs, fingerprint, flag, from_flags
+from pipeline.strategies import STRATEGIES
+
+REQUIRED = {
+    LabelArgs: ["--teacher", "rs-mini", "--input", "in", "--output", "out"],
+    FilterArgs: ["--input", "in", "--output", "out"],
+}
+COMMAND = {LabelArgs: "label", FilterArgs: "filter"}
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices[command]
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {
+        a.option_strings[0]: a
+        for a in parser._actions
+        if a.option_strings and a.dest not in ("help", "debug")
+    }
+
+
+@pytest.mark.parametrize("cls", [LabelArgs, FilterArgs], ids=lambda c: c.__name__)
+def test_the_flags_are_the_fields_with_their_defaults(cls: type):
+    flags = _flags(_parser(COMMAND[cls]))
+    assert set(flags) == {flag(f) for f in fields(cls)}
+    assert {a.dest for a in flags.values()} == {f.name for f in fields(cls)}
+    required = {name for name, a in flags.items() if a.required}
+    assert required == {flag(f) for f in fields(cls) if f.default is MISSING}
+    # What the command line gives when only the required flags are passed is what the Python
+    # API gives: no default is written twice (--top-p was 10 in one and 1 in the other).
+    args = build_parser().parse_args([COMMAND[cls], *REQUIRED[cls]])
+    values = dict(zip(REQUIRED[cls][::2], REQUIRED[cls][1::2], strict=True))
+    api = cls(**{k[2:]: v for k, v in values.items()})
+    assert from_flags(cls, args) == api
+
+
+def test_strategy_choices_are_the_strategy_classes():
+    (action,) = [a for a in _flags(_parser("filter")).values() if a.dest == "strategy"]
+    assert tuple(action.choices) == tuple(STRATEGIES)
+
+
+@pytest.mark.parametrize(
+    ("cls", "argv", "message"),
+    [
+        (FilterArgs, ["--threshold", "1"], "--threshold must be a number in [0, 1), got 1.0"),
+        (FilterArgs, ["--max-copies", "0.5"], "--max-copies must be a number of at least 1"),
+        (FilterArgs, ["--per-class", "0"], "--per-class must be a whole number of at least 1"),
+        (FilterArgs, ["--dedup-fpr", "2"], "--dedup-fpr must be a number between 0 and 1"),
+        (LabelArgs, ["--topk", "300"], "--topk must be a whole number between 1 and 255"),
+        (LabelArgs, ["--decode-processes", "-1"], "--decode-processes must be a whole number"),
+    ],
+)
+def test_one_range_check_for_the_command_line_and_the_api(
+    cls: type, argv: list[str], message: str, capsys: pytest.CaptureFixture
+):
+    with pytest.raises(SystemExit) as exit:
+        main([COMMAND[cls], *REQUIRED[cls], *argv])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    name, text = argv[0][2:].replace("-", "_"), argv[1]
+    kind = int if cls.__dataclass_fields__[name].type in ("int", "int | None") else float
+    values = dict(zip(REQUIRED[cls][::2], REQUIRED[cls][1::2], strict=True))
+    with pytest.raises(UsageError, match=re.escape(message.split(", got")[0])):
+        cls(**{k[2:]: v for k, v in values.items()}, **{name: kind(text)})
+
+
+def test_the_fingerprint_takes_only_fingerprint_fields():
+    args = FilterArgs(input="in", output="out")
+    marked = {f.name for f in fields(FilterArgs) if f.metadata["fingerprint"]}
+    assert "output" not in marked and "source_root" not in marked and "runner" not in marked
+    with pytest.raises(TypeError, match="output"):
+        fingerprint(args, output="elsewhere")
+    assert fingerprint(args, input={"folder": "x"})["labels"] == {"folder": "x"}
