@@ -20,7 +20,6 @@ from torchvision.transforms import v2 as T
 
 from students.config import Recipe
 from students.randaugment import tf_randaugment
-from teachers.checkpoint import TeacherInfo
 from teachers.registry import ModelConfig
 
 
@@ -59,22 +58,4 @@ def train_preset(cfg: ModelConfig, recipe: Recipe) -> TrainPreset:
         flip=recipe.flip,
         randaugment_ops=recipe.randaugment_ops,
         randaugment_magnitude=recipe.randaugment_magnitude,
-    )
-
-
-def model_info(
-    cfg: ModelConfig, num_classes: int, class_names: list[str] | None, eval_size: int
-) -> TeacherInfo:
-    """What `eval_transform` needs to know about a model that is still being trained: the
-    table's preprocessing at the run's eval size, which `export_run` records for it."""
-    return TeacherInfo(
-        teacher_id=cfg.name,
-        model_name=cfg.name,
-        num_classes=num_classes,
-        class_names=class_names,
-        eval_size=eval_size,
-        crop_pct=cfg.crop_pct_at(eval_size),
-        interpolation=cfg.interpolation,
-        mean=cfg.mean,
-        std=cfg.std,
     )

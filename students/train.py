@@ -48,7 +48,7 @@ from students.data import (
 from students.ema import ModelEma
 from students.eval import evaluate
 from students.losses import student_loss
-from students.presets import model_info, train_preset
+from students.presets import train_preset
 from teachers import (
     create_model,
     describe_teacher,
@@ -57,6 +57,7 @@ from teachers import (
     is_run_dir,
     load_teacher,
 )
+from teachers.checkpoint import run_info
 from teachers.inference import DeviceFeed, Normalizer, eval_pixels, memory_format
 
 SHOW_EVERY = 10  # steps between two readings of the losses for the progress bar
@@ -454,7 +455,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         shuffle_buffer=recipe.shuffle_buffer,
         pin_memory=feed.pin_memory,
     )
-    info = model_info(table, num_classes, class_names, recipe.eval_size)
+    info = run_info(table.name, num_classes, class_names, recipe.eval_size)
     val_loader = (
         eval_loader(
             val_urls,

@@ -10,7 +10,7 @@ atomically (temporary name, then rename), the weights first, so a fresh director
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
@@ -85,6 +85,26 @@ def _info(model_name: str, weights: bytes, num_classes: int, meta: dict) -> Teac
     )
 
 
+def run_info(
+    model_name: str,
+    num_classes: int,
+    class_names: list[str] | None,
+    eval_size: int | None = None,
+    extra: dict | None = None,
+    weights: bytes | None = None,
+) -> TeacherInfo:
+    """What a run directory of this model describes: the table's preprocessing at
+    `eval_size` (default: the table's), the center crop keeping the table's padding there.
+    `export_run` records it; a run still training is described the same way, named by its
+    model until it has weights."""
+    cfg = get_config(model_name)
+    size = eval_size or cfg.eval_size
+    meta = {"class_names": class_names, "extra": extra or {}}
+    meta |= {"eval_size": size, "crop_pct": cfg.crop_pct_at(size)}
+    info = _info(model_name, weights or b"", num_classes, meta)
+    return info if weights is not None else replace(info, teacher_id=model_name)
+
+
 def export_run(
     run_dir: str | Path,
     model: nn.Module,
@@ -105,11 +125,7 @@ def export_run(
     if class_names is not None and len(class_names) != num_classes:
         raise UsageError(f"{len(class_names)} class names for a model with {num_classes} classes")
     weights = save_safetensors(state)
-    cfg = get_config(model_name)
-    size = eval_size or cfg.eval_size
-    meta = {"class_names": class_names, "extra": extra or {}}
-    meta |= {"eval_size": size, "crop_pct": cfg.crop_pct_at(size)}
-    info = _info(model_name, weights, num_classes, meta)
+    info = run_info(model_name, num_classes, class_names, eval_size, extra, weights)
     run_dir = str(run_dir)
     write_bytes(join(run_dir, WEIGHTS_FILE), weights)
     meta = asdict(info)
@@ -124,20 +140,17 @@ def is_run_dir(path: str | Path) -> bool:
     return exists(join(str(path), META_FILE))
 
 
-def describe_teacher(
-    teacher: str | Path, weights: str | Path | None = None
-) -> tuple[str, list[str] | None]:
-    """(teacher id, class names) without loading the model, for the machine that launches a
-    job: a run directory's model.json records both; a weights file given with a model name
-    is hashed as a stream. Fails like `load_teacher` on a teacher that names nothing."""
-    teacher = str(teacher)
+def _run_record(teacher: str, weights: str | Path | None) -> dict | None:
+    """What a teacher names, checked once for describe and load: None for a model name
+    (given with its weights), or the run directory's model.json; else one line saying why
+    it is neither."""
     if teacher in MODELS:
         if weights is None:
             raise UsageError(
-                f"--weights FILE is required with a model name ({teacher}): a .safetensors or "
-                ".pth state dict; or pass a run directory as --teacher"
+                f"the teacher {teacher!r} is a model name, so it needs weights (--weights "
+                "FILE: a .safetensors or .pth state dict); or pass a run directory instead"
             )
-        return f"{teacher}@{_streamed_sha256(str(weights))[:8]}", None
+        return None
     meta = read_json(join(teacher, META_FILE))
     if not isinstance(meta, dict):
         raise UsageError(
@@ -146,6 +159,19 @@ def describe_teacher(
         )
     if weights is not None:
         raise UsageError(f"{teacher} is a run directory with its own weights; drop weights")
+    return meta
+
+
+def describe_teacher(
+    teacher: str | Path, weights: str | Path | None = None
+) -> tuple[str, list[str] | None]:
+    """(teacher id, class names) without loading the model, for the machine that launches a
+    job: a run directory's model.json records both; a weights file given with a model name
+    is hashed as a stream. Fails like `load_teacher` on a teacher that names nothing."""
+    teacher = str(teacher)
+    meta = _run_record(teacher, weights)
+    if meta is None:
+        return f"{teacher}@{_streamed_sha256(str(weights))[:8]}", None
     digest = meta.get("weights_sha256") or _streamed_sha256(join(teacher, WEIGHTS_FILE))
     return f"{meta['model']}@{digest[:8]}", meta.get("class_names")
 
@@ -159,19 +185,12 @@ def load_teacher(
     dict), or a run directory written by `export_run`, which carries its own weights.
     """
     teacher = str(teacher)
-    if teacher in MODELS:
-        if weights is None:
-            raise UsageError(
-                f"the teacher {teacher!r} is a model name, so it needs weights "
-                "(a .safetensors/.pth file); or pass a run directory as the teacher"
-            )
+    meta = _run_record(teacher, weights)
+    if meta is None:
         data = read_bytes(weights)
         state = parse_weights(data, str(weights))
         info = _info(teacher, data, classifier_classes(state), {})
-    elif is_run_dir(teacher):
-        if weights is not None:
-            raise UsageError(f"{teacher} is a run directory with its own weights; drop weights")
-        meta = read_json(join(teacher, META_FILE))
+    else:
         data = read_bytes(join(teacher, WEIGHTS_FILE))
         recorded, found = meta.get("weights_sha256"), hashlib.sha256(data).hexdigest()
         if recorded and recorded != found:
@@ -182,10 +201,5 @@ def load_teacher(
             )
         state = parse_weights(data, join(teacher, WEIGHTS_FILE))
         info = _info(meta["model"], data, meta["num_classes"], meta)
-    else:
-        raise UsageError(
-            f"teacher {teacher!r} is neither a model name ({', '.join(MODELS)}) "
-            f"nor a run directory holding {META_FILE}"
-        )
     model = create_model(info.model_name, info.num_classes, weights=state)
     return model.to(device).eval(), info
