@@ -133,26 +133,20 @@ class StageOutput:
         check_apart(self.out_dir, self.inputs)
         existing = read_manifest(self.out_dir)
         if existing is not None and "fingerprint" in existing:
-            changed = difference(self.fingerprint, existing["fingerprint"])
-            if changed is None:
+            refused = self.refusal(existing["fingerprint"])
+            if refused is not None:
+                if not self.overwrite:
+                    raise UsageError(refused)
+                remove(self.out_dir)
+            elif difference(self.fingerprint, existing["fingerprint"]) is None:
                 if existing.get("state") == DONE:
                     return existing
                 remove_temporaries(self.out_dir)
                 return None
-            if not self.overwrite:
-                raise UsageError(
-                    f"{self.out_dir} holds other `pipeline {existing['fingerprint']['stage']}` "
-                    f"output: {changed}. Use another output folder, or --overwrite to "
-                    "replace it"
-                )
-            remove(self.out_dir)
+            # else the same work, continued with what `refusal` lets change: recorded anew
         else:
             remove_temporaries(self.out_dir)
-            if any(True for _ in walk_files(self.out_dir)):
-                raise UsageError(
-                    f"{self.out_dir} already holds files that no pipeline stage wrote "
-                    "(no manifest.json): choose a new or empty output folder"
-                )
+            self.check_unclaimed()
         self.fresh = True
         write_json(
             join(self.out_dir, MANIFEST),
@@ -164,6 +158,25 @@ class StageOutput:
             },
         )
         return None
+
+    def refusal(self, old: dict) -> str | None:
+        """Why work with fingerprint `old` in the folder cannot be continued by this one, or
+        None: a stage continues its own work (and returns it when done), nothing else."""
+        changed = difference(self.fingerprint, old)
+        if changed is None:
+            return None
+        return (
+            f"{self.out_dir} holds other `pipeline {old.get('stage')}` output: {changed}. "
+            "Use another output folder, or --overwrite to replace it"
+        )
+
+    def check_unclaimed(self) -> None:
+        """Refuse a folder no stage claimed that holds files: they are someone else's."""
+        if any(True for _ in walk_files(self.out_dir)):
+            raise UsageError(
+                f"{self.out_dir} already holds files that no pipeline stage wrote "
+                "(no manifest.json): choose a new or empty output folder"
+            )
 
     def abandon(self) -> None:
         """Give back a folder this run made and found it has nothing to write into: a rerun

@@ -32,7 +32,7 @@ from data.decode import IMAGE_EXTS, decode_image, find_image
 from data.errors import USER_ERRORS, Drop, UsageError
 from data.read import ShardFault, iter_shard, member_names
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
-from students.utils import seed_everything
+from students.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 

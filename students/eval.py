@@ -18,7 +18,7 @@ from data.errors import UsageError
 from data.progress import progress_bar
 from data.specs import expand_shards
 from students.data import eval_loader
-from students.utils import all_reduce_sum
+from students.distributed import all_reduce_sum
 from teachers import Predictor, TeacherInfo, load_teacher, resolve_device
 from teachers.inference import Normalizer, eval_pixels
 

@@ -34,7 +34,7 @@ from data.manifest import inputs_record
 from data.progress import progress_bar
 from data.specs import shard_entries
 from data.storage import Entry, absolute, parent
-from students import utils
+from students import distributed, run_dir
 from students.config import Recipe, TrainArgs, add_arguments, flag_values, resolve
 from students.data import (
     LabeledDecoder,
@@ -49,6 +49,7 @@ from students.ema import ModelEma
 from students.eval import evaluate
 from students.losses import student_loss
 from students.presets import train_preset
+from students.seeding import seed_everything
 from teachers import (
     create_model,
     describe_teacher,
@@ -305,7 +306,7 @@ def train_one_epoch(
                     refresh=False,
                 )
             bar.update()
-    utils.broadcast_buffers(unwrapped, ema.module)
+    distributed.broadcast_buffers(unwrapped, ema.module)
     elapsed = time.perf_counter() - start
     means = (sums / max(n * steps, 1)).tolist()
     stats = dict(zip(("loss", "loss_labeled", "loss_pseudo"), means, strict=True))
@@ -360,7 +361,7 @@ def _agreeing_classes(labeled: list[str], others: dict[str, list[str]]) -> list[
     return names
 
 
-def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
+def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
     table = get_config(recipe.model)
     if recipe.batch_size % env.world:
         raise UsageError(
@@ -391,7 +392,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             )
         return found, names, samples
 
-    found, class_names, epoch_samples = utils.on_main(env, inputs)
+    found, class_names, epoch_samples = distributed.on_main(env, inputs)
     labeled_urls, pseudo_urls, val_urls = ([e.url for e in found[k]] for k in found)
     # What the data decides is part of the recipe the run records.
     recipe = replace(
@@ -412,15 +413,15 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         },
     }
     if args.init:  # where the weights start is part of what the run is
-        fingerprint["init"] = utils.on_main(env, lambda: _init_id(args.init, table.name))
+        fingerprint["init"] = distributed.on_main(env, lambda: _init_id(args.init, table.name))
     folders = sorted({parent(e.url) for entries in found.values() for e in entries})
-    finished = utils.on_main(
-        env, lambda: utils.claim_run(args.out, fingerprint, folders, args.resume, args.overwrite)
+    finished = distributed.on_main(
+        env, lambda: run_dir.claim_run(args.out, fingerprint, folders, args.resume, args.overwrite)
     )
     if finished:
         if env.is_main:
             print(f"{args.out} already holds this run, finished: nothing to do")
-        log = utils.read_log(args.out)
+        log = run_dir.read_log(args.out)
         return log[-1] if log else {}
     num_classes = recipe.num_classes
     steps_per_epoch = max(1, epoch_samples // recipe.batch_size)
@@ -471,7 +472,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     )
 
     # Model, with Noisy Student's model noise (dropout, stochastic depth), and its EMA.
-    utils.seed_everything(recipe.seed)
+    seed_everything(recipe.seed)
     model = create_model(
         table.name,
         num_classes,
@@ -498,7 +499,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
     )
 
     start_epoch, log = 0, []
-    checkpoint = utils.load_checkpoint(args.out) if args.resume else None
+    checkpoint = run_dir.load_checkpoint(args.out) if args.resume else None
     if checkpoint is not None:
         if checkpoint["model_name"] != table.name or checkpoint["num_classes"] != num_classes:
             raise UsageError(
@@ -515,7 +516,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             ) from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch = checkpoint["epoch"]
-        log = [r for r in utils.read_log(args.out) if r["epoch"] <= start_epoch]
+        log = [r for r in run_dir.read_log(args.out) if r["epoch"] <= start_epoch]
         if env.is_main:
             print(f"resuming {args.out} after epoch {start_epoch} of {recipe.epochs}")
     # Schedule: linear warm-up, then cosine to zero at the last step of this run's epochs.
@@ -526,7 +527,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         first_step=start_epoch * steps_per_epoch,
     )
     if env.is_main:
-        utils.write_config(args.out, recipe.to_dict())
+        run_dir.write_config(args.out, recipe.to_dict())
     if env.enabled:
         model = DistributedDataParallel(
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
@@ -559,7 +560,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
         disable=not env.is_main,
     ) as bar:
         for epoch in range(start_epoch, recipe.epochs):
-            utils.seed_everything(recipe.seed, epoch, env.rank)
+            seed_everything(recipe.seed, epoch, env.rank)
             stats = train_one_epoch(
                 model,
                 optimizer,
@@ -587,9 +588,9 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             if env.is_main:
                 # The log first, the checkpoint last: a checkpoint always has its log, and a log
                 # ahead of the checkpoint (a kill in between) is cut back to it on --resume.
-                utils.write_log(args.out, log)
+                run_dir.write_log(args.out, log)
                 unwrapped = model.module if env.enabled else model
-                utils.save_checkpoint(
+                run_dir.save_checkpoint(
                     args.out,
                     {
                         "model": unwrapped.state_dict(),
@@ -611,7 +612,7 @@ def main(args: TrainArgs, recipe: Recipe, env: utils.Distributed) -> dict:
             extra={"recipe": recipe.to_dict()},
             eval_size=recipe.eval_size,
         )
-        utils.finish_run(args.out, fingerprint, log)
+        run_dir.finish_run(args.out, fingerprint, log)
     return log[-1] if log else {}
 
 
@@ -647,7 +648,7 @@ def init_from(model: nn.Module, init: str, model_name: str) -> str | None:
     return None
 
 
-def _mean_over_ranks(stats: dict, env: utils.Distributed) -> dict:
+def _mean_over_ranks(stats: dict, env: distributed.Distributed) -> dict:
     """Losses and data-wait shares averaged over ranks, drops summed; images/s as it is (each
     rank counted the whole world)."""
     if not env.enabled:
@@ -656,8 +657,10 @@ def _mean_over_ranks(stats: dict, env: utils.Distributed) -> dict:
     values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
     if env.device.type == "cuda":
         values = values.to(env.device)
-    utils.all_reduce_sum(values)
-    dropped = sum((Counter(d) for d in utils.gather_objects(stats["dropped"], env)), Counter())
+    distributed.all_reduce_sum(values)
+    dropped = sum(
+        (Counter(d) for d in distributed.gather_objects(stats["dropped"], env)), Counter()
+    )
     return (
         stats
         | dict(zip(keys, (values.cpu() / env.world).tolist(), strict=True))
@@ -687,11 +690,11 @@ def train(**options: object) -> dict:
     """
     args, recipe = resolve(options)
     created = not torch.distributed.is_initialized()
-    env = utils.init_distributed(args.device)
+    env = distributed.init_distributed(args.device)
     try:
         result = main(args, recipe, env)
     except RuntimeError as exc:
-        if env.enabled and utils.peer_lost(exc):
+        if env.enabled and distributed.peer_lost(exc):
             said = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
             raise PeerFailed(
                 f"rank {env.rank} stopped: another rank of this job failed first (its own line "
@@ -699,11 +702,11 @@ def train(**options: object) -> dict:
             ) from exc
         raise
     finally:
-        utils.release_claims()
+        run_dir.release_claims()
     # Only after success: a failed rank must exit at once (torchrun then stops the others),
     # not wait in a teardown for ranks that are still waiting for it.
     if created:
-        utils.close_distributed()
+        distributed.close_distributed()
     return result
 
 

@@ -28,7 +28,7 @@ from teachers.weights import (
 )
 
 # The files of a run directory, named here only: the exported model, which every later stage
-# reads, and the trainer's own record (students/utils.py), which `--resume` reads.
+# reads, and the trainer's own record (students/run_dir.py), which `--resume` reads.
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -151,7 +151,7 @@ def _run_record(teacher: str, weights: str | Path | None) -> dict | None:
                 "FILE: a .safetensors or .pth state dict); or pass a run directory instead"
             )
         return None
-    meta = read_json(join(teacher, META_FILE))
+    meta = read_json(join(teacher, META_FILE)) if is_run_dir(teacher) else None
     if not isinstance(meta, dict):
         raise UsageError(
             f"teacher {teacher!r} is neither a model name ({', '.join(MODELS)}) "

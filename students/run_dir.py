@@ -1,8 +1,10 @@
-"""The trainer's plumbing: distributed set-up, seeding, the run log and atomic checkpoints.
+"""A training run's directory: its claim, its atomic checkpoint, config and log.
 
 A run directory may be local or any fsspec URL; every file in it is written whole under a
 temporary name and renamed (`data.storage.write_bytes`), so a run killed at any moment leaves
-the previous checkpoint and log intact.
+the previous checkpoint and log intact. It is claimed like a stage's output folder
+(`data.manifest.StageOutput`), with the trainer's own policy: an existing run continues only
+with --resume, and only a longer run may change its recipe.
 """
 
 from __future__ import annotations
@@ -11,22 +13,16 @@ import io
 import json
 import os
 import pickle
-import random
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
-from webdataset.utils import make_seed
 
-from data.errors import USER_ERRORS, UsageError
-from data.manifest import DONE, MANIFEST, RUNNING, check_apart, difference, read_manifest
+from data.errors import UsageError
+from data.manifest import DONE, MANIFEST, StageOutput, difference
 from data.storage import (
     exists,
     join,
@@ -34,134 +30,12 @@ from data.storage import (
     read_bytes,
     read_json,
     remove,
-    remove_temporaries,
     walk_files,
     write_bytes,
     write_json,
 )
 from teachers.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
-from teachers.inference import resolve_device
 from teachers.weights import unpickler_reason
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process sits: rank and world size, and the device it trains on."""
-
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device: str = "auto") -> Distributed:
-    """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (nccl on GPUs,
-    gloo on CPUs); without those variables, a single process."""
-    device = resolve_device(device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Distributed(0, 1, 0, torch.device(device))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        target = torch.device("cuda", local_rank)
-    else:
-        target = torch.device(device)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if target.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend,
-            rank=rank,
-            world_size=world,
-            device_id=target if target.type == "cuda" else None,
-        )
-    return Distributed(rank, world, local_rank, target)
-
-
-def close_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def broadcast_buffers(*modules: torch.nn.Module) -> None:
-    """Rank 0's buffers (batch-norm statistics) on every rank. DDP syncs parameters each step
-    but buffers only at the start of a forward, so after the last step each rank holds the
-    statistics of its own batch; syncing at the end of an epoch makes ranks identical again."""
-    if not dist.is_initialized():
-        return
-    for module in modules:
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-def broadcast_object(value: object, env: Distributed) -> object:
-    """Rank 0's `value` on every rank (for what only rank 0 computes, e.g. a sample count)."""
-    if not env.enabled:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def on_main(env: Distributed, work: Callable[[], object]) -> object:
-    """`work()` on rank 0, its result (or the user error it raised) on every rank: no rank
-    is left waiting in a collective for a rank that stopped with an error."""
-    result, error = None, None
-    if env.is_main:
-        try:
-            result = work()
-        except USER_ERRORS as exc:
-            error = str(exc)
-    result, error = broadcast_object((result, error), env)
-    if error is not None:
-        raise UsageError(error)
-    return result
-
-
-def peer_lost(exc: RuntimeError) -> bool:
-    """Whether a collective failed because another rank went away (gloo and NCCL raise a
-    plain RuntimeError naming the closed connection), not for a fault of this rank."""
-    text = str(exc)
-    return isinstance(exc, dist.DistNetworkError) or any(
-        cue in text for cue in ("closed by peer", "reset by peer", "remote worker", "Broken pipe")
-    )
-
-
-def gather_objects(value: object, env: Distributed) -> list[object]:
-    """Every rank's `value`, on every rank (small things: a rank's drop counts)."""
-    if not env.enabled:
-        return [value]
-    found: list[object] = [None] * env.world
-    dist.all_gather_object(found, value)
-    return found
-
-
-def seed_everything(*parts: int) -> None:
-    """Seed torch, Python and NumPy from (seed, epoch, rank): the noise of an epoch (dropout,
-    stochastic depth, main-process augmentation, whose RandAugment draws its ops from NumPy)
-    depends on where it is, not on what ran before, so a resumed run draws what the
-    uninterrupted one drew."""
-    seed = make_seed(*parts)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# --- the run directory -------------------------------------------------------------------
 
 
 def save_checkpoint(run_dir: str, state: dict) -> None:
@@ -210,8 +84,6 @@ def write_log(run_dir: str, records: list[dict]) -> None:
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     write_bytes(join(run_dir, LOG_FILE), text.encode())
 
-
-# --- the run directory's claim -----------------------------------------------------------
 
 # The recipe keys --resume may change: a longer run, and compiling (how, not what, it runs).
 MID_RUN_CHANGES = ("epochs", "compile")
@@ -308,6 +180,52 @@ def release_claims() -> None:
         del _held[out]
 
 
+class RunOutput(StageOutput):
+    """A run directory claimed like a stage's output, under the trainer's rules: a run there
+    is continued only with --resume, and then only `epochs` and `compile` may differ (the
+    new values take effect); --overwrite clears it, whatever it holds."""
+
+    def __init__(
+        self, out: str, fingerprint: dict, inputs: list[str], resume: bool, overwrite: bool
+    ) -> None:
+        super().__init__(out, "train-student", fingerprint, inputs, overwrite)
+        self.fingerprint = fingerprint  # a run's record has never named its stage in it
+        self.resume = resume
+
+    def refusal(self, old: dict) -> str | None:
+        if self.overwrite:
+            return "cleared by --overwrite"
+        if not self.resume:
+            return (
+                f"{self.out_dir} already holds a run: pass --resume to continue it, "
+                "--overwrite to start afresh, or choose a new --out"
+            )
+        changed = difference(_fixed(self.fingerprint), _fixed(old))
+        if changed is not None:
+            return (
+                f"{self.out_dir} holds a run made with other settings: {changed}. --resume "
+                "continues the same recipe and inputs (only a larger epochs); --overwrite "
+                "starts afresh"
+            )
+        return None
+
+    def check_unclaimed(self) -> None:
+        if self.overwrite:
+            remove(self.out_dir)
+            return
+        if has_checkpoint(self.out_dir):
+            raise UsageError(
+                f"{self.out_dir} holds a checkpoint from an earlier version of the trainer, "
+                "whose recipe --resume cannot check: start a new run with another --out, or "
+                "--overwrite to clear it"
+            )
+        if walk_files(self.out_dir):
+            raise UsageError(
+                f"{self.out_dir} already holds files that no training run wrote (no "
+                "manifest.json): choose a new --out, or --overwrite to clear it"
+            )
+
+
 def claim_run(
     out: str, fingerprint: dict, inputs: list[str], resume: bool, overwrite: bool
 ) -> bool:
@@ -315,7 +233,6 @@ def claim_run(
     continued with --resume (same recipe and inputs; only a longer `epochs` may change, and
     then takes effect); or, with --overwrite, a folder cleared for a fresh run. True when
     `out` already holds this very run, finished: there is nothing left to do."""
-    check_apart(out, inputs)
     holder = live_claim(out)
     if holder is not None:
         raise UsageError(
@@ -323,45 +240,8 @@ def claim_run(
             f"(a claim from a machine that died expires {STALE_SECONDS:.0f} s after its last "
             f"beat), or choose another --out"
         )
-    existing = read_manifest(out)
-    if overwrite:
-        remove(out)
-    elif existing is not None:
-        if not resume:
-            raise UsageError(
-                f"{out} already holds a run: pass --resume to continue it, --overwrite to "
-                "start afresh, or choose a new --out"
-            )
-        old = existing.get("fingerprint", {})
-        changed = difference(_fixed(fingerprint), _fixed(old))
-        if changed is not None:
-            raise UsageError(
-                f"{out} holds a run made with other settings: {changed}. --resume continues "
-                "the same recipe and inputs (only a larger epochs); --overwrite starts afresh"
-            )
-        if existing.get("fingerprint") == fingerprint:
-            # The same run, resumed: its record stands until the run finishes again.
-            if existing.get("state") == DONE:
-                return True
-            _hold(out)
-            return False
-    else:
-        remove_temporaries(out)
-        if has_checkpoint(out):
-            raise UsageError(
-                f"{out} holds a checkpoint from an earlier version of the trainer, whose "
-                "recipe --resume cannot check: start a new run with another --out, or "
-                "--overwrite to clear it"
-            )
-        if walk_files(out):
-            raise UsageError(
-                f"{out} already holds files that no training run wrote (no manifest.json): "
-                "choose a new --out, or --overwrite to clear it"
-            )
-    write_json(
-        join(out, MANIFEST),
-        {"stage": "train-student", "state": RUNNING, "fingerprint": fingerprint},
-    )
+    if RunOutput(out, fingerprint, inputs, resume, overwrite).open() is not None:
+        return True
     _hold(out)
     return False
 
