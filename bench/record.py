@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.figures import write_table
+
 ROOT = Path(__file__).resolve().parent.parent
 _PEAK = (
     "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -60,4 +62,5 @@ def append(title: str, command: str, lines: list[str], name: str, figures: dict)
     results.mkdir(exist_ok=True)
     record = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": command}
     (results / f"{name}.json").write_text(json.dumps(record | figures, indent=1) + "\n")
+    write_table(path)
     print("\n".join(block))

@@ -25,8 +25,8 @@ from pipeline.label import LabelArgs
 from pipeline.label import run as label_run
 from students.config import load_yaml
 from students.eval import evaluate_run
+from students.run_dir import has_checkpoint
 from students.train import train
-from students.utils import has_checkpoint
 
 DEFAULT_RECIPE = "demo"  # configs/demo.yaml, bundled with the package
 

@@ -18,7 +18,7 @@ from data.read import iter_samples
 from data.specs import expand_shards
 from data.storage import write_json
 from data.write import write_shard
-from students.utils import CLAIM_FILE, STALE_SECONDS, live_claim
+from students.run_dir import CLAIM_FILE, STALE_SECONDS, live_claim
 from tests.conftest import DIGITS_RECIPE, run_cli
 
 QUICK = ["--model", "rs-mini", "--config", str(DIGITS_RECIPE), "--batch-size", "16"] + [

@@ -306,7 +306,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     """A rank of a 2-process gloo job: a few real DDP steps, then its weights to a file."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from students import utils
+    from students import distributed, seeding
     from students.config import resolve_recipe
     from students.data import LabeledDecoder, train_loader
     from students.ema import ModelEma
@@ -323,16 +323,16 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
         "WORLD_SIZE": str(world),
         "LOCAL_RANK": str(rank),
     }
-    env = utils.init_distributed("cpu")
+    env = distributed.init_distributed("cpu")
     recipe = resolve_recipe(DEMO)
-    utils.seed_everything(0)
+    seeding.seed_everything(0)
     model = create_model("rs-mini", 10, drop_rate=0.25)
     ema = ModelEma(model, 0.9999)
     initial_fc = model.fc.weight.detach().clone()
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(param_groups(model, 4e-5), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    utils.seed_everything(0, 0, rank)  # each rank its own dropout and augmentation
+    seeding.seed_everything(0, 0, rank)  # each rank its own dropout and augmentation
     loader = train_loader(
         expand_shards(labeled),
         LabeledDecoder(train_preset(get_config("rs-mini"), recipe), 10),
@@ -363,7 +363,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
         },
         Path(out) / f"rank{rank}.pt",
     )
-    utils.close_distributed()
+    distributed.close_distributed()
 
 
 def test_ddp_ranks_keep_identical_weights(digits1000: Path, tmp_path: Path):
