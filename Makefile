@@ -30,7 +30,8 @@ test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Every benchmark, one after the other on a quiet machine (about 2 hours on 2 cores);
-# each appends a dated section to BENCHMARKS.md, and cost.py projects them to 130M images.
+# each appends a dated section to BENCHMARKS.md and redraws its table of current figures,
+# and cost.py projects them to 130M images.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_label.py --before 9e69e4b
 	$(BIN)/python bench/bench_drive.py --before 9e69e4b
