@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
-from functools import cache
-from typing import get_type_hints
 
 from data.decode import DECODERS
 from data.errors import UsageError
 from data.records import MAX_TOPK
 from pipeline.strategies import STRATEGIES
-from students.config import DEVICES
+from students.config import DEVICES, field_types, scalar_of
 
 # Images per forward pass by the device's kind when --batch-size is not given: an H100 is
 # launch-bound at 32, a CPU gains nothing past it.
@@ -209,17 +207,6 @@ class FilterArgs(JobArgs):
 # --- what derives from the fields --------------------------------------------------------
 
 
-@cache
-def _types(cls: type) -> dict[str, object]:
-    return get_type_hints(cls)
-
-
-def _scalar(kind: object) -> type:
-    """int for `int` and `int | None`, str for `tuple[str, ...]`, and so on."""
-    options = [t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)]
-    return options[0] if options[0] is not Ellipsis else str
-
-
 def default(cls: type, name: str) -> object:
     """An option's default, for what reads it without the arguments (stats shows the share
     of confidences the filter keeps by default)."""
@@ -232,13 +219,13 @@ def flag(spec: Field) -> str:
 
 def _problem(cls: type, spec: Field, value: object) -> str | None:
     """What is wrong with `value` for this option, in one line naming its flag; or None."""
-    kind = _types(cls)[spec.name]
+    kind = field_types(cls)[spec.name]
     if value is None:
         return None if type(None) in getattr(kind, "__args__", ()) else f"{flag(spec)} is required"
     meta = spec.metadata
     if meta["choices"] is not None and value not in meta["choices"]:
         return f"{flag(spec)} must be one of {', '.join(meta['choices'])}, got {value!r}"
-    scalar = _scalar(kind)
+    scalar = scalar_of(kind)
     if scalar not in (int, float):
         return None
     low, high, below = meta["low"], meta["high"], meta["below"]
@@ -264,7 +251,7 @@ def _problem(cls: type, spec: Field, value: object) -> str | None:
 
 def _parser(cls: type, spec: Field):
     """argparse's `type` for a valued option: the text parsed, then the field's own check."""
-    scalar = _scalar(_types(cls)[spec.name])
+    scalar = scalar_of(field_types(cls)[spec.name])
 
     def parse(text: str) -> object:
         try:
@@ -284,7 +271,7 @@ def _parser(cls: type, spec: Field):
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of `cls` (LabelArgs or FilterArgs), in field order, job flags last."""
     for spec in sorted(fields(cls), key=lambda f: f.name in _JOB):
-        meta, kind = spec.metadata, _types(cls)[spec.name]
+        meta, kind = spec.metadata, field_types(cls)[spec.name]
         options: dict[str, object] = {"dest": spec.name, "help": meta["help"]}
         if meta["metavar"]:
             options["metavar"] = meta["metavar"]
@@ -318,7 +305,7 @@ def from_flags(cls: type, namespace: argparse.Namespace):
 
 
 def _repeated(cls: type, spec: Field) -> bool:
-    return getattr(_types(cls)[spec.name], "__origin__", None) is tuple
+    return getattr(field_types(cls)[spec.name], "__origin__", None) is tuple
 
 
 def _frozen(value: object) -> object:

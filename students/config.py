@@ -178,11 +178,11 @@ RECIPE_KEYS = tuple(f.name for f in fields(Recipe))
 
 
 @cache
-def _types(cls: type) -> dict[str, object]:
+def field_types(cls: type) -> dict[str, object]:
     return get_type_hints(cls)
 
 
-def _scalar(kind: object) -> type:
+def scalar_of(kind: object) -> type:
     """int for `int` and `int | None`, and so on."""
     options = [t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)]
     return options[0]
@@ -258,14 +258,14 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, object]:
 
 def _checked(spec: Field, value: object) -> object:
     """A recipe value of the field's type and range, or a ValueError naming the key."""
-    kind = _types(Recipe)[spec.name]
+    kind = field_types(Recipe)[spec.name]
     if value is None:
         if type(None) in getattr(kind, "__args__", ()):
             return None
         raise UsageError(f"config key {spec.name!r} cannot be null")
     if spec.metadata["check"] is not None:
         return spec.metadata["check"](value)
-    scalar = _scalar(kind)
+    scalar = scalar_of(kind)
     if scalar is bool:
         if not isinstance(value, bool):
             raise UsageError(f"config key {spec.name!r} must be true or false, got {value!r}")
@@ -354,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         name = _flag(spec, options.pop("flag", None))
         if spec.default is MISSING:
             options["required"] = True
-        elif _types(TrainArgs)[spec.name] is bool:
+        elif field_types(TrainArgs)[spec.name] is bool:
             options["action"] = "store_true"
         else:
             options["default"] = (
@@ -372,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             recipe.add_argument(
                 _flag(spec),
                 dest=spec.name,
-                type=_scalar(_types(Recipe)[spec.name]),
+                type=scalar_of(field_types(Recipe)[spec.name]),
                 help=f"{spec.metadata['help']} (default: {default})",
             )
 
