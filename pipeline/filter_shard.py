@@ -212,8 +212,11 @@ class KeptSelection:
 
 
 class _ShuffledShard:
-    """One output shard filled through a small shuffle buffer that never puts two copies
-    of one image side by side when it can help it."""
+    """One output shard filled through a small shuffle buffer that never puts two copies of
+    one image side by side when it can help it: each sample leaves the buffer at random
+    among those of another image than the last one written, and when the buffer drains at
+    the end, the image with the most copies left goes first (the greedy order that keeps
+    equal neighbours apart whenever any order can)."""
 
     def __init__(self, shard, capacity: int, seed: str) -> None:
         self.shard, self.capacity, self.received = shard, capacity, 0
@@ -229,15 +232,16 @@ class _ShuffledShard:
         self.received += 1
         self.buffer.append(sample)
         if len(self.buffer) > SHUFFLE_BUFFER:
-            self._emit()
+            self._emit(draining=False)
 
-    def _emit(self) -> None:
-        i = self.rng.randrange(len(self.buffer))
-        for step in range(len(self.buffer)):
-            j = (i + step) % len(self.buffer)
-            if self.buffer[j]["__image__"] != self.last_image:
-                i = j
-                break
+    def _emit(self, draining: bool) -> None:
+        start = self.rng.randrange(len(self.buffer))
+        order = [(start + step) % len(self.buffer) for step in range(len(self.buffer))]
+        others = [j for j in order if self.buffer[j]["__image__"] != self.last_image] or order
+        if draining:
+            left = Counter(sample["__image__"] for sample in self.buffer)
+            others.sort(key=lambda j: -left[self.buffer[j]["__image__"]])  # stable: ties random
+        i = others[0]
         self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
         sample = self.buffer.pop()
         self.last_image = sample.pop("__image__")
@@ -246,7 +250,7 @@ class _ShuffledShard:
     def close(self) -> int:
         """Commit the shard; returns its size in bytes."""
         while self.buffer:
-            self._emit()
+            self._emit(draining=True)
         size = self.shard.close_tar()
         self.shard.commit()
         return size

@@ -47,6 +47,15 @@ torch.set_num_threads(THREADS)
 torch.use_deterministic_algorithms(True)
 
 
+@pytest.fixture(autouse=True)
+def _same_torch_settings():
+    """Every test starts with the settings above, whatever a test before it in this worker
+    set (some set their own thread count), so none depends on which ran first."""
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    yield
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded corpus, written once per test session."""
@@ -139,18 +148,15 @@ def random_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_teacher(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real round-0 teacher: rs-mini trained on the 200 labeled digits by the project's
     trainer. Without RandAugment it is confident in half the steps of the demo's teacher,
-    and the tests need its labels and embeddings, not its noise."""
-    from students.train import train
-
+    and the tests need its labels and embeddings, not its noise. Trained in a process of its
+    own, as a user runs it: the same weights bit for bit whichever tests this worker ran
+    before (in-process, a filter test passed or failed with the order of the test files)."""
     out = tmp_path_factory.mktemp("teacher")
-    train(
-        labeled=str(digits_dir / "labeled"),
-        out=str(out),
-        model="rs-mini",
-        config=str(DIGITS_RECIPE),
-        epochs=15,
-        overrides=["epoch_samples=640", "randaugment_ops=0"],
-    )
+    run_cli(
+        "train-student", "--labeled", str(digits_dir / "labeled"), "--out", str(out),
+        "--model", "rs-mini", "--config", str(DIGITS_RECIPE), "--epochs", "15",
+        "--set", "epoch_samples=640", "--set", "randaugment_ops=0", check=True,
+    )  # fmt: skip
     return out
 
 
