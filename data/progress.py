@@ -37,6 +37,16 @@ class _Lines:
         return False
 
 
+def say(text: str, stream: TextIO | None = None) -> None:
+    """Write `text` and its newline in one call, flushed: the ranks of a job (and the
+    processes of a pipe) share one stderr, and Python writes `print`'s text and its end
+    separately when unbuffered (PYTHONUNBUFFERED=1), so another process's line could land
+    in the middle of ours."""
+    stream = stream or sys.stderr
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def _is_terminal(stream: TextIO) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from data.errors import USER_ERRORS, PeerFailed, WorkerBug
+from data.progress import say
 from pipeline.options import FilterArgs, LabelArgs, add_flags, from_flags
 from students.config import DEVICES, add_arguments, flag_values
 
@@ -276,12 +277,11 @@ def _report_bug(command: str, exc: Exception, debug: bool) -> int:
         with os.fdopen(fd, "w") as f:
             f.write(trace)
     if debug:
-        print(trace, end="", file=sys.stderr)
-    print(
+        say(trace.rstrip("\n"))
+    say(
         f"pipeline {command}: internal error (a bug in rs-pseudolabel, please report it): "
         f"{exc if isinstance(exc, WorkerBug) else f'{type(exc).__name__}: {exc}'}; "
-        f"its traceback is in {where}" + ("" if debug else " (or rerun with --debug)"),
-        file=sys.stderr,
+        f"its traceback is in {where}" + ("" if debug else " (or rerun with --debug)")
     )
     return EXIT_BUG
 
@@ -306,15 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         func(args)
     except USER_ERRORS as exc:
         if debug:
-            traceback.print_exception(exc)
+            say("".join(traceback.format_exception(exc)).rstrip("\n"))
         kind = "stopped" if isinstance(exc, PeerFailed) else "error"
-        print(f"pipeline {args.command}: {kind}: {exc}", file=sys.stderr)
+        say(f"pipeline {args.command}: {kind}: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(
-            f"pipeline {args.command}: interrupted; rerun the same command to resume",
-            file=sys.stderr,
-        )
+        say(f"pipeline {args.command}: interrupted; rerun the same command to resume")
         return 130
     except Exception as exc:
         return _report_bug(args.command, exc, debug)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from data.classes import read_class_names
 from data.errors import USER_ERRORS, PeerFailed, UsageError
 from data.manifest import inputs_record
-from data.progress import progress_bar
+from data.progress import progress_bar, say
 from data.specs import shard_entries
 from data.storage import Entry, absolute, parent
 from students import distributed, run_dir
@@ -427,11 +427,10 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
     steps_per_epoch = max(1, epoch_samples // recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     if env.is_main and epoch_samples < recipe.batch_size:
-        print(
+        say(
             f"warning: an epoch of {epoch_samples} samples is smaller than one batch of "
             f"{recipe.batch_size}, so the {recipe.epochs} epochs make {total_steps} steps in "
-            "all; for a small set pass a recipe made for it (--config) or --batch-size",
-            file=sys.stderr,
+            "all; for a small set pass a recipe made for it (--config) or --batch-size"
         )
     batch = recipe.batch_size // env.world
     pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch) if pseudo_urls else 0
@@ -719,7 +718,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         train(**flag_values(args))
     except USER_ERRORS as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        say(f"{parser.prog}: error: {exc}")
         return 2
     return 0
 
