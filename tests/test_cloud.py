@@ -10,7 +10,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from data.specs import expand_shards
 from data.storage import read_bytes, read_json, walk_files, write_bytes
 from data.write import write_shard
 from tests.conftest import DIGITS_RECIPE, image_bytes, kill_midway, message_lines, run_cli
-from tests.servers import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 QUICK = ["--epochs", "1", "--batch-size", "32"] + [
@@ -210,28 +208,38 @@ def test_filter_dry_run_builds_both_jobs(gcs_server, local_loop: str, tmp_path: 
     assert not (tmp_path / "train").exists()
 
 
+WORKER_POOL = """
+from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
+address, server = BeamFnExternalWorkerPoolServicer.start(use_process=True, port=0)
+print(address, flush=True)
+server.wait_for_termination()
+"""
+
+
 def test_label_runs_on_a_portable_runner_in_worker_processes(
     random_teacher: Path, corpus: Path, tmp_path: Path
 ):
     """Beam's worker pool runs the DoFns in SDK-harness processes apart from the launcher,
     as on Flink, Spark and Dataflow Runner v2; the output equals the DirectRunner's."""
-    port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path.cwd()), env.get("PYTHONPATH", "")])
+    # The pool binds a port the system picks and prints its address once it listens: no
+    # port chosen ahead that another process could take, no sleep standing in for the start.
     pool = subprocess.Popen(
-        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main"]
-        + ["--service_port", str(port)],
+        [sys.executable, "-c", WORKER_POOL],
         env=env,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
-        time.sleep(2)
+        address = pool.stdout.readline().strip()
+        assert address.startswith("localhost:"), address
         args = ["label", "--teacher", str(random_teacher), "--input", str(corpus)]
         launcher = subprocess.Popen(
             [sys.executable, "-m", "pipeline", *args, "--output", str(tmp_path / "portable")]
             + ["--runner", "PortableRunner", "--job_endpoint", "embed"]
-            + ["--environment_type", "EXTERNAL", "--environment_config", f"localhost:{port}"],
+            + ["--environment_type", "EXTERNAL", "--environment_config", address],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
