@@ -25,9 +25,11 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 
 # Two pytest workers, whole modules each (module fixtures are built once): every test
-# trains and decodes on one thread, so the two cores of a CI machine both work.
+# trains and decodes on one thread, so the two cores of a CI machine both work. A failed
+# run ends with the ids of its failed tests, one a line (pytest's own cache of them).
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --cache-clear \
+	  || { $(BIN)/python tests/failed.py; exit 1; }
 
 # Every benchmark, one after the other on a quiet machine (about 2 hours on 2 cores);
 # each appends a dated section to BENCHMARKS.md and redraws its table of current figures,
