@@ -99,11 +99,13 @@ def content_hashes(images: list[bytes]) -> list[bytes]:
 @dataclass
 class InputTally:
     """What one shard's input side did: decode seconds (summed over the processes and the
-    device path) and how many images each way decoded."""
+    device path), how many images each way decoded, and the device decoder's calls (a
+    refused JPEG costs about 2 log2 n more, not n)."""
 
     decode_seconds: float = 0.0
     on_device: int = 0
     on_cpu: int = 0
+    decode_calls: int = 0
 
 
 @dataclass
@@ -179,13 +181,24 @@ def device_takes(data: bytes) -> bool:
 
 
 class DeviceDecoder:
-    """JPEG batches decoded and cropped on the teacher's device; the CPU pool for the rest."""
+    """JPEG batches decoded and cropped on the teacher's device; the CPU pool for the rest.
+
+    torchvision's CUDA `decode_jpeg` allocates its outputs on the caller's current stream
+    (here the feed's side stream) but writes them from a private pool stream that does not
+    wait for the caller's: a block freed while kernels queued on the side stream still read
+    it (the last chunk's crops, the batch being normalised) can be handed to the decoder and
+    overwritten before those kernels run, putting one image's pixels in another's place.
+    So the side stream is drained before every decode call (`DeviceFeed.drain`), which also
+    keeps every tensor a queued kernel reads alive until it has run; on the CPU the drain
+    is a no-op and the call order is what the tests pin.
+    """
 
     def __init__(self, crop: EvalCrop, device: torch.device, cpu: CpuDecoder) -> None:
         from torchvision.transforms import InterpolationMode
 
         self.crop, self.device, self.cpu, self.feed = crop, device, cpu, cpu.feed
         self.interpolation = InterpolationMode(crop.interpolation)
+        self.fits = 0  # the largest decode call known to fit in the device's memory (0: any)
 
     def __call__(self, chunks: Iterable[list[Item]], tally: InputTally) -> Iterator[Decoded]:
         pending: deque = deque()
@@ -201,7 +214,13 @@ class DeviceDecoder:
 
     def _finish(self, chunk: list[Item], taken: list[int], rest: dict, tally: InputTally):
         started = time.perf_counter()
-        crops = self._decode([chunk[i][1] for i in taken]) if taken else []
+        images = [chunk[i][1] for i in taken]
+        step = self.fits or len(images) or 1
+        crops = [
+            c
+            for at in range(0, len(images), step)
+            for c in self._decode(images[at : at + step], tally)
+        ]
         on_device = {}
         for i, pixels in zip(taken, crops, strict=True):
             if pixels is None:  # refused by the device decoder: the CPU names its reason
@@ -211,52 +230,65 @@ class DeviceDecoder:
         tally.decode_seconds += time.perf_counter() - started
         tally.on_device += len(on_device)
         tally.on_cpu += len(rest)
-        keys, hashes, drops, cpu_rows, cpu_at, device_at = [], [], [], [], [], []
+        keys, hashes, drops, cpu_rows, order = [], [], [], [], []
         for i, (key, _, digest) in enumerate(chunk):
             if i in on_device:
-                device_at.append(len(keys))
+                order.append(on_device[i])
             else:
                 pixels, reasons, seconds = rest[i].get()
                 tally.decode_seconds += seconds
                 if reasons[0] is not None:
                     drops.append((key, reasons[0]))
                     continue
-                cpu_at.append(len(keys))
+                order.append(len(cpu_rows))
                 cpu_rows.append(pixels)
             keys.append(key)
             hashes.append(digest)
+        # One copy of the CPU's crops, then one stack in the chunk's order: no index tensor
+        # (a list index is a blocking host-to-device copy).
+        from_cpu = self.feed.to_device(np.concatenate(cpu_rows)) if cpu_rows else None
+        rows = [from_cpu[row] if isinstance(row, int) else row for row in order]
         size = self.crop.crop
-        out = torch.empty((len(keys), size, size, 3), dtype=torch.uint8, device=self.device)
-        if device_at:
-            out[device_at] = torch.stack([on_device[i] for i in sorted(on_device)])
-        if cpu_at:
-            out[cpu_at] = self.feed.to_device(np.concatenate(cpu_rows))
+        if not rows:
+            out = torch.empty((0, size, size, 3), dtype=torch.uint8, device=self.device)
+        else:
+            out = torch.stack(rows)
         return Decoded(keys, hashes, out, drops)
 
-    def _decode(self, images: list[bytes]) -> list[torch.Tensor | None]:
-        """Crops of `images` decoded on the device, None for each one it refuses. Out of
-        memory is never a bad image: the batch is halved, and a single image that does not
-        fit fails the shard with one line."""
+    def _decode(self, images: list[bytes], tally: InputTally) -> list[torch.Tensor | None]:
+        """Crops of `images` decoded on the device, None for each one it refuses. torchvision
+        gives no partial result: a failed call is split in halves, so one refused JPEG in n
+        costs about 2 log2 n calls. Out of memory (which torchvision reports as a plain
+        RuntimeError) is never a bad image: the halves are remembered for the calls after,
+        and a single image that does not fit fails the shard with one line."""
+        tally.decode_calls += 1
+        self.feed.drain()  # see the class's docstring: never decode over a queued read
+        try:
+            decoded = self.decode_batch(images)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one too
+            oom = out_of_memory(exc)
+            if len(images) == 1:
+                if oom:
+                    raise UsageError(
+                        f"{self.device} ran out of memory decoding one JPEG of "
+                        f"{len(images[0])} bytes: lower --batch-size, or use --decode cpu"
+                    ) from exc
+                return [None]
+            half = len(images) // 2
+            if oom:
+                self.fits = half
+                self.feed.release_cached()
+            return self._decode(images[:half], tally) + self._decode(images[half:], tally)
+        return self._crops(decoded)
+
+    def decode_batch(self, images: list[bytes]) -> list[torch.Tensor]:
+        """torchvision's batched JPEG decode on the device: (3, H, W) uint8 each."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice
-                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
-        except torch.OutOfMemoryError as exc:
-            if len(images) == 1:
-                raise UsageError(
-                    f"{self.device} ran out of memory decoding one JPEG of {len(images[0])} "
-                    "bytes: lower --batch-size, or use --decode cpu"
-                ) from exc
-            half = len(images) // 2
-            return self._decode(images[:half]) + self._decode(images[half:])
-        except RuntimeError:  # one bad JPEG fails the batch: find it, decode the others
-            if len(images) == 1:
-                return [None]
-            return [crop for data in images for crop in self._decode([data])]
-        return self._crops(decoded)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
 
     def _crops(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """The eval resize and center crop, one call per group of images of the same size;
@@ -274,6 +306,12 @@ class DeviceDecoder:
             for j, i in enumerate(members):
                 out[i] = cropped[j]
         return out
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether an error is the device running out of memory: torch's own, or one that
+    torchvision's decoder wrapped ("Error while decoding JPEG images: CUDA out of memory")."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def make_decoder(crop: EvalCrop, mode: str, device: str, processes: int):

@@ -134,9 +134,9 @@ class Teacher:
                 f"{info.teacher_id} now): rerun the command"
             )
         predictor = Predictor(model, device=device, compile=compile)
-        size = info.eval_size
-        _, feats = predictor.forward(torch.zeros(1, 3, size, size, device=device))
-        projection = embedding_projection(feats.shape[1])
+        # Labeling runs only the teacher: cuDNN may pick its fastest algorithms per shape.
+        torch.backends.cudnn.benchmark = predictor.on_cuda
+        projection = embedding_projection(predictor.features)
         return cls(
             predictor,
             make_decoder(eval_crop(info), decode, device, processes),
@@ -367,6 +367,7 @@ def label_shard(
         report.samples_out = shard.count - 1
         report.decode_seconds, report.write_seconds = tally.decode_seconds, writer.busy_seconds
         report.on_device, report.on_cpu = tally.on_device, tally.on_cpu
+        report.decode_calls = tally.decode_calls
         report.stats = {
             **summary.to_json(),
             "bytes": shard.close_tar(),

@@ -104,6 +104,12 @@ class DeviceFeed:
         event.record(torch.cuda.current_stream(self.device) if current else self.stream)
         return event
 
+    def drain(self) -> None:
+        """Wait until everything queued on the side stream has run (a no-op on CPU): before
+        a call that writes memory from a stream of its own without waiting for this one."""
+        if self.cuda:
+            self.stream.synchronize()
+
     def release_cached(self) -> None:
         """Hand the allocator's cached blocks back, before retrying what ran out of memory
         (the CPU allocator caches nothing)."""
@@ -173,24 +179,44 @@ def eval_transform(info: TeacherInfo) -> Callable[[Image.Image], torch.Tensor]:
 class Predictor:
     """Probabilities and pooled features of a batch from one forward pass.
 
-    On CUDA the body runs channels-last under bf16 autocast (the fast path of tensor cores),
-    with cuDNN choosing its fastest algorithms for each batch shape; the classifier and the
-    softmax run in float32, since logits rounded to bf16 move about one sample in nine to
-    another 0.01 confidence bin. `compile` puts the body through `torch.compile` (the first
-    batches of each shape pay for the compilation).
+    On CUDA the body runs channels-last under bf16 autocast (the fast path of tensor cores);
+    the classifier and the softmax run in float32, since logits rounded to bf16 move about
+    one sample in nine to another 0.01 confidence bin. cuDNN's algorithm search
+    (`cudnn.benchmark`) is a process-wide switch, so it is left to the command: label turns
+    it on, the trainer's validation keeps the trainer's choice. `compile` puts the body
+    through `torch.compile` (True, or a backend) with the batch dimension dynamic from the
+    first call, so the full batches and a shard's shorter last one share one compilation.
     """
 
     def __init__(
-        self, model: nn.Module, device: str | torch.device = "cpu", compile: bool = False
+        self,
+        model: nn.Module,
+        device: str | torch.device = "cpu",
+        compile: bool | str | Callable = False,
     ) -> None:
         self.device = torch.device(device)
         self.on_cuda = self.device.type == "cuda"
         self.model = model.to(self.device).eval()
         if self.on_cuda:
-            torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
         self.classifier = self.model.get_classifier()
-        self.body = torch.compile(self._body) if compile else self._body
+        self.compiled = None
+        if compile:
+            backend = "inductor" if compile is True else compile
+            self.compiled = torch.compile(self._body, backend=backend)
+
+    @property
+    def features(self) -> int:
+        """The pooled feature size, read from the model (no forward pass, no compilation)."""
+        return self.model.num_features
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features of `x`: compiled when asked, the batch dimension dynamic."""
+        if self.compiled is None:
+            return self._body(x)
+        if len(x) > 1:  # sizes 0 and 1 are always specialised by Dynamo
+            torch._dynamo.mark_dynamic(x, 0)
+        return self.compiled(x)
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)

@@ -177,3 +177,98 @@ def test_threads_spread_over_every_device_with_one_teacher_each():
     slot = assigned[0][1]
     assert slot.acquire(blocking=False) and not slot.acquire(blocking=False)  # 1 forward in flight
     slot.release()
+
+
+def _jpeg_shard(path: Path, n: int, broken: int | None = None, seed: int = 2) -> None:
+    """`n` baseline JPEGs of several sizes; the one at `broken` has a Huffman table that
+    libjpeg-turbo (and nvJPEG) refuse although the file is whole."""
+    rng = np.random.default_rng(seed)
+    jpegs = [web_image(rng, "baseline", 96 + 8 * (i % 5), 80)[1] for i in range(n)]
+    if broken is not None:
+        data = bytearray(jpegs[broken])
+        data[data.find(b"\xff\xc4") + 5] = 0xFF
+        jpegs[broken] = bytes(data)
+    write_shard(str(path), [{"__key__": f"k{i:03d}", "jpg": d} for i, d in enumerate(jpegs)])
+
+
+def _recording(teacher: Teacher, fail=lambda images: None) -> list:
+    """Record the device decoder's calls in order: each drain of the side stream, and each
+    decode call with its size; `fail(images)` may raise as torchvision does."""
+    decoder, events = teacher.decoder, []
+    decode = decoder.decode_batch
+    decoder.feed.drain = lambda: events.append("drain")
+
+    def stand_in(images: list[bytes]):
+        events.append(len(images))
+        fail(images)
+        return decode(images)
+
+    decoder.decode_batch = stand_in
+    return events
+
+
+def test_the_side_stream_is_drained_before_every_device_decode(
+    random_teacher: Path, tmp_path: Path
+):
+    """torchvision's CUDA decoder writes from a stream of its own that does not wait for the
+    caller's: the side stream must be idle at every call, or a block freed while a queued
+    kernel still reads it can be decoded over (another image's pixels, no error)."""
+    src = tmp_path / "s.tar"
+    _jpeg_shard(src, 40)
+    plain = label_shard(
+        str(src), "s.tar", str(tmp_path / "cpu"), _teacher(random_teacher, "cpu"), 8, 5, False
+    )
+    teacher = _teacher(random_teacher)
+    events = _recording(teacher)
+    report = label_shard(str(src), "s.tar", str(tmp_path / "device"), teacher, 8, 5, False)
+    calls = [i for i, e in enumerate(events) if e != "drain"]
+    assert len(calls) == 5 == report.decode_calls  # one call per chunk of 8
+    assert all(events[i - 1] == "drain" for i in calls), events
+    assert report.on_device == plain.samples_out == report.samples_out == 40
+    assert _labels(tmp_path / "device") == _labels(tmp_path / "cpu")
+
+
+def test_one_refused_jpeg_costs_a_bisection_not_a_call_per_image(
+    random_teacher: Path, tmp_path: Path
+):
+    src = tmp_path / "s.tar"
+    _jpeg_shard(src, 64, broken=37)
+    teacher = _teacher(random_teacher)
+    events = _recording(teacher)
+    report = label_shard(str(src), "s.tar", str(tmp_path / "out"), teacher, 64, 5, False)
+    assert report.decode_calls == 13 <= 2 * 6 + 1  # 2 log2 n + 1 for n = 64
+    calls = sorted((e for e in events if e != "drain"), reverse=True)
+    assert calls == [64, 32, 32, 16, 16, 8, 8, 4, 4, 2, 2, 1, 1]  # each half of each level
+    assert [(d.key, d.reason) for d in report.drops] == [("k037", "undecodable_image")]
+    assert (report.on_device, report.on_cpu, report.samples_out) == (63, 1, 63)
+
+
+def test_out_of_memory_in_the_device_decoder_halves_the_call_and_drops_nothing(
+    random_teacher: Path, tmp_path: Path
+):
+    """torchvision wraps the decoder's out-of-memory as a plain RuntimeError: recognised by
+    its words, it halves the calls (remembered), and one JPEG that does not fit is one line."""
+    src = tmp_path / "s.tar"
+    _jpeg_shard(src, 24)
+    label_shard(str(src), "s.tar", str(tmp_path / "plain"), _teacher(random_teacher), 8, 5, False)
+
+    def tight(images: list[bytes]) -> None:
+        if len(images) > 2:
+            raise RuntimeError("Error while decoding JPEG images: CUDA out of memory.")
+
+    teacher = _teacher(random_teacher)
+    events = _recording(teacher, tight)
+    report = label_shard(str(src), "s.tar", str(tmp_path / "tight"), teacher, 8, 5, False)
+    assert report.drops == [] and (report.on_device, report.on_cpu) == (24, 0)
+    assert teacher.decoder.fits == 2
+    calls = [e for e in events if e != "drain"]
+    assert calls[:7] == [8, 4, 2, 2, 4, 2, 2] and max(calls[7:]) == 2  # then remembered
+    assert _labels(tmp_path / "tight") == _labels(tmp_path / "plain")
+
+    def never(images: list[bytes]) -> None:
+        raise RuntimeError("Error while decoding JPEG images: CUDA out of memory.")
+
+    teacher = _teacher(random_teacher)
+    _recording(teacher, never)
+    with pytest.raises(ValueError, match="ran out of memory decoding one JPEG"):
+        label_shard(str(src), "s.tar", str(tmp_path / "never"), teacher, 8, 5, False)
