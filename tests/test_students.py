@@ -291,6 +291,19 @@ def test_ema_warms_up_then_trails_the_weights():
     resumed = ModelEma(create_model("rs-mini", 3), decay=0.9999)
     resumed.load_state_dict(ema.state_dict())
     assert int(resumed.n_averaged) == 3 and torch.equal(resumed.module.fc.bias, ema.module.fc.bias)
+    assert resumed.count == 3
+
+
+def test_an_ema_update_reads_nothing_back_from_the_device():
+    """On the meta device a tensor has no value, so any read (`int()`, `.item()`, `bool()`),
+    a host sync on a GPU, raises: the update must not need one (torch's AveragedModel reads
+    its counter back every step)."""
+    with torch.device("meta"):
+        model = create_model("rs-mini", 3)
+    ema = ModelEma(model, decay=0.9999)
+    for _ in range(3):
+        ema.update_parameters(model)
+    assert ema.count == 4 and int(ema.n_averaged) == 4
 
 
 # --- decoders ----------------------------------------------------------------------------
