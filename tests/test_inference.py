@@ -68,3 +68,24 @@ def test_predictor_on_gpu_matches_cpu_within_bf16_precision():
     gpu_probs, gpu_features = Predictor(model, "cuda").predict(batch)
     assert gpu_probs.device.type == "cpu" and gpu_features.dtype == torch.float32
     assert (gpu_probs - cpu_probs).abs().max() < 0.02
+
+
+def test_a_compiled_teacher_compiles_once_for_every_batch_size_and_leaves_cudnn_alone():
+    """Full batches and a shard's shorter last one share one compilation (a second one costs
+    minutes for rs-152 on a GPU); building a predictor (as eval and validation do) leaves
+    the process-wide cuDNN choice as the trainer set it."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(0)
+    predictor = Predictor(create_model("rs-mini", num_classes=10), compile=counter)
+    assert predictor.features == predictor.model.num_features and counter.frame_count == 0
+    eager = Predictor(predictor.model)
+    for n in (8, 5, 3, 8):
+        x = torch.randn(n, 3, 32, 32)
+        probs, _ = predictor.predict(x)
+        assert torch.allclose(probs, eager.predict(x)[0], atol=1e-6)
+    assert counter.frame_count == 1
+    assert torch.backends.cudnn.benchmark is False
