@@ -1,34 +1,39 @@
-"""The GPU check: the label stage on a GPU against the bare forward pass, and the student's
-training step fed by synthetic tensors and by the real loader, in one call.
+"""The GPU check: what a freshly rented GPU machine does with this code, in a few minutes,
+before a long run is trusted to it.
 
-    python bench/gpu_check.py --json gpu.json        # on a CUDA machine: rs-152 at 256 px
-    python bench/gpu_check.py --device cpu --model rs-mini --size 32 --images 48 \\
-        --sizes 40-120 --batch-size 8 --steps 2      # the same code on a CPU, at tiny sizes
+    python bench/gpu_check.py --json gpu.json      # on a CUDA machine (about 4 min, one H100)
+    python bench/gpu_check.py --device cpu         # the same code on a CPU, at tiny sizes
 
-It needs PyTorch, torchvision, Pillow, numpy, fsspec and safetensors, and no Beam: it runs
-`pipeline.label_shard.label_shard`, the per-shard work of `pipeline label`, directly; the
-training section also timm, webdataset, tqdm and PyYAML.
+Every size has a default for the device (`--device cuda`: rs-152 at 256 px, 4,096 web
+images; `cpu`: rs-mini at 32 px, 96 images), and every flag below overrides it. It prints
+its estimate first, a line per step, the figures of each section as it ends (and writes
+them to `--json` then), and removes what it wrote.
 
-1. writes shards of web variety on the spot, on every core (sizes 150-1,000 px, about 12%
-   progressive and 4% CMYK JPEGs, 10% PNG/WebP/GIF, 2% undecodable: bench/corpus.WEB_MIX);
-2. (a) times the bare forward: batch x 3 x size x size, bf16 autocast, channels-last, CUDA
-   synchronised after a warm-up, eager and through torch.compile;
-3. (b) times the label stage's own per-shard code end to end (read, hash, decode, eval crop,
-   forward, top-k, sidecar written) on `--threads` worker threads sharing one teacher, with
-   CPU decoding in N processes and with the device path (nvJPEG on CUDA);
-4. prints img/s of each, (b)/(a), img/s per decode core, the share of time the forward pass
-   waited for input, the card, the driver and the core count, and writes them as JSON;
-5. training (rs-50 at 160 px and rs-152 at 256, bf16, channels-last, at the table's
-   micro-batch): img/s and peak GPU memory of the trainer's step on synthetic uint8 tensors
-   on the device, eager and compiled, and of its epoch loop fed by the real loader from JPEG
-   shards (RandAugment on, the machine's cores as workers), with the data-wait share.
+Sections (`--sections decode,label,train`), each importing only what it needs:
+- decode (torch, torchvision, Pillow, numpy): the device decoder's pixels against
+  themselves, the same JPEG batch decoded `--repeats` times through the label stage's
+  decoder while its side stream is busy (pixel-exact every time; and how many repeats
+  differ when the drain before each decode is left out, the race it prevents), and
+  JPEGs the device refuses although they are whole (a bad Huffman table, 12-bit
+  precision, an unusual subsampling) beside cut ones, with the decode calls they cost.
+- label (also fsspec, safetensors; no Beam): web-variety shards written on every core
+  (bench/corpus.WEB_MIX); the bare bf16 forward; the label stage's own per-shard code
+  with CPU decoding and with the device path, their img/s over the bare forward, img/s
+  per decode core, the share of time waiting for input, the top-1 agreement of the two
+  paths on the same keys, and the GPU-hours 130M images would take at that rate.
+- train (also timm, webdataset, braceexpand, tqdm, PyYAML): the trainer's step on
+  synthetic pixels on the device (compiled too with `--compile-train`), with its peak
+  memory, and its epoch loop fed by the real loader from JPEG shards written on every
+  core, with the share of time spent waiting for data.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,30 +46,52 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.corpus import web_samples  # noqa: E402
-from bench.corpus import write_corpus as photo_corpus  # noqa: E402
-from data.write import write_shard  # noqa: E402
-from pipeline.label_decode import default_processes  # noqa: E402
-from pipeline.label_shard import Teacher, forward_slot, label_shard  # noqa: E402
-from students.config import resolve_recipe  # noqa: E402
-from students.data import LabeledDecoder, train_loader  # noqa: E402
-from students.ema import ModelEma  # noqa: E402
-from students.presets import train_preset  # noqa: E402
-from students.train import (  # noqa: E402
-    lr_schedule,
-    micro_splits,
-    mixed_parts,
-    on_device,
-    param_groups,
-    split_batch,
-    train_one_epoch,
-    train_step,
-)
-from teachers import create_model, export_run, get_config  # noqa: E402
-from teachers.inference import DeviceFeed, Normalizer, memory_format  # noqa: E402
+# Sizes by device: a GPU check sized to finish in minutes on one card, and the same steps
+# at tiny sizes on a CPU (a rehearsal before a GPU's minutes are spent).
+DEFAULTS = {
+    "cuda": {
+        "model": "rs-152", "size": 256, "batch_size": 256, "images": 4096, "per_shard": 512,
+        "sizes": "150-1000", "steps": 20, "repeats": 50, "threads": 2,
+        "train_models": "rs-50:160,rs-152:256", "micro_batch": None,
+    },
+    "cpu": {
+        "model": "rs-mini", "size": 32, "batch_size": 8, "images": 96, "per_shard": 32,
+        "sizes": "40-160", "steps": 2, "repeats": 5, "threads": 2,
+        "train_models": "rs-mini:32", "micro_batch": 8,
+    },
+}  # fmt: skip
+# Rough rates for the estimate printed first: web images written per core and second, and
+# rs-152 bf16 forward img/s at 256 px by card (public figures; the check measures its own).
+WRITE_PER_CORE = 25.0
+FORWARD_IMG_S = {"H200": 3000.0, "H100": 2600.0, "A100": 1400.0, "L4": 450.0}
+STARTED = time.perf_counter()
 
 
-def _write_shard(root: Path, per_shard: int, sizes: tuple[int, int], index: int) -> str:
+def say(text: str) -> None:
+    """A progress line, with the seconds since the start."""
+    sys.stderr.write(f"[gpu_check {time.perf_counter() - STARTED:6.1f} s] {text}\n")
+    sys.stderr.flush()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# --- corpora, written on every core -----------------------------------------------------
+
+
+def _write_web_shard(root: Path, per_shard: int, sizes: tuple[int, int], index: int) -> str:
+    from bench.corpus import web_samples
+    from data.write import write_shard
+
     url = str(root / f"web-{index:06d}.tar")
     samples = web_samples(per_shard, seed=index, sizes=sizes)
     for sample in samples:
@@ -73,17 +100,140 @@ def _write_shard(root: Path, per_shard: int, sizes: tuple[int, int], index: int)
     return url
 
 
-def write_corpus(root: Path, images: int, per_shard: int, sizes: tuple[int, int]) -> list[str]:
+def web_corpus(root: Path, images: int, per_shard: int, sizes: tuple[int, int]) -> list[str]:
     """Shards of web variety, one process per core (a shard per task)."""
     root.mkdir(parents=True, exist_ok=True)
-    shards = max(1, images // per_shard)
-    with ProcessPoolExecutor(default_processes()) as pool:
-        return list(pool.map(partial(_write_shard, root, per_shard, sizes), range(shards)))
+    with ProcessPoolExecutor(cores()) as pool:
+        work = partial(_write_web_shard, root, per_shard, sizes)
+        return list(pool.map(work, range(max(1, images // per_shard))))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _write_photo_shard(root: Path, per_shard: int, index: int) -> str:
+    from bench.corpus import photo_jpeg
+    from data.write import write_shard
+
+    rng = __import__("numpy").random.default_rng(index)
+    url = str(root / f"photos-{index:06d}.tar")
+    samples = [
+        {"__key__": f"p{index:06d}-{i:05d}", "jpg": photo_jpeg(rng, 384),
+         "cls": str(int(rng.integers(1000))).encode()}
+        for i in range(per_shard)
+    ]  # fmt: skip
+    write_shard(url, samples)
+    return url
+
+
+def photo_corpus(root: Path, images: int, per_shard: int) -> list[str]:
+    """ImageNet-like training shards (384 px photos with a class), one process per core."""
+    root.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(cores()) as pool:
+        work = partial(_write_photo_shard, root, per_shard)
+        return list(pool.map(work, range(max(1, -(-images // per_shard)))))
+
+
+# --- decode ------------------------------------------------------------------------------
+
+
+def refused_jpegs(rng) -> dict[str, bytes]:
+    """Whole JPEGs (ending in their end-of-image marker) that decoders refuse, and a cut
+    one: what sends a device batch to bisection, beside what never reaches the device."""
+    from bench.corpus import web_image
+
+    def jpeg() -> bytearray:
+        return bytearray(web_image(rng, "baseline", 320, 240)[1])
+
+    huffman = jpeg()
+    huffman[huffman.find(b"\xff\xc4") + 5] = 0xFF  # code counts that overflow the table
+    twelve = jpeg()
+    twelve[twelve.find(b"\xff\xc0") + 4] = 12  # SOF0's sample precision: 12 bits
+    sampling = jpeg()
+    sof = sampling.find(b"\xff\xc0")
+    sampling[sof + 11] = 0x31  # the luma's sampling factors: 3 x 1
+    return {
+        "bad_huffman_table": bytes(huffman),
+        "twelve_bit": bytes(twelve),
+        "unusual_subsampling": bytes(sampling),
+        "cut_short": web_image(rng, "undecodable", 320, 240)[1],
+    }
+
+
+def decode_section(args: argparse.Namespace, work: Path) -> dict:
+    import numpy as np
+
+    from bench.corpus import web_image
+    from data.decode import EvalCrop
+    from pipeline.label_decode import CpuDecoder, DeviceDecoder, InputTally, device_takes
+    from teachers.inference import DeviceFeed
+
+    device = torch.device(args.device)
+    rng = np.random.default_rng(0)
+    crop = EvalCrop(args.size + 32, args.size, "bicubic")
+    feed = DeviceFeed(device)
+    decoder = DeviceDecoder(crop, device, CpuDecoder(crop, 0, feed))
+    low, high = (int(v) for v in args.sizes.split("-"))
+    batch = [
+        (f"k{i:03d}", web_image(rng, "baseline", *(int(v) for v in rng.integers(low, high, 2)))[1], b"")
+        for i in range(args.batch_size)
+    ]  # fmt: skip
+    chunks = [
+        batch[i : i + max(1, len(batch) // 4)]
+        for i in range(0, len(batch), max(1, len(batch) // 4))
+    ]
+
+    def decode_all() -> list[torch.Tensor]:
+        """The batch through the decoder in four chunks, each chunk's pixels read on the side
+        stream behind a long kernel and then freed, as the label stage's input thread does."""
+        copies = []
+        with feed.context(), torch.inference_mode():
+            side = 1024 if device.type == "cuda" else 32  # milliseconds of work either way
+            busy = torch.randn(side, side, device=device)
+            for decoded in decoder(iter(chunks), InputTally()):
+                for _ in range(8):  # keeps the side stream busy while the next chunk decodes
+                    busy = busy @ busy / side
+                copies.append(decoded.pixels.clone())
+                del decoded
+        _sync(device)
+        return [c.cpu() for c in copies]
+
+    say(f"decode: the same {len(batch)} JPEGs, {args.repeats} times")
+    reference = decode_all()
+    exact = sum(
+        all(torch.equal(a, b) for a, b in zip(decode_all(), reference, strict=True))
+        for _ in range(args.repeats)
+    )
+    drain = feed.drain
+    feed.drain = lambda: None  # the race the drain prevents: how often it shows on this card
+    try:
+        undrained = sum(
+            not all(torch.equal(a, b) for a, b in zip(decode_all(), reference, strict=True))
+            for _ in range(args.repeats)
+        )
+    finally:
+        feed.drain = drain
+
+    say("decode: JPEGs the device refuses although whole, beside a cut one")
+    refused = {}
+    for kind, data in refused_jpegs(rng).items():
+        chunk = [(f"good{i}", d, b"") for i, (_, d, _) in enumerate(batch[:15])]
+        chunk.insert(7, (kind, data, b""))
+        tally = InputTally()
+        with feed.context(), torch.inference_mode():
+            (decoded,) = list(decoder(iter([chunk]), tally))
+        refused[kind] = {
+            "offered_to_device": device_takes(data),
+            "decode_calls": tally.decode_calls,
+            "on_device": tally.on_device,
+            "on_cpu": tally.on_cpu,
+            "outcome": dict(decoded.drops).get(kind, "decoded"),
+        }
+    return {
+        "repeat_decodes_pixel_exact": f"{exact}/{args.repeats}",
+        "repeats_differing_without_the_drain": f"{undrained}/{args.repeats}",
+        "refused_jpegs": refused,
+    }
+
+
+# --- label -------------------------------------------------------------------------------
 
 
 def bare_forward(body, device: torch.device, batch: int, size: int, steps: int) -> float:
@@ -108,11 +258,11 @@ def bare_forward(body, device: torch.device, batch: int, size: int, steps: int) 
     return batch * steps / seconds
 
 
-def label_rate(
-    teacher: Teacher, urls: list[str], out: Path, batch: int, threads: int
-) -> dict[str, float]:
+def label_rate(teacher, urls: list[str], out: Path, batch: int, threads: int) -> dict:
     """The label stage's per-shard work over all shards on `threads` threads sharing the
     teacher (one forward pass in flight on a GPU, as a worker runs), after one warm-up shard."""
+    from pipeline.label_shard import forward_slot, label_shard
+
     slot = forward_slot(str(teacher.device), None)
     label_shard(urls[0], "warm.tar", str(out / "warm"), teacher, batch, 16, False, slot)
     _sync(teacher.device)
@@ -128,88 +278,92 @@ def label_rate(
         )
     _sync(teacher.device)
     seconds = time.perf_counter() - tick
-    images = sum(r.samples_out for r in reports)
     worker = sum(r.seconds for r in reports)
     return {
-        "img_s": images / seconds,
-        "images": images,
+        "img_s": images_per_s(sum(r.samples_out for r in reports), seconds),
+        "images": sum(r.samples_out for r in reports),
         "dropped": sum(len(r.drops) for r in reports),
-        "stall_share": sum(r.input_wait_seconds for r in reports) / worker,
+        "stall_share": round(sum(r.input_wait_seconds for r in reports) / worker, 3),
         "on_device": sum(r.on_device for r in reports),
         "on_cpu": sum(r.on_cpu for r in reports),
+        "decode_calls": sum(r.decode_calls for r in reports),
     }
 
 
-def _driver() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return "unknown"
+def images_per_s(images: int, seconds: float) -> float:
+    return round(images / max(seconds, 1e-9), 1)
 
 
-def machine(device: torch.device) -> dict:
-    import torchvision
+def top1_of(out: Path) -> dict[str, int]:
+    from data.read import iter_samples
+    from data.records import PSEUDO_EXT, decode_pseudo
 
-    on_cuda = device.type == "cuda"
+    shards = [str(p) for p in sorted(out.glob("s*.tar"))]
     return {
-        "device": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or "cpu",
-        "driver": _driver() if on_cuda else None,
-        "cores": default_processes(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
+        s["__key__"]: decode_pseudo(s["__key__"], s[PSEUDO_EXT]).top1
+        for s in iter_samples(shards, lambda drop: None)
+        if PSEUDO_EXT in s
     }
 
 
 def label_section(args: argparse.Namespace, work: Path) -> dict:
+    from pipeline.label_shard import Teacher
+    from teachers import create_model, export_run
+
     device = torch.device(args.device)
     low, high = (int(v) for v in args.sizes.split("-"))
+    say(f"label: writing {args.images} web images on {cores()} cores")
     started = time.perf_counter()
-    urls = write_corpus(work / "corpus", args.images, args.per_shard, (low, high))
+    urls = web_corpus(work / "corpus", args.images, args.per_shard, (low, high))
     figures: dict = {"corpus_seconds": round(time.perf_counter() - started, 1)}
 
     torch.manual_seed(0)
-    model = create_model(args.model, num_classes=1000).eval()
     run = work / "teacher"
-    export_run(str(run), model, args.model, None)
+    export_run(str(run), create_model(args.model, num_classes=1000).eval(), args.model, None)
     meta = json.loads((run / "model.json").read_text())
     meta.update(eval_size=args.size, crop_pct=args.size / (args.size + 32))
     (run / "model.json").write_text(json.dumps(meta))
 
-    teacher = Teacher.load(str(run), None, args.device, decode="cpu", processes=args.processes)
-    predictor = teacher.predictor
-    bare = bare_forward(predictor.body, device, args.batch_size, args.size, args.steps)
+    teachers = {
+        decode: Teacher.load(str(run), None, args.device, decode=decode, processes=args.processes)
+        for decode in ("cpu", "device")
+    }
+    say(f"label: the bare forward of {args.model} at {args.size} px, batch {args.batch_size}")
+    bare = bare_forward(
+        teachers["cpu"].predictor.body, device, args.batch_size, args.size, args.steps
+    )
     figures["bare_forward_img_s"] = round(bare, 1)
-    if args.compile:
-        started = time.perf_counter()
-        compiled = torch.compile(predictor.body)
-        figures["bare_compiled_img_s"] = round(
-            bare_forward(compiled, device, args.batch_size, args.size, args.steps), 1
-        )
-        figures["compile_seconds"] = round(time.perf_counter() - started, 1)
-    for decode in ("cpu", "device"):
-        if decode == "device":
-            teacher = Teacher.load(
-                str(run), None, args.device, decode="device", processes=args.processes
-            )
+    for decode, teacher in teachers.items():
+        say(f"label: {len(urls)} shards with {decode} decoding")
         rate = label_rate(teacher, urls, work / f"labels-{decode}", args.batch_size, args.threads)
         figures[f"label_{decode}_decode"] = {
-            **{k: round(v, 3) for k, v in rate.items()},
+            **rate,
             "over_bare": round(rate["img_s"] / bare, 3),
             "img_s_per_decode_core": round(rate["img_s"] / max(1, args.processes), 1),
         }
+    cpu, dev = top1_of(work / "labels-cpu"), top1_of(work / "labels-device")
+    common = set(cpu) & set(dev)
+    figures["top1_agreement_cpu_vs_device"] = round(
+        sum(cpu[k] == dev[k] for k in common) / max(1, len(common)), 4
+    )
+    figures["keys_compared"] = len(common)
+    best = max(figures[f"label_{d}_decode"]["img_s"] for d in teachers)
+    figures["gpu_hours_for_130M_images"] = round(130e6 / best / 3600, 1)
     return figures
+
+
+# --- train -------------------------------------------------------------------------------
 
 
 def _student(name: str, size: int, device: torch.device, compile: bool):
     """A student as the trainer builds it (the table's dropout and stochastic depth), its
     EMA, optimizer, recipe (ImageNet's, at `size` px) and normaliser."""
+    from students.config import resolve_recipe
+    from students.ema import ModelEma
+    from students.train import param_groups
+    from teachers import create_model, get_config
+    from teachers.inference import Normalizer, memory_format
+
     table = get_config(name)
     recipe = resolve_recipe("imagenet", model=name, image_size=size)
     torch.manual_seed(0)
@@ -227,26 +381,34 @@ def synthetic_step_rate(
     name: str, size: int, micro: int, device: torch.device, steps: int, compile: bool
 ) -> dict:
     """Images/s and peak device memory of the trainer's step (`train_step`: uint8 images
-    normalised on the device, bf16 autocast, channels-last, backward, SGD) on one micro-batch
-    of random pixels already on the device, after warm-up steps (compilation among them)."""
-    model, _, optimizer, recipe, normal = _student(name, size, device, compile)
+    normalised on the device, bf16 autocast, channels-last, backward, SGD, EMA) on one
+    micro-batch of random pixels already on the device, after warm-up steps."""
+    from students.train import micro_splits, train_step
+
+    model, ema, optimizer, recipe, normal = _student(name, size, device, compile)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (micro, size, size, 3), generator=gen, dtype=torch.uint8)
     labels = torch.randint(0, 1000, (micro,), generator=gen)
-    parts, splits = split_batch((images.to(device), labels.to(device), None, None), None)
+    parts, splits = (
+        [(images.to(device), labels.to(device), None, None)],
+        micro_splits(micro, 0, None),
+    )
     model.train()
     for _ in range(3):
         train_step(model, optimizer, parts, splits, recipe, normal)
+        ema.update_parameters(model)
     _sync(device)
-    feed = DeviceFeed(device)
-    feed.reset_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     tick = time.perf_counter()
     for _ in range(steps):
         train_step(model, optimizer, parts, splits, recipe, normal)
+        ema.update_parameters(model)
     _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
-        "img_s": round(micro * steps / (time.perf_counter() - tick), 1),
-        "peak_mib": feed.peak_mib(),
+        "img_s": images_per_s(micro * steps, time.perf_counter() - tick),
+        "peak_mib": None if peak is None else round(peak, 1),
     }
 
 
@@ -257,21 +419,19 @@ def loader_step_rate(
     the ImageNet recipe's input noise (RandAugment on) in `workers` loader processes, pinned
     uint8 micro-batches copied ahead on a side stream; img/s and the share of time the loop
     waited for data, after a warm-up epoch of a few steps."""
+    from students.data import LabeledDecoder, train_loader
+    from students.presets import train_preset
+    from students.train import lr_schedule, micro_splits, mixed_parts, on_device, train_one_epoch
+    from teachers import get_config
+    from teachers.inference import DeviceFeed
+
     model, ema, optimizer, recipe, normal = _student(name, size, device, False)
     feed = DeviceFeed(device)
-    preset = train_preset(get_config(name), recipe)
     loader = train_loader(
-        urls,
-        LabeledDecoder(preset, 1000),
-        [micro],
-        rank=0,
-        world=1,
-        first_epoch=0,
-        seed=0,
-        workers=workers,
-        shuffle_buffer=256,
+        urls, LabeledDecoder(train_preset(get_config(name), recipe), 1000), [micro],
+        rank=0, world=1, first_epoch=0, seed=0, workers=workers, shuffle_buffer=256,
         pin_memory=feed.pin_memory,
-    )
+    )  # fmt: skip
     scheduler = lr_schedule(optimizer, warmup_steps=1, total_steps=10**6)
     parts = on_device(mixed_parts(loader, None), feed)
     epoch = partial(
@@ -284,6 +444,8 @@ def loader_step_rate(
 
 
 def train_section(args: argparse.Namespace, work: Path) -> dict:
+    from teachers import get_config
+
     device = torch.device(args.device)
     figures: dict = {}
     for spec in args.train_models.split(","):
@@ -291,78 +453,143 @@ def train_section(args: argparse.Namespace, work: Path) -> dict:
         size = int(size)
         micro = args.micro_batch or get_config(name).micro_batch
         images = micro * (args.steps + max(2, args.train_workers) + 1)
+        say(f"train: writing {images} training JPEGs for {name} on {cores()} cores")
         started = time.perf_counter()
-        urls = photo_corpus(
-            str(work / f"train-{name}"), images, shard_size=max(micro, 64), size=384, classes=1000
-        )
+        urls = photo_corpus(work / f"train-{name}", images, max(micro, 64))
         found: dict = {
             "micro_batch": micro,
             "corpus_seconds": round(time.perf_counter() - started, 1),
         }
+        say(f"train: {name} at {size} px, {args.steps} steps of {micro} synthetic images")
         found["synthetic_eager"] = synthetic_step_rate(name, size, micro, device, args.steps, False)
-        if args.compile:
+        if args.compile_train:
+            say(f"train: {name} compiled (the first steps compile)")
             started = time.perf_counter()
             found["synthetic_compiled"] = synthetic_step_rate(
                 name, size, micro, device, args.steps, True
             )
             found["compile_seconds"] = round(time.perf_counter() - started, 1)
-        found["loader"] = loader_step_rate(
-            name, size, micro, device, args.steps, args.train_workers, urls
-        )
-        found["loader"]["over_synthetic"] = round(
-            found["loader"]["img_s"] / found["synthetic_eager"]["img_s"], 3
-        )
-        found["loader"]["img_s_per_worker"] = round(
-            found["loader"]["img_s"] / args.train_workers, 1
-        )
+        say(f"train: {name} fed by the loader ({args.train_workers} workers)")
+        loader = loader_step_rate(name, size, micro, device, args.steps, args.train_workers, urls)
+        loader["over_synthetic"] = round(loader["img_s"] / found["synthetic_eager"]["img_s"], 3)
+        loader["img_s_per_worker"] = round(loader["img_s"] / args.train_workers, 1)
+        found["loader"] = loader
         figures[f"{name}@{size}"] = found
     return figures
 
 
-SECTIONS = {"label": label_section, "train": train_section}
+# --- the run -----------------------------------------------------------------------------
+
+SECTIONS = {"decode": decode_section, "label": label_section, "train": train_section}
 
 
-def main() -> None:
+def _driver() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine(device: torch.device) -> dict:
+    import torchvision
+
+    on_cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or "cpu",
+        "driver": _driver() if on_cuda else None,
+        "cores": cores(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def estimate_minutes(args: argparse.Namespace, card: str) -> float:
+    """A rough estimate of the run: writing the corpora, two label passes, the training
+    section's steps; the rates above, scaled from rs-152 at 256 px by pixels."""
+    forward = next((rate for name, rate in FORWARD_IMG_S.items() if name in card), 600.0)
+    if args.device.startswith("cpu"):
+        forward = 200.0
+    forward *= (256 / args.size) ** 2
+    seconds = 0.0
+    if "label" in args.sections:
+        seconds += args.images / (WRITE_PER_CORE * cores()) + 2 * args.images / forward + 20
+    if "decode" in args.sections:
+        seconds += 2 * args.repeats * args.batch_size / forward + 10
+    if "train" in args.sections:
+        seconds += (
+            len(args.train_models.split(","))
+            * (60 + (args.steps + 16) * 464 / (forward / 3) + (240 if args.compile_train else 0))
+            if not args.device.startswith("cpu")
+            else 30
+        )
+    return seconds / 60
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(figures, indent=1) + "\n")
+        tmp.replace(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--model", default="rs-152")
-    parser.add_argument("--size", type=int, default=256, help="eval resolution (256)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--images", type=int, default=8192)
-    parser.add_argument("--per-shard", type=int, default=512)
-    parser.add_argument("--sizes", default="150-1000", help="web image sides, px (150-1000)")
-    parser.add_argument("--processes", type=int, default=default_processes(), help="decode")
-    parser.add_argument("--threads", type=int, default=2, help="worker threads (2)")
-    parser.add_argument("--steps", type=int, default=20, help="timed bare forward steps")
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument(
-        "--train-models", default="rs-50:160,rs-152:256", help="students to train, NAME:PX"
-    )
-    parser.add_argument(
-        "--micro-batch", type=int, help="images per training step (default: the table's)"
-    )
-    parser.add_argument(
-        "--train-workers", type=int, default=default_processes(), help="loader processes"
-    )
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="label,train")
-    parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args()
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="decode,label,train")
+    parser.add_argument("--model", help="teacher (rs-152 on CUDA, rs-mini on CPU)")
+    parser.add_argument("--size", type=int, help="eval resolution, px (256; CPU 32)")
+    parser.add_argument("--batch-size", type=int, help="label batch (256; CPU 8)")
+    parser.add_argument("--images", type=int, help="web images to label (4096; CPU 96)")
+    parser.add_argument("--per-shard", type=int, help="images per shard (512; CPU 32)")
+    parser.add_argument("--sizes", help="web image sides, px (150-1000; CPU 40-160)")
+    parser.add_argument("--processes", type=int, default=cores(), help="CPU decode processes")
+    parser.add_argument("--threads", type=int, help="label worker threads (2)")
+    parser.add_argument("--steps", type=int, help="timed steps (20; CPU 2)")
+    parser.add_argument("--repeats", type=int, help="repeat decodes of one batch (50; CPU 5)")
+    parser.add_argument("--train-models", help="students, NAME:PX,... (rs-50:160,rs-152:256)")
+    parser.add_argument("--micro-batch", type=int, help="training images per step (the table's)")
+    parser.add_argument("--train-workers", type=int, default=cores(), help="loader processes")
+    parser.add_argument("--compile-train", action="store_true", help="also time it compiled")
+    parser.add_argument("--json", help="write the figures here, after each section")
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS[torch.device(args.device).type].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections takes {', '.join(SECTIONS)}, not {', '.join(sorted(unknown))}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     figures: dict = {
         **machine(device),
         "args": {k: v for k, v in vars(args).items() if k != "json"},
     }
-    for name in args.sections.split(","):
-        started = time.perf_counter()
-        figures[name] = SECTIONS[name](args, work)
-        figures[name]["seconds"] = round(time.perf_counter() - started, 1)
-        print(json.dumps({name: figures[name]}, indent=1), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    say(
+        f"{figures['device']}, {cores()} cores: sections {args.sections}, "
+        f"estimated {estimate_minutes(args, figures['device']):.0f} min"
+    )
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    try:
+        for name in args.sections.split(","):
+            started = time.perf_counter()
+            figures[name] = SECTIONS[name](args, work)
+            figures[name]["seconds"] = round(time.perf_counter() - started, 1)
+            print(json.dumps({name: figures[name]}, indent=1), flush=True)
+            write_json(args.json, figures)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"done in {time.perf_counter() - STARTED:.0f} s")
 
 
 if __name__ == "__main__":
