@@ -366,6 +366,64 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     distributed.close_distributed()
 
 
+def _micro_batch_update(rank: int, world: int, store: str, out: str) -> None:
+    """`world` gloo ranks (or one process, world 1) take two optimizer steps over the same 32
+    images cut into micro-batches of 4 (each rank its own 16: 4 micro-batches, the gradient
+    all-reduced on the last only), through the trainer's own train_step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from students.config import resolve_recipe
+    from students.train import micro_splits, param_groups, train_step
+    from teachers.inference import Normalizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_model("rs-mini", 10, drop_rate=0.0, drop_path_rate=0.0)  # no noise to draw
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 32, 32, 32, 3), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (2, 32), generator=gen)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        trained = DistributedDataParallel(model)
+    else:
+        trained = model
+    mine = slice(rank * 32 // world, (rank + 1) * 32 // world)
+    splits = micro_splits(32 // world, 0, 4)
+    optimizer = torch.optim.SGD(param_groups(model, 4e-5), lr=0.5, momentum=0.9)
+    normal = Normalizer((0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    recipe = resolve_recipe(DEMO)
+    model.train()
+    for step in range(2):
+        x, y = images[step][mine], labels[step][mine]
+        parts = [(x[lab], y[lab], None, None) for lab, _ in splits]
+        train_step(trained, optimizer, parts, splits, recipe, normal)
+    torch.save(
+        {k: v for k, v in model.named_parameters()}, Path(out) / f"world{world}-rank{rank}.pt"
+    )
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_micro_batches_gives_the_one_process_update(tmp_path: Path):
+    """DDP synchronises only the last micro-batch of a step (no_sync before it): two gloo
+    ranks with 4 micro-batches each must update the weights as one process does with all 8
+    (the same micro-batches, so the same batch-norm statistics), to float rounding."""
+    mp.start_processes(
+        _micro_batch_update, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+        start_method="fork",
+    )  # fmt: skip
+    _micro_batch_update(0, 1, "", str(tmp_path))
+    single = torch.load(tmp_path / "world1-rank0.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"world2-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.manual_seed(0)
+    initial = dict(create_model("rs-mini", 10).named_parameters())
+    assert any(not torch.equal(single[k], initial[k]) for k in single)  # it trained
+    for rank in ranks:
+        worst = max((rank[k] - single[k]).abs().max().item() for k in single)
+        assert worst <= 1e-5, worst  # measured 1.3e-6 here (lr 0.5, two steps)
+
+
 def test_ddp_ranks_keep_identical_weights(digits1000: Path, tmp_path: Path):
     mp.start_processes(
         _ddp_steps,
