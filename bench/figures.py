@@ -205,6 +205,30 @@ MEASURES = [
         lambda x: x <= 240,
     ),
     Measure(
+        "train: host reads (syncs on a GPU) per step, the step itself",
+        "device_paths",
+        lambda r: r["step_reads_per_step"],
+        "{:.1f}",
+        "0",
+        lambda x: x == 0,
+    ),
+    Measure(
+        "train: host reads per step, the EMA update (torch's AveragedModel: 2.8)",
+        "device_paths",
+        lambda r: r["ema_reads_per_step"],
+        "{:.1f}",
+        "0",
+        lambda x: x == 0,
+    ),
+    Measure(
+        "label: device decoder calls for 256 JPEGs with one refused",
+        "device_paths",
+        lambda r: r["refused_jpeg"]["decode_calls"],
+        "{:.0f}",
+        "<= 2 log2 n + 1 = 17",
+        lambda x: x <= 17,
+    ),
+    Measure(
         "train: micro-batch that fits a 40 GiB GPU, rs-152 (activations measured on CPU)",
         "micro",
         lambda r: r["rs-152"]["micro_batch"],
@@ -218,6 +242,10 @@ MEASURES = [
 ON_A_GPU = [
     ("label on a GPU: images/s / bare bf16 forward", ">= 0.9"),
     ("label on a GPU: images/s of rs-152 at 256 px in bf16", "reported"),
+    ("label on a GPU: top-1 agreement of CPU and device decoding", ">= 95%"),
+    ("label on a GPU: repeat device decodes of one batch, pixel-exact", "50/50"),
+    ("label on a GPU: images/s per decode core", "reported"),
+    ("train on a GPU: data-wait share of the loader-fed step", "<= 5%"),
     ("label: projected GPU-hours for 130M images", "reported"),
 ]
 
