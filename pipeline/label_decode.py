@@ -36,6 +36,7 @@ import torch
 
 from data.decode import DECODERS, MAX_PIXELS, EvalCrop, eval_stack, jpeg_header
 from data.errors import UsageError
+from data.progress import say
 from data.records import content_hash
 from teachers.inference import DeviceFeed
 
@@ -314,12 +315,36 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def make_decoder(crop: EvalCrop, mode: str, device: str, processes: int):
-    """The decoder a worker feeds its teacher with: `auto` is the device path on CUDA."""
+_nvjpeg_owner: list[torch.device] = []  # the GPU whose nvJPEG decoder this process holds
+
+
+def decode_path(mode: str, where: torch.device) -> str:
+    """ "device" or "cpu" for a teacher on `where` under `--decode mode`: `auto` is the device
+    path on CUDA. torchvision keeps one nvJPEG decoder per process, behind one lock, and
+    rebuilds it (leaking the old one) whenever a call names another GPU than the last, so
+    the first GPU of a process to decode on the device keeps it, and the process's other
+    GPUs decode on the CPU (one worker process per GPU decodes on every GPU)."""
     if mode not in DECODERS:
         raise UsageError(f"--decode must be one of {', '.join(DECODERS)}, got {mode!r}")
+    if not (mode in ("device", "gpu") or (mode == "auto" and where.type == "cuda")):
+        return "cpu"
+    if where.type == "cuda":
+        with _pools_lock:
+            if not _nvjpeg_owner:
+                _nvjpeg_owner.append(where)
+            owner = _nvjpeg_owner[0]
+        if owner != where:
+            say(
+                f"label: {where} decodes on the CPU: torchvision's nvJPEG decoder is {owner}'s "
+                "in this process (one worker process per GPU decodes on each)"
+            )
+            return "cpu"
+    return "device"
+
+
+def make_decoder(crop: EvalCrop, mode: str, device: str, processes: int):
+    """The decoder a worker feeds its teacher with (see `decode_path`)."""
     where = torch.device(device)
+    path = decode_path(mode, where)
     cpu = CpuDecoder(crop, processes, DeviceFeed(where))
-    if mode in ("device", "gpu") or (mode == "auto" and where.type == "cuda"):
-        return DeviceDecoder(crop, where, cpu)
-    return cpu
+    return DeviceDecoder(crop, where, cpu) if path == "device" else cpu

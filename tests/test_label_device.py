@@ -272,3 +272,25 @@ def test_out_of_memory_in_the_device_decoder_halves_the_call_and_drops_nothing(
     _recording(teacher, never)
     with pytest.raises(ValueError, match="ran out of memory decoding one JPEG"):
         label_shard(str(src), "s.tar", str(tmp_path / "never"), teacher, 8, 5, False)
+
+
+def test_one_gpu_of_a_process_keeps_the_nvjpeg_decoder_and_the_others_decode_on_the_cpu(
+    monkeypatch, capsys
+):
+    """torchvision's one nvJPEG decoder per process is rebuilt (and the old one leaked) at
+    every call that names another GPU: threads on several GPUs must never alternate it."""
+    from pipeline import label_decode
+    from pipeline.label_decode import decode_path
+
+    monkeypatch.setattr(label_decode, "_nvjpeg_owner", [])
+    gpu = [torch.device(f"cuda:{i}") for i in range(3)]
+    assert decode_path("auto", gpu[1]) == decode_path("device", gpu[1]) == "device"
+    assert decode_path("device", gpu[0]) == decode_path("auto", gpu[2]) == "cpu"
+    assert "cuda:2 decodes on the CPU: torchvision's nvJPEG decoder is cuda:1's" in (
+        capsys.readouterr().err
+    )
+    assert decode_path("cpu", gpu[1]) == "cpu"
+    cpu = torch.device("cpu")
+    assert (decode_path("auto", cpu), decode_path("device", cpu)) == ("cpu", "device")
+    with pytest.raises(ValueError, match="--decode must be one of"):
+        decode_path("nvjpeg", gpu[1])
