@@ -15,7 +15,8 @@ Sections (`--sections decode,label,train`), each importing only what it needs:
   decoder while its side stream is busy (pixel-exact every time; and how many repeats
   differ when the drain before each decode is left out, the race it prevents), and
   JPEGs the device refuses although they are whole (a bad Huffman table, 12-bit
-  precision, an unusual subsampling) beside cut ones, with the decode calls they cost.
+  precision, an unusual subsampling) beside cut ones, with the decode calls they cost;
+  progressive against baseline JPEGs, img/s on the device and on one CPU core.
 - label (also fsspec, safetensors; no Beam): web-variety shards written on every core
   (bench/corpus.WEB_MIX); the bare bf16 forward; the label stage's own per-shard code
   with CPU decoding and with the device path, their img/s over the bare forward, img/s
@@ -226,7 +227,27 @@ def decode_section(args: argparse.Namespace, work: Path) -> dict:
             "on_cpu": tally.on_cpu,
             "outcome": dict(decoded.drops).get(kind, "decoded"),
         }
+    say("decode: progressive against baseline JPEGs, on the device and on one CPU core")
+    speeds = {}
+    for kind in ("baseline", "progressive"):
+        jpegs = [web_image(rng, kind, 640, 480)[1] for _ in range(args.batch_size)]
+        with feed.context(), torch.inference_mode():
+            decoder._decode(jpegs[:2], InputTally())  # warm-up
+            _sync(device)
+            tick = time.perf_counter()
+            decoder._decode(jpegs, InputTally())
+            _sync(device)
+        speeds[f"{kind}_device_img_s"] = images_per_s(len(jpegs), time.perf_counter() - tick)
+        tick = time.perf_counter()
+        decoder.cpu.work(jpegs)
+        speeds[f"{kind}_cpu_core_img_s"] = images_per_s(len(jpegs), time.perf_counter() - tick)
+    # The device takes progressive JPEGs (the default) while it decodes them faster than the
+    # CPU cores that would take them instead; this figure is what decides it on a card.
+    speeds["progressive_device_over_all_cores"] = round(
+        speeds["progressive_device_img_s"] / (speeds["progressive_cpu_core_img_s"] * cores()), 2
+    )
     return {
+        "progressive_640x480": speeds,
         "repeat_decodes_pixel_exact": f"{exact}/{args.repeats}",
         "repeats_differing_without_the_drain": f"{undrained}/{args.repeats}",
         "refused_jpegs": refused,
