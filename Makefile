@@ -37,6 +37,7 @@ test: lint
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_label.py --before 9e69e4b
 	$(BIN)/python bench/bench_drive.py --before 9e69e4b
+	$(BIN)/python bench/bench_device_paths.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_loader.py --repeats 5
 	$(BIN)/python bench/bench_filter.py
