@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -296,10 +295,13 @@ def test_ranks_read_disjoint_shards(tmp_path: Path):
     assert node_shards(urls[:1], 1, 2, seed=7) == urls[:1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous_store():
+    """The ranks' meeting point, as torchrun's agent hosts it: a store in this process on a
+    port the system picks (one chosen ahead could be taken before rank 0 binds it); the
+    ranks, told so by TORCHELASTIC_USE_AGENT_STORE, only connect to it."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None:
@@ -317,6 +319,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
 
     torch.set_num_threads(1)
     os.environ |= {
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
         "RANK": str(rank),
@@ -425,9 +428,10 @@ def test_ddp_with_micro_batches_gives_the_one_process_update(tmp_path: Path):
 
 
 def test_ddp_ranks_keep_identical_weights(digits1000: Path, tmp_path: Path):
+    store = _rendezvous_store()
     mp.start_processes(
         _ddp_steps,
-        args=(2, _free_port(), str(digits1000 / "labeled"), str(tmp_path)),
+        args=(2, store.port, str(digits1000 / "labeled"), str(tmp_path)),
         nprocs=2,
         start_method="fork",
     )
