@@ -5,16 +5,29 @@ GPU image that brings its own PyTorch."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
 
 
-def _check(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir(exist_ok=True)
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """The script's TMPDIR, to see it left nothing there: a short path of its own in the
+    system's temporary folder (below pytest's, the decode pool's socket path would pass the
+    108 characters a Unix socket may have)."""
+    folder = Path(tempfile.mkdtemp(prefix="gpu-check-test-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check(scratch: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", *args],
         capture_output=True,
@@ -24,11 +37,13 @@ def _check(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Co
     )
 
 
-def test_gpu_check_runs_on_cpu_reports_its_figures_and_removes_what_it_wrote(tmp_path: Path):
+def test_gpu_check_runs_on_cpu_reports_its_figures_and_removes_what_it_wrote(
+    scratch: Path, tmp_path: Path
+):
     out = tmp_path / "figures.json"
-    result = _check(tmp_path, "--processes", "1", "--train-workers", "1", "--json", str(out))
+    result = _check(scratch, "--processes", "1", "--train-workers", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not list((tmp_path / "scratch").iterdir())  # corpora, teacher, labels: gone
+    assert not [p for p in scratch.iterdir() if p.name.startswith("gpu-check-")]  # all gone
     steps = [line for line in result.stderr.splitlines() if line.startswith("[gpu_check")]
     assert "estimated" in steps[0] and len(steps) >= 8 and "done in" in steps[-1]
     figures = json.loads(out.read_text())
@@ -65,14 +80,14 @@ def test_gpu_check_runs_on_cpu_reports_its_figures_and_removes_what_it_wrote(tmp
     assert 0 <= train["loader"]["data_wait"] < 1
 
 
-def test_decode_and_label_sections_need_neither_webdataset_nor_beam(tmp_path: Path):
+def test_decode_and_label_sections_need_neither_webdataset_nor_beam(scratch: Path, tmp_path: Path):
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     for name in ("webdataset", "apache_beam", "faiss"):
         (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     path = os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])
     result = _check(
-        tmp_path, "--sections", "decode,label", "--processes", "1", env={"PYTHONPATH": path}
+        scratch, "--sections", "decode,label", "--processes", "1", env={"PYTHONPATH": path}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"top1_agreement_cpu_vs_device"' in result.stdout
