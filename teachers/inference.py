@@ -8,6 +8,7 @@ resolution, softmax at temperature 1; sharpening, if any, belongs to the student
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
@@ -75,14 +76,29 @@ class DeviceFeed:
     """How pixels reach the device of a model (a teacher labeling, a student training). On
     CUDA: from pinned memory, on a side stream of the thread that feeds it, each batch marked
     by an event the model's stream waits for. On CPU the same calls are plain (no copy, no
-    stream)."""
+    stream).
+
+    Each thread has a side stream of its own (the threads of a label worker share a teacher
+    and its feed): the caching allocator reuses a freed block only for work on the stream it
+    was allocated on, so what one thread frees with reads still queued is never handed to
+    another thread's work, and `drain` waits for the calling thread's queue alone."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.new_stream = partial(torch.cuda.Stream, device) if self.cuda else None
+        self._local = threading.local()
         # Loaders pin their batches where the copy from pinned memory is asynchronous.
         self.pin_memory = self.cuda
+
+    @property
+    def stream(self):
+        """The calling thread's side stream (None on CPU), made on its first use."""
+        if self.new_stream is None:
+            return None
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = self.new_stream()
+        return self._local.stream
 
     def context(self):
         """Where the input thread's device work runs."""
@@ -185,7 +201,8 @@ class Predictor:
     (`cudnn.benchmark`) is a process-wide switch, so it is left to the command: label turns
     it on, the trainer's validation keeps the trainer's choice. `compile` puts the body
     through `torch.compile` (True, or a backend) with the batch dimension dynamic from the
-    first call, so the full batches and a shard's shorter last one share one compilation.
+    first call, so the full batches and a shard's shorter last one share one compilation
+    (a batch of a single image, which Dynamo always specialises, compiles apart).
     """
 
     def __init__(
@@ -214,8 +231,8 @@ class Predictor:
         """The pooled features of `x`: compiled when asked, the batch dimension dynamic."""
         if self.compiled is None:
             return self._body(x)
-        if len(x) > 1:  # sizes 0 and 1 are always specialised by Dynamo
-            torch._dynamo.mark_dynamic(x, 0)
+        if len(x) > 1:  # Dynamo specialises sizes 0 and 1: a batch of one compiles apart
+            torch._dynamo.maybe_mark_dynamic(x, 0)
         return self.compiled(x)
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:

@@ -294,3 +294,23 @@ def test_one_gpu_of_a_process_keeps_the_nvjpeg_decoder_and_the_others_decode_on_
     assert (decode_path("auto", cpu), decode_path("device", cpu)) == ("cpu", "device")
     with pytest.raises(ValueError, match="--decode must be one of"):
         decode_path("nvjpeg", gpu[1])
+
+
+def test_each_thread_feeding_a_device_has_a_side_stream_of_its_own():
+    """A label worker's threads share a teacher and its feed: with one side stream between
+    them, one thread's drain before a decode would not wait for what another had just
+    queued (and freed), and the decoder could be handed that block."""
+    import threading
+
+    from teachers.inference import DeviceFeed
+
+    feed = DeviceFeed(torch.device("cpu"))
+    assert feed.stream is None  # the CPU has no streams
+    feed.new_stream = object  # what a CUDA feed makes: torch.cuda.Stream(device)
+    mine = feed.stream
+    assert feed.stream is mine  # the same one for the same thread
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(feed.stream))
+    thread.start()
+    thread.join()
+    assert theirs[0] is not None and theirs[0] is not mine
