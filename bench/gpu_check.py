@@ -10,21 +10,22 @@ its estimate first, a line per step, the figures of each section as it ends (and
 them to `--json` then), and removes what it wrote.
 
 Sections (`--sections decode,label,train`), each importing only what it needs:
-- decode (torch, torchvision, Pillow, numpy): the device decoder's pixels against
-  themselves, the same JPEG batch decoded `--repeats` times through the label stage's
-  decoder while its side stream is busy (pixel-exact every time; and how many repeats
-  differ when the drain before each decode is left out, the race it prevents), and
+- decode (torch, torchvision, Pillow, numpy; fsspec, safetensors, tqdm through the model
+  code): the device decoder's pixels against themselves, the same JPEG batch decoded
+  `--repeats` times on each of two threads sharing the label stage's decoder while their
+  side streams are busy (pixel-exact every time; and how many repeats differ when the
+  drain before each decode is left out, the race it prevents), and
   JPEGs the device refuses although they are whole (a bad Huffman table, 12-bit
   precision, an unusual subsampling) beside cut ones, with the decode calls they cost;
   progressive against baseline JPEGs, img/s on the device and on one CPU core.
-- label (also fsspec, safetensors; no Beam): web-variety shards written on every core
+- label (also PyYAML; no Beam): web-variety shards written on every core
   (bench/corpus.WEB_MIX); the bare bf16 forward; the label stage's own per-shard code
   with CPU decoding and with the device path, their img/s over the bare forward, img/s
   per decode core, the share of time waiting for input, the top-1 agreement of the two
   paths on the same keys, and the GPU-hours 130M images would take at that rate.
 - train (also timm, webdataset, braceexpand, tqdm, PyYAML): the trainer's step on
   synthetic pixels on the device (compiled too with `--compile-train`), with its peak
-  memory, and its epoch loop fed by the real loader from JPEG shards written on every
+  memory and the synchronising calls CUDA counts in a step and its EMA update, and its epoch loop fed by the real loader from JPEG shards written on every
   core, with the share of time spent waiting for data.
 """
 
@@ -196,19 +197,25 @@ def decode_section(args: argparse.Namespace, work: Path) -> dict:
         _sync(device)
         return [c.cpu() for c in copies]
 
-    say(f"decode: the same {len(batch)} JPEGs, {args.repeats} times")
+    def same(repeats: int) -> list[bool]:
+        return [
+            all(torch.equal(a, b) for a, b in zip(decode_all(), reference, strict=True))
+            for _ in range(repeats)
+        ]
+
+    def on_two_threads() -> list[bool]:
+        """Two threads share the decoder and its feed, as a label worker's threads share
+        their teacher: each has its own side stream."""
+        with ThreadPoolExecutor(2) as pool:
+            return [ok for run in pool.map(same, [args.repeats] * 2) for ok in run]
+
+    say(f"decode: the same {len(batch)} JPEGs, {args.repeats} times on each of two threads")
     reference = decode_all()
-    exact = sum(
-        all(torch.equal(a, b) for a, b in zip(decode_all(), reference, strict=True))
-        for _ in range(args.repeats)
-    )
+    exact = on_two_threads()
     drain = feed.drain
     feed.drain = lambda: None  # the race the drain prevents: how often it shows on this card
     try:
-        undrained = sum(
-            not all(torch.equal(a, b) for a, b in zip(decode_all(), reference, strict=True))
-            for _ in range(args.repeats)
-        )
+        undrained = on_two_threads()
     finally:
         feed.drain = drain
 
@@ -248,8 +255,8 @@ def decode_section(args: argparse.Namespace, work: Path) -> dict:
     )
     return {
         "progressive_640x480": speeds,
-        "repeat_decodes_pixel_exact": f"{exact}/{args.repeats}",
-        "repeats_differing_without_the_drain": f"{undrained}/{args.repeats}",
+        "repeat_decodes_pixel_exact": f"{sum(exact)}/{len(exact)}",
+        "repeats_differing_without_the_drain": f"{len(undrained) - sum(undrained)}/{len(undrained)}",
         "refused_jpegs": refused,
     }
 
@@ -426,11 +433,35 @@ def synthetic_step_rate(
         train_step(model, optimizer, parts, splits, recipe, normal)
         ema.update_parameters(model)
     _sync(device)
+    seconds = time.perf_counter() - tick
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
-        "img_s": images_per_s(micro * steps, time.perf_counter() - tick),
+        "img_s": images_per_s(micro * steps, seconds),
         "peak_mib": None if peak is None else round(peak, 1),
-    }
+        "host_syncs_per_step": host_syncs(
+            lambda: (train_step(model, optimizer, parts, splits, recipe, normal),
+                     ema.update_parameters(model)),
+            device,
+        ),
+    }  # fmt: skip
+
+
+def host_syncs(step, device: torch.device) -> int | None:
+    """The synchronising calls CUDA reports in one `step` (every one, also those no count on
+    the CPU sees: a nonzero, a boolean mask, an unpinned copy); None off CUDA."""
+    import warnings
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+            _sync(device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def loader_step_rate(

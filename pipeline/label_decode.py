@@ -277,7 +277,7 @@ class DeviceDecoder:
                 return [None]
             half = len(images) // 2
             if oom:
-                self.fits = half
+                self.fits = min(self.fits or half, half)
                 self.feed.release_cached()
             return self._decode(images[:half], tally) + self._decode(images[half:], tally)
         return self._crops(decoded)

@@ -63,5 +63,6 @@ class ModelEma(AveragedModel):
         self.n_averaged.fill_(self.count)  # a CPU tensor, kept for the state dict
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self.count = int(state_dict["n_averaged"])  # once, when a run resumes
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.count = int(self.n_averaged)  # read once, when a run resumes
+        return result

@@ -292,6 +292,9 @@ def test_ema_warms_up_then_trails_the_weights():
     resumed.load_state_dict(ema.state_dict())
     assert int(resumed.n_averaged) == 3 and torch.equal(resumed.module.fc.bias, ema.module.fc.bias)
     assert resumed.count == 3
+    ema.update_parameters(model)
+    resumed.update_parameters(model)  # the same schedule, step for step
+    assert torch.equal(resumed.module.fc.bias, ema.module.fc.bias)
 
 
 def test_an_ema_update_reads_nothing_back_from_the_device():
