@@ -412,6 +412,7 @@ def synthetic_step_rate(
     normalised on the device, bf16 autocast, channels-last, backward, SGD, EMA) on one
     micro-batch of random pixels already on the device, after warm-up steps."""
     from students.train import micro_splits, train_step
+    from teachers.inference import DeviceFeed
 
     model, ema, optimizer, recipe, normal = _student(name, size, device, compile)
     gen = torch.Generator().manual_seed(0)
@@ -426,18 +427,17 @@ def synthetic_step_rate(
         train_step(model, optimizer, parts, splits, recipe, normal)
         ema.update_parameters(model)
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    feed = DeviceFeed(device)
+    feed.reset_peak()
     tick = time.perf_counter()
     for _ in range(steps):
         train_step(model, optimizer, parts, splits, recipe, normal)
         ema.update_parameters(model)
     _sync(device)
     seconds = time.perf_counter() - tick
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
         "img_s": images_per_s(micro * steps, seconds),
-        "peak_mib": None if peak is None else round(peak, 1),
+        "peak_mib": feed.peak_mib(),
         "host_syncs_per_step": host_syncs(
             lambda: (train_step(model, optimizer, parts, splits, recipe, normal),
                      ema.update_parameters(model)),
