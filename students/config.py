@@ -40,6 +40,15 @@ def _check_crop_scale(value: object) -> tuple[float, float]:
     return (float(value[0]), float(value[1]))
 
 
+TRAIN_CROPS = ("random", "center")
+
+
+def _check_train_crop(value: object) -> str:
+    if value not in TRAIN_CROPS:
+        raise UsageError(f"config key 'train_crop' must be random or center, got {value!r}")
+    return str(value)
+
+
 def _key(
     default: object,
     help: str,
@@ -110,6 +119,24 @@ class Recipe:
         (0.08, 1.0), "RandomResizedCrop's area range", check=_check_crop_scale
     )
     flip: bool = _key(True, "random horizontal flip (off for digits and text)")
+    train_crop: str = _key(
+        "random",
+        "random: RandomResizedCrop over crop_scale; center: the eval transform at image_size, "
+        "unaugmented (Noisy Student's fine-tune; needs flip false and randaugment_ops 0)",
+        check=_check_train_crop,
+    )
+    freeze_through: str = _key(
+        "none",
+        "the model's top-level layers from the first through this one (rs-*: layer1 is the "
+        "stem and stage 1) keep the weights --init gave them and their batch-norm "
+        "statistics; none: nothing frozen",
+    )
+    schedule_epochs: int = _key(
+        0,
+        "the LR schedule's length: this run's epochs are its last ones (Noisy Student's "
+        "fine-tune at the tail of the main schedule); 0: the run's own epochs",
+        low=0,
+    )
     num_classes: int | None = _key(
         None, "null: the length of classes.json beside the labeled shards", low=1
     )
@@ -315,6 +342,7 @@ def resolve_recipe(
             if f.metadata["table"] and getattr(recipe, f.name) is None
         },
     )
+    _check_together(recipe)
     # Weights are evaluated (and label) at the size they were trained at unless told.
     return replace(
         recipe,
@@ -323,6 +351,21 @@ def resolve_recipe(
         if recipe.randaugment_magnitude is not None
         else randaugment_magnitude_at(recipe.image_size),
     )
+
+
+def _check_together(recipe: Recipe) -> None:
+    """Keys that only make sense together: refused with the pair named, not half applied."""
+    if recipe.train_crop == "center" and (recipe.flip or recipe.randaugment_ops):
+        raise UsageError(
+            "train_crop center is the unaugmented eval transform: set flip false and "
+            f"randaugment_ops 0 with it (got flip {str(recipe.flip).lower()}, "
+            f"randaugment_ops {recipe.randaugment_ops})"
+        )
+    if 0 < recipe.schedule_epochs < recipe.epochs:
+        raise UsageError(
+            f"schedule_epochs {recipe.schedule_epochs} is shorter than the run's "
+            f"{recipe.epochs} epochs, which are its tail"
+        )
 
 
 def resolve(options: Mapping[str, object]) -> tuple[TrainArgs, Recipe]:

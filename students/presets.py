@@ -20,6 +20,8 @@ from torchvision.transforms import v2 as T
 
 from students.config import Recipe
 from students.randaugment import tf_randaugment
+from teachers.checkpoint import run_info
+from teachers.inference import eval_pixels
 from teachers.registry import ModelConfig
 
 
@@ -49,8 +51,12 @@ class TrainPreset:
         return torch.from_numpy(np.array(self.transform(image), dtype=np.uint8))
 
 
-def train_preset(cfg: ModelConfig, recipe: Recipe) -> TrainPreset:
-    """The student's input noise for a model of the table under a resolved recipe."""
+def train_preset(cfg: ModelConfig, recipe: Recipe) -> Callable[[Image.Image], torch.Tensor]:
+    """The student's input noise for a model of the table under a resolved recipe; with
+    `train_crop: center` none: the very pixels evaluation at `image_size` sees (resize,
+    centre crop), which is what Noisy Student fine-tunes on."""
+    if recipe.train_crop == "center":
+        return eval_pixels(run_info(cfg.name, 1, None, eval_size=recipe.image_size))
     return TrainPreset(
         size=recipe.image_size,
         interpolation=cfg.interpolation,

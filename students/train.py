@@ -47,6 +47,7 @@ from students.data import (
 )
 from students.ema import ModelEma
 from students.eval import evaluate
+from students.freeze import NOTHING, freeze_through, keep_frozen
 from students.losses import student_loss
 from students.presets import train_preset
 from students.seeding import seed_everything
@@ -96,12 +97,18 @@ def lr_schedule(
     """Warm-up then cosine, stepped every optimizer step, from `first_step` on (a resumed
     run's; its optimizer state, loaded first, holds the peak LR as `initial_lr`).
 
+    A run at the tail of a longer schedule (`schedule_epochs`) starts at that schedule's step
+    and ends at its last one: `first_step` is where it starts and `total_steps` the whole
+    schedule's length.
+
     Not SequentialLR(LinearLR, CosineAnnealingLR): those keep their horizon (T_max, the
     milestones) in a state dict, so a run resumed with more epochs would go on decaying to
     the old end, and CosineAnnealingLR computes each LR from the previous one, so it cannot
     take a new horizon mid-run either. A closed form of the step needs nothing saved but the
     step: a resumed run follows the schedule of the epochs it is given now.
     """
+    for group in optimizer.param_groups:  # what LambdaLR scales; a resumed run has it
+        group.setdefault("initial_lr", group["lr"])
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps),
@@ -110,9 +117,11 @@ def lr_schedule(
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv and linear weights only; biases and norm scales/shifts are exempt."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """Weight decay on conv and linear weights only; biases and norm scales/shifts are exempt.
+    Frozen parameters (`students.freeze`) are in neither: the optimizer never sees them."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim > 1]
+    no_decay = [p for p in trained if p.ndim <= 1]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -268,6 +277,7 @@ def train_one_epoch(
     normal: Normalizer,
     world: int = 1,
     bar: tqdm | None = None,
+    frozen: Sequence[nn.Module] = (),
 ) -> dict:
     """`steps` optimizer steps over any iterable of micro-batches cut as `splits` says (the
     shard loaders, or micro-batches held in memory for a benchmark), advancing the run's
@@ -276,8 +286,9 @@ def train_one_epoch(
 
     The losses are summed on the device and read every `SHOW_EVERY` steps, so no step waits
     for the device to finish the one before; the wait for data is the time the loop spends
-    asking the loaders for the next micro-batch."""
+    asking the loaders for the next micro-batch. `frozen` layers stay in eval mode."""
     model.train()
+    keep_frozen(frozen)
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
     sums = torch.zeros(3, dtype=torch.float64, device=normal.device)  # losses x images
     n, m = splits[-1][0].stop, splits[-1][1].stop
@@ -482,6 +493,12 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
         said = init_from(model, args.init, table.name)
         if env.is_main and said:
             print(said)
+    elif recipe.freeze_through != NOTHING:
+        raise UsageError(
+            f"freeze_through {recipe.freeze_through} keeps layers as --init gives them: "
+            "without --init they would stay at their random initialisation"
+        )
+    frozen = freeze_through(model, recipe.freeze_through)
     model = model.to(env.device, memory_format=memory_format(env.device))
     # cuDNN (CUDA only) times its kernels for each shape once and keeps the fastest, unless
     # the run asked for deterministic algorithms
@@ -518,12 +535,14 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
         log = [r for r in run_dir.read_log(args.out) if r["epoch"] <= start_epoch]
         if env.is_main:
             print(f"resuming {args.out} after epoch {start_epoch} of {recipe.epochs}")
-    # Schedule: linear warm-up, then cosine to zero at the last step of this run's epochs.
+    # Schedule: linear warm-up, then cosine to zero at the last step of this run's epochs,
+    # which are the last of `schedule_epochs` when the recipe says so.
+    tail = max(recipe.schedule_epochs - recipe.epochs, 0)
     scheduler = lr_schedule(
         optimizer,
         round(recipe.warmup_epochs * steps_per_epoch),
-        total_steps,
-        first_step=start_epoch * steps_per_epoch,
+        total_steps + tail * steps_per_epoch,
+        first_step=(tail + start_epoch) * steps_per_epoch,
     )
     if env.is_main:
         run_dir.write_config(args.out, recipe.to_dict())
@@ -572,6 +591,7 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
                 normal,
                 world=env.world,
                 bar=bar,
+                frozen=frozen,
             )
             record = {
                 "epoch": epoch + 1,

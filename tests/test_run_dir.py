@@ -228,3 +228,78 @@ def test_init_starts_from_another_runs_weights_with_a_new_head_for_other_classes
                     str(digits_dir / "labeled"), "--out", str(tmp_path / "wrong"),
                     "--init", str(tmp_path / "source"), "--epochs", "1")  # fmt: skip
     assert wrong.returncode == 2 and "holds a rs-mini, not a rs-tiny" in wrong.stderr
+
+
+def test_the_finetune_recipe_trains_on_eval_crops_with_its_first_layers_frozen(
+    digits_dir: Path, tmp_path: Path
+):
+    """configs/finetune.yaml on the digits: the pixels it trains on are the eval transform's
+    at its size, the stem and stage 1 (weights and batch-norm statistics) leave the run as
+    --init gave them while the rest trains, and the LR is the schedule's tail."""
+    import io
+    import math
+
+    from PIL import Image
+
+    from students.config import resolve_recipe
+    from students.presets import train_preset
+    from students.train import peak_lr, warmup_cosine
+    from teachers import create_model, export_run, get_config
+    from teachers.checkpoint import run_info
+    from teachers.inference import eval_pixels
+    from teachers.weights import read_weights
+    from tests.conftest import image_bytes
+
+    sets = ["image_size=40", "num_classes=10", "epoch_samples=64", "batch_size=32"]
+    sets += ["warmup_epochs=1", "schedule_epochs=4", "workers=0", "shuffle_buffer=32"]
+    recipe = resolve_recipe("finetune", sets, model="rs-mini")
+    preset = train_preset(get_config("rs-mini"), recipe)
+    evaluated = eval_pixels(run_info("rs-mini", 10, None, eval_size=40))
+    image = Image.open(io.BytesIO(image_bytes(size=(57, 43))))
+    assert preset(image).shape == (40, 40, 3)
+    assert torch.equal(preset(image), evaluated(image)) and torch.equal(
+        preset(image), preset(image)
+    )
+
+    # A source with batch-norm statistics of its own (a fresh model's are zeros and ones).
+    torch.manual_seed(5)
+    source = create_model("rs-mini", num_classes=10)
+    for buffer in source.buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(torch.rand_like(buffer) + 0.5)
+    export_run(str(tmp_path / "source"), source, "rs-mini", [str(i) for i in range(10)])
+    before = source.state_dict()
+    run = tmp_path / "run"
+    result = run_cli(
+        "train-student", "--labeled", str(digits_dir / "labeled"), "--out", str(run),
+        "--model", "rs-mini", "--config", "finetune", "--init", str(tmp_path / "source"),
+        "--epochs", "1", *[arg for kv in sets for arg in ("--set", kv)],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    exported = read_weights(str(run / "model.safetensors"))
+    frozen = ("conv1.", "bn1.", "layer1.")
+    for key, value in before.items():
+        if key.startswith(frozen):
+            assert torch.equal(trained[key], value), key
+            assert torch.equal(exported[key], value), key
+    moved = [k for k, v in before.items() if k.startswith("layer2.") and v.is_floating_point()]
+    assert any(not torch.equal(trained[k], before[k]) for k in moved)
+    # 2 steps an epoch: the run's two steps are the last of the 8 of a 4-epoch schedule.
+    lr = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["lr"]
+    assert math.isclose(lr, peak_lr(0.1, 32) * warmup_cosine(7, 2, 8), rel_tol=1e-6)
+
+    refused = run_cli(
+        "train-student", "--labeled", str(digits_dir / "labeled"), "--out", str(tmp_path / "r"),
+        "--model", "rs-mini", "--config", "finetune", "--epochs", "1",
+        *[arg for kv in sets for arg in ("--set", kv)],
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "without --init they would stay at their random" in refused.stderr
+    wrong = run_cli(
+        "train-student", "--labeled", str(digits_dir / "labeled"), "--out", str(tmp_path / "w"),
+        "--model", "rs-mini", "--config", "finetune", "--init", str(tmp_path / "source"),
+        "--epochs", "1", *[arg for kv in [*sets, "freeze_through=stem"] for arg in ("--set", kv)],
+    )  # fmt: skip
+    assert wrong.returncode == 2
+    assert "conv1, bn1, maxpool, layer1, layer2, layer3, layer4, fc" in wrong.stderr

@@ -78,9 +78,28 @@ def test_finetune_recipe_is_labeled_only_unaugmented_short_and_at_the_size_given
     tuned = resolve_recipe("finetune", ["image_size=320"], model="rs-152")
     assert (tuned.image_size, tuned.eval_size) == (320, 320)
     assert tuned.unlabeled_ratio == tuned.randaugment_ops == tuned.stochastic_depth == 0
+    assert (tuned.train_crop, tuned.flip, tuned.dropout) == ("center", False, 0)
+    assert tuned.freeze_through == "layer1"
     assert tuned.epochs * tuned.epoch_samples == pytest.approx(1.5 * 1_281_167, abs=2)
-    assert tuned.ema_decay == 0.99 and tuned.warmup_epochs == 0
-    assert tuned.lr < resolve_recipe("imagenet", model="rs-152").lr
+    # The main schedule's peak LR, run at its tail: the 350 ImageNet epochs in this file's
+    # half-ImageNet epochs, of which the fine-tune's are the last.
+    main = resolve_recipe("imagenet", model="rs-152")
+    assert tuned.lr == main.lr and tuned.ema_decay == 0.99
+    assert tuned.schedule_epochs * tuned.epoch_samples == pytest.approx(
+        main.epochs * main.epoch_samples, abs=tuned.schedule_epochs
+    )
+    steps = tuned.schedule_epochs * 100  # any steps per epoch: the shares are what count
+    first = warmup_cosine((tuned.schedule_epochs - tuned.epochs) * 100, 10 * 100, steps)
+    assert 0 < first < 1e-3
+
+
+def test_keys_that_only_make_sense_together_are_refused_apart():
+    with pytest.raises(ValueError, match="set flip false and randaugment_ops 0 with it"):
+        resolve_recipe("digits", ["train_crop=center"])
+    with pytest.raises(ValueError, match="'train_crop' must be random or center"):
+        resolve_recipe("digits", ["train_crop=middle"])
+    with pytest.raises(ValueError, match="schedule_epochs 5 is shorter than the run's 8"):
+        resolve_recipe("digits", ["schedule_epochs=5"])
 
 
 def test_bundled_recipes_resolve_by_name_or_path():
