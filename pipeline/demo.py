@@ -17,13 +17,14 @@ import time
 
 import torch
 
+from data.errors import UsageError
 from data.storage import join, write_json
 from pipeline.data_commands import run_digits
 from pipeline.filter import FilterArgs
 from pipeline.filter import run as filter_run
 from pipeline.label import LabelArgs
 from pipeline.label import run as label_run
-from students.config import load_yaml
+from students.config import load_yaml, resolve_recipe
 from students.eval import evaluate_run
 from students.run_dir import has_checkpoint
 from students.train import train
@@ -181,28 +182,56 @@ def run(
 
 
 # What each control changes in the round-1 student's run: the same model, recipe and
-# trainer seed (so the same initial weights), one ingredient taken away.
+# trainer seed (so the same initial weights), one ingredient taken away or replaced.
 CONTROLS: dict[str, dict] = {
-    "supervised": {"pseudo": False, "set": {}},  # the labeled digits alone
-    "noise-free": {  # its pseudo-labels, with no input or model noise (the crop stays)
-        "pseudo": True,
+    # The labeled digits alone, at the student's compute: its steps, LR schedule and images
+    # per step (labeled + pseudo-labeled), every one of them drawn from the labeled split.
+    "supervised": {"pseudo": None, "set": {}, "matched": True},
+    # Its pseudo-labels, with no input or model noise (the crop stays).
+    "noise-free": {
+        "pseudo": "round1-train",
         "set": {"randaugment_ops": 0, "dropout": 0.0, "stochastic_depth": 0.0},
     },
+    # Its selection with the classes the unlabeled split hides in place of the teacher's
+    # labels: the headroom of a perfect teacher. The pipeline never sees those classes;
+    # `bench/bench_demo.py` writes round1-oracle from them, for scoring only.
+    "oracle": {"pseudo": "round1-oracle", "set": {}},
 }
+
+
+def matched_compute(trainer_recipe: str, part: dict) -> dict[str, object]:
+    """Recipe keys that give a run on labeled images alone the compute of `part`'s run on
+    labeled + pseudo-labeled ones: (1 + unlabeled_ratio) times the labeled batch and the
+    epoch's samples (so the same steps, each of as many images), and the LR per 256 divided
+    by as much (so the same LR at every step: the trainer scales it by the labeled batch)."""
+    overrides = [f"{k}={v}" for k, v in part.get("set", {}).items()]
+    resolved = resolve_recipe(trainer_recipe, overrides, model=part["model"])
+    if resolved.epoch_samples is None:
+        raise UsageError("a matched control needs the student's epoch_samples in the recipe")
+    grow = 1 + resolved.unlabeled_ratio
+    return {
+        "batch_size": round(resolved.batch_size * grow),
+        "epoch_samples": round(resolved.epoch_samples * grow),
+        "lr": resolved.lr / grow,
+        "unlabeled_ratio": 0,
+    }
 
 
 def run_control(out: str, seed: int, kind: str, recipe_path: str | None = None) -> dict:
     """Train and evaluate control `kind` beside a finished demo in `out` (its data and its
-    round-1 selection): what the round-1 student scores without the pseudo-labels, or
-    without the noise, so the demo's gain can be put down to one or the other."""
+    round-1 selection): what the round-1 student scores without the pseudo-labels, without
+    the noise, or with true labels in their place, so its gain can be put down to each."""
     recipe = load_yaml(recipe_path or DEFAULT_RECIPE)
     torch.set_num_threads(int(recipe.get("threads", torch.get_num_threads())))
     control = CONTROLS[kind]
     part, _ = round_parts(recipe, 1)
-    part = {**part, "set": {**part.get("set", {}), **control["set"]}}
+    changes = dict(control["set"])
+    if control.get("matched"):
+        changes |= matched_compute(recipe["recipe"], part)
+    part = {**part, "set": {**part.get("set", {}), **changes}}
     data, run_dir = join(out, "data"), join(out, f"control-{kind}")
     labeled, val = join(data, "labeled"), join(data, "val")
-    pseudo = join(out, "round1-train") if control["pseudo"] else None
+    pseudo = join(out, control["pseudo"]) if control["pseudo"] else None
     _train(run_dir, labeled, val, part, recipe["recipe"], trainer_seed(seed, 1), pseudo=pseudo)
     return evaluate_run(run_dir, val, progress=False)
 

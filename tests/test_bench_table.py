@@ -9,3 +9,15 @@ def test_the_table_of_current_figures_is_drawn_from_the_latest_results():
     table = text.split(TOP + "\n", 1)[1].split(LOG + "\n", 1)[0].strip().splitlines()
     assert table == rows(), "BENCHMARKS.md is behind bench/results/: run python bench/figures.py"
     assert all("not measured |" not in row for row in table[2 : 2 + len(MEASURES)])
+
+
+def test_the_demo_report_gives_a_paired_t_interval_over_the_seeds():
+    from bench.bench_demo import difference_row, interval
+
+    # t(0.975, 2 degrees of freedom) = 4.303: the interval of 1, 2, 3 is 2 -/+ 4.303 / sqrt(3)
+    mean, low, high = interval([1.0, 2.0, 3.0])
+    assert mean == 2 and abs(high - 2 - 4.303 / 3**0.5) < 1e-3 and low == 2 * mean - high
+    assert (
+        difference_row("d", [1.0, 2.0, 3.0])
+        == "| d | 3 | **+2.00** | -0.48 to +4.48 | +1.0 | +1.0, +2.0, +3.0 |"
+    )

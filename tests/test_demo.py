@@ -84,13 +84,39 @@ def test_later_rounds_grow_the_student_keep_the_selection_and_seed_each_model(tm
     assert second["drops"].get("not_selected", 0) == first["samples_in"] - first["images_kept"]
     assert report["rounds"][1]["kept_selection"] and not report["rounds"][0]["kept_selection"]
 
-    # The controls: round 1's student without the pseudo-labels, and without the noise.
+    # The controls: round 1's student without the pseudo-labels (at its compute), without
+    # the noise, and with the true classes of its selection (written by bench/bench_demo.py).
+    from bench.bench_demo import selection_truth
+
+    right = selection_truth(out / "round1-train", out / "round1-oracle")
+    assert 0 <= right <= 1
     for kind in CONTROLS:
         scores = run_control(str(out), 3, kind, str(tmp_path / "quick.yaml"))
         assert 0 < scores["top1"] <= 1 and scores["samples"] == 297
-    supervised, noise_free = (run_config(f"control-{kind}") for kind in CONTROLS)
+    supervised, noise_free, oracle = (run_config(f"control-{kind}") for kind in CONTROLS)
     inputs = json.loads((out / "control-supervised" / "manifest.json").read_text())
     assert set(inputs["fingerprint"]["inputs"]) == {"labeled", "val"}
-    assert supervised["seed"] == noise_free["seed"] == 1003
+    assert supervised["seed"] == noise_free["seed"] == oracle["seed"] == 1003
+    # Matched compute: the student's 32 + 96 images a step, all labeled, at its LR.
+    student = run_config("round1-student")
+    assert (student["batch_size"], student["unlabeled_ratio"]) == (32, 3)
+    assert (supervised["batch_size"], supervised["epoch_samples"]) == (128, 4 * 64)
+    assert supervised["lr"] * 128 == student["lr"] * 32
     assert noise_free["randaugment_ops"] == 0
     assert noise_free["dropout"] == noise_free["stochastic_depth"] == 0
+    # The oracle trains on the same images, each with its true class as a hard label.
+    from sklearn.datasets import load_digits
+
+    from data.read import iter_samples
+
+    truth = load_digits().target
+    taught = {
+        s["__key__"]: int(s["cls"])
+        for s in iter_samples(sorted(map(str, (out / "round1-oracle").glob("*.tar"))), print)
+    }
+    chosen = {
+        s["__key__"]
+        for s in iter_samples(sorted(map(str, (out / "round1-train").glob("*.tar"))), print)
+    }
+    assert set(taught) == chosen
+    assert all(cls == truth[int(key[5:9])] for key, cls in taught.items())
