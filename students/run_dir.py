@@ -34,6 +34,7 @@ from data.storage import (
     write_bytes,
     write_json,
 )
+from students.config import Recipe
 from teachers.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
 from teachers.weights import unpickler_reason
 
@@ -247,8 +248,14 @@ def claim_run(
 
 
 def _fixed(fingerprint: dict) -> dict:
-    recipe = {k: v for k, v in fingerprint.get("recipe", {}).items() if k not in MID_RUN_CHANGES}
-    return {**fingerprint, "recipe": recipe}
+    """What --resume compares: the recipe without the keys it may change, and with a key
+    added to the trainer after the run was recorded read as its default (which is what the
+    run trained with), so an upgrade does not strand older runs."""
+    recipe = {**_RECIPE_DEFAULTS, **fingerprint.get("recipe", {})}
+    return {**fingerprint, "recipe": {k: v for k, v in recipe.items() if k not in MID_RUN_CHANGES}}
+
+
+_RECIPE_DEFAULTS = {k: v for k, v in Recipe().to_dict().items() if v is not None}
 
 
 def finish_run(out: str, fingerprint: dict, log: list[dict]) -> None:

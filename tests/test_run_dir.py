@@ -303,3 +303,25 @@ def test_the_finetune_recipe_trains_on_eval_crops_with_its_first_layers_frozen(
     )  # fmt: skip
     assert wrong.returncode == 2
     assert "conv1, bn1, maxpool, layer1, layer2, layer3, layer4, fc" in wrong.stderr
+
+
+def test_a_run_recorded_before_a_recipe_key_existed_resumes_with_its_default(
+    digits_dir: Path, tmp_path: Path
+):
+    """The keys of the fine-tune (train_crop, freeze_through, schedule_epochs) came after
+    runs were recorded without them: such a run trained with their defaults, and resumes."""
+    run = tmp_path / "run"
+    assert _train(digits_dir, run, "--epochs", "1").returncode == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    for key in ("train_crop", "freeze_through", "schedule_epochs"):
+        del manifest["fingerprint"]["recipe"][key]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    resumed = _train(digits_dir, run, "--epochs", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout and len(_log(run)) == 2
+    # A key it recorded with another value is still refused.
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["fingerprint"]["recipe"]["train_crop"] = "center"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    refused = _train(digits_dir, run, "--epochs", "3", "--resume")
+    assert refused.returncode == 2 and "train_crop" in refused.stderr
