@@ -13,7 +13,7 @@ import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 
-from data.errors import USER_ERRORS, PeerFailed, WorkerBug
+from data.errors import USER_ERRORS, PeerFailed, UsageError, WorkerBug
 from data.progress import say
 from pipeline.options import FilterArgs, LabelArgs, add_flags, from_flags
 from students.config import DEVICES, add_arguments, flag_values
@@ -248,14 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="the ResNet-RS model table")
     models.add_argument("name", nargs="*", help="only these models")
     models.set_defaults(func=_cmd_models)
+    # Before the command or after it: `pipeline --debug stats ...` and `pipeline stats
+    # --debug ...` (two names: a subcommand's default would overwrite the first's value).
+    debug_help = (
+        "on any error print its full traceback, a worker's included (also: PIPELINE_DEBUG=1)"
+    )
+    parser.add_argument("--debug", dest="debug_first", action="store_true", help=debug_help)
     for command in _leaf_parsers(parser):
-        command.add_argument(
-            "--debug",
-            action="store_true",
-            help="on any error print its full traceback, a worker's included (also: "
-            "PIPELINE_DEBUG=1)",
-        )
+        command.add_argument("--debug", action="store_true", help=debug_help)
     return parser
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable: unset, empty, 0, false, no or off is no; 1, true, yes
+    or on is yes; anything else is refused in one line rather than read as yes."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise UsageError(f"{name}={os.environ[name]!r}: use 1, true, yes or on, or 0, false, no or off")
 
 
 def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -301,7 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.beam_args = extra
     func: Callable[[argparse.Namespace], None] = args.func
-    debug = bool(getattr(args, "debug", False) or os.environ.get("PIPELINE_DEBUG"))
+    try:
+        debug = args.debug or args.debug_first or env_flag("PIPELINE_DEBUG")
+    except UsageError as exc:
+        say(f"pipeline {args.command}: error: {exc}")
+        return EXIT_USAGE
     try:
         func(args)
     except USER_ERRORS as exc:

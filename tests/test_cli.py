@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,21 @@ def test_a_bug_exits_1_in_one_line_that_says_where_its_traceback_is(
     assert "in broken" in trace and "ValueError: an injected bug" in trace
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
     assert debug.returncode == 1 and "in broken" in debug.stderr and "Traceback" in debug.stderr
+    if where == "shard_entries":  # fails at once: every way of asking for debugging
+        before = [*command[:4], "--debug", *command[4:]]  # pipeline --debug label ...
+        first = subprocess.run(before, capture_output=True, text=True)
+        assert first.returncode == 1 and "Traceback" in first.stderr
+        for value, traced in (("0", False), ("false", False), ("true", True), ("1", True)):
+            env = {**os.environ, "PIPELINE_DEBUG": value}
+            run = subprocess.run(command, capture_output=True, text=True, env=env)
+            assert run.returncode == 1 and ("Traceback" in run.stderr) == traced, value
+        env = {**os.environ, "PIPELINE_DEBUG": "maybe"}
+        odd = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert odd.returncode == 2
+        assert message_lines(odd.stderr) == [
+            "pipeline label: error: PIPELINE_DEBUG='maybe': use 1, true, yes or on, or 0, "
+            "false, no or off"
+        ]
 
 
 def test_a_damaged_model_json_is_one_line(random_teacher: Path, digits_dir: Path, tmp_path: Path):
