@@ -189,7 +189,8 @@ class TrainArgs:
         metavar="KEY=VALUE",
     )
     resume: bool = _arg(
-        "continue the run in --out from its last checkpoint (same recipe; epochs may grow)",
+        "continue the run in --out from its last checkpoint (same recipe; epochs may grow, "
+        "compile, micro_batch, eval_batch_size and workers change)",
         False,
     )
     overwrite: bool = _arg("clear --out and start afresh, whatever run it holds", False)

@@ -86,8 +86,10 @@ def write_log(run_dir: str, records: list[dict]) -> None:
     write_bytes(join(run_dir, LOG_FILE), text.encode())
 
 
-# The recipe keys --resume may change: a longer run, and compiling (how, not what, it runs).
-MID_RUN_CHANGES = ("epochs", "compile")
+# The recipe keys --resume may change: a longer run, and how the same steps are computed
+# (compiling, the micro-batches a step's gradient is summed over, the validation batch, the
+# loader processes), so a run that ran out of memory continues with smaller micro-batches.
+MID_RUN_CHANGES = ("epochs", "compile", "micro_batch", "eval_batch_size", "workers")
 # Who trains into a run directory: rewritten every BEAT_SECONDS while the run lives, removed
 # when it ends. A claim from another machine whose beat is older than STALE_SECONDS is taken
 # for a run that was killed (SIGKILL, SIGTERM: no handler, which a rank blocked in a
@@ -183,8 +185,8 @@ def release_claims() -> None:
 
 class RunOutput(StageOutput):
     """A run directory claimed like a stage's output, under the trainer's rules: a run there
-    is continued only with --resume, and then only `epochs` and `compile` may differ (the
-    new values take effect); --overwrite clears it, whatever it holds."""
+    is continued only with --resume, and then only `MID_RUN_CHANGES` may differ (the new
+    values take effect; epochs only grow); --overwrite clears it, whatever it holds."""
 
     def __init__(
         self, out: str, fingerprint: dict, inputs: list[str], resume: bool, overwrite: bool
@@ -201,12 +203,18 @@ class RunOutput(StageOutput):
                 f"{self.out_dir} already holds a run: pass --resume to continue it, "
                 "--overwrite to start afresh, or choose a new --out"
             )
+        planned, asked = old.get("recipe", {}).get("epochs"), self.fingerprint["recipe"]["epochs"]
+        if isinstance(planned, int) and asked < planned:
+            return (
+                f"{self.out_dir} holds a run of {planned} epochs: --resume continues it to as "
+                f"many or more, not {asked}; --overwrite starts afresh"
+            )
         changed = difference(_fixed(self.fingerprint), _fixed(old))
         if changed is not None:
             return (
                 f"{self.out_dir} holds a run made with other settings: {changed}. --resume "
-                "continues the same recipe and inputs (only a larger epochs); --overwrite "
-                "starts afresh"
+                "continues the same recipe and inputs (epochs may grow, and how the steps are "
+                "computed change); --overwrite starts afresh"
             )
         return None
 

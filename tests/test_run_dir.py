@@ -50,6 +50,23 @@ def test_resume_refuses_a_changed_recipe_and_follows_a_longer_one(digits_dir: Pa
     assert [r["epoch"] for r in _log(run)] == [1, 2]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["state"] == "done" and manifest["fingerprint"]["recipe"]["epochs"] == 2
+    # A smaller plan would rewrite the finished run's record over weights it does not describe.
+    record = {f: (run / f).read_bytes() for f in ("config.yaml", "manifest.json", "model.json")}
+    shorter = _train(digits_dir, run, "--epochs", "1", "--resume")
+    assert shorter.returncode == 2
+    assert f"{run} holds a run of 2 epochs: --resume continues it to as many or more, not 1" in (
+        shorter.stderr
+    )
+    assert record == {f: (run / f).read_bytes() for f in record}
+    # How the same steps are computed may change on resume: micro-batches, the validation
+    # batch, the loader processes (a run that ran out of memory continues in smaller parts).
+    how = ("micro_batch=4", "eval_batch_size=32", "workers=1")
+    changed = _train(digits_dir, run, "--epochs", "3", "--resume", *[
+        arg for kv in how for arg in ("--set", kv)
+    ])  # fmt: skip
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert [r["epoch"] for r in _log(run)] == [1, 2, 3]
+    assert "micro_batch: 4" in (run / "config.yaml").read_text()
 
 
 def test_overwrite_starts_afresh_and_equals_a_fresh_run(digits_dir: Path, tmp_path: Path):
