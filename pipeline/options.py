@@ -9,6 +9,7 @@ No torch and no Beam here: `pipeline --help` builds its flags from this module a
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 
@@ -71,7 +72,9 @@ class JobArgs:
 
     def __post_init__(self) -> None:
         for spec in fields(self):
-            problem = _problem(type(self), spec, getattr(self, spec.name))
+            value = _as_declared(type(self), spec, getattr(self, spec.name))
+            object.__setattr__(self, spec.name, value)
+            problem = _problem(type(self), spec, value)
             if problem is not None:
                 raise UsageError(problem)
 
@@ -217,15 +220,38 @@ def flag(spec: Field) -> str:
     return "--" + spec.name.replace("_", "-")
 
 
+def _as_declared(cls: type, spec: Field, value: object) -> object:
+    """What the Python API may pass for an option as the field holds it: a path
+    (`pathlib.Path`) as its string, and for a repeatable option one value or a list as a
+    tuple. Anything else is left for `_problem` to refuse."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if _repeated(cls, spec):
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list | tuple):
+            return tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
+    return value
+
+
 def _problem(cls: type, spec: Field, value: object) -> str | None:
     """What is wrong with `value` for this option, in one line naming its flag; or None."""
     kind = field_types(cls)[spec.name]
     if value is None:
         return None if type(None) in getattr(kind, "__args__", ()) else f"{flag(spec)} is required"
+    if _repeated(cls, spec):
+        wrong = (
+            [v for v in value if not isinstance(v, str)] if isinstance(value, tuple) else [value]
+        )
+        return f"{flag(spec)} takes strings, got {wrong[0]!r}" if wrong else None
+    scalar = scalar_of(kind)
+    if scalar is bool and not isinstance(value, bool):
+        return f"{flag(spec)} must be True or False, got {value!r}"
     meta = spec.metadata
     if meta["choices"] is not None and value not in meta["choices"]:
         return f"{flag(spec)} must be one of {', '.join(meta['choices'])}, got {value!r}"
-    scalar = scalar_of(kind)
+    if scalar is str and not isinstance(value, str):
+        return f"{flag(spec)} must be a string or a path, got {value!r}"
     if scalar not in (int, float):
         return None
     low, high, below = meta["low"], meta["high"], meta["below"]

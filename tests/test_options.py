@@ -86,3 +86,29 @@ def test_the_fingerprint_takes_only_fingerprint_fields():
     with pytest.raises(TypeError, match="output"):
         fingerprint(args, output="elsewhere")
     assert fingerprint(args, input={"folder": "x"})["labels"] == {"folder": "x"}
+
+
+def test_the_python_api_checks_types_as_the_command_line_does(tmp_path):
+    """A Path is a path, one OLD=NEW is one repeat of --source-root, and a value of the
+    wrong type is refused in one line naming the option, never taken for another."""
+    args = FilterArgs(input=tmp_path / "labels", output=tmp_path / "train", source_root="a=b")
+    assert (args.input, args.output) == (str(tmp_path / "labels"), str(tmp_path / "train"))
+    assert args.source_root == ("a=b",)
+    assert FilterArgs(input="i", output="o", source_root=["a=b", tmp_path]).source_root == (
+        "a=b",
+        str(tmp_path),
+    )
+    assert LabelArgs(teacher=tmp_path, input="i", output="o").teacher == str(tmp_path)
+    refused = [
+        (FilterArgs, {"hard": "false"}, "--hard must be True or False, got 'false'"),
+        (FilterArgs, {"per_class": "40"}, "--per-class must be a whole number of at least 1"),
+        (FilterArgs, {"strategy": 3}, "--strategy must be one of threshold, topk, got 3"),
+        (FilterArgs, {"source_root": [1]}, "--source-root takes strings, got 1"),
+        (FilterArgs, {"dedup_against": 3}, "--dedup-against must be a string or a path, got 3"),
+        (LabelArgs, {"embed": 1}, "--embed must be True or False, got 1"),
+    ]
+    for cls, wrong, message in refused:
+        values = dict(zip(REQUIRED[cls][::2], REQUIRED[cls][1::2], strict=True))
+        with pytest.raises(UsageError) as raised:
+            cls(**{k[2:]: v for k, v in values.items()}, **wrong)
+        assert str(raised.value).startswith(message)
