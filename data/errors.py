@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,25 @@ class WorkerBug(Exception):
     def __init__(self, message: str, where: str, trace: str) -> None:
         super().__init__(message)
         self.where, self.trace = where, trace
+
+
+def _wrong_kind(exc: BaseException) -> str | None:
+    """A path of the wrong kind in words, whichever command met it: the file that stands
+    where a folder is expected (a shard given as an output folder, or as a folder to read a
+    manifest from), or the folder where a file is expected; None for any other error."""
+    name = getattr(exc, "filename", None)
+    if not isinstance(name, str):
+        return None
+    if isinstance(exc, IsADirectoryError):
+        return f"{name} is a folder where a file is expected"
+    if isinstance(exc, NotADirectoryError | FileExistsError):
+        path = Path(name)
+        for above in (path, *path.parents):
+            if above.is_file():
+                return f"{above} is a file where a folder is expected"
+    return None
+
+
+def in_words(exc: BaseException) -> str:
+    """A user error's one line: a path of the wrong kind said as such, else the error."""
+    return _wrong_kind(exc) or str(exc)

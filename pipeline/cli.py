@@ -13,7 +13,7 @@ import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 
-from data.errors import USER_ERRORS, PeerFailed, UsageError, WorkerBug
+from data.errors import USER_ERRORS, PeerFailed, UsageError, WorkerBug, in_words
 from data.progress import say
 from pipeline.options import FilterArgs, LabelArgs, add_flags, from_flags
 from students.config import DEVICES, add_arguments, flag_values
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             say("".join(traceback.format_exception(exc)).rstrip("\n"))
         kind = "stopped" if isinstance(exc, PeerFailed) else "error"
-        say(f"pipeline {args.command}: {kind}: {exc}")
+        say(f"pipeline {args.command}: {kind}: {in_words(exc)}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         say(f"pipeline {args.command}: interrupted; rerun the same command to resume")

@@ -430,9 +430,14 @@ def eval_loader(
 
 def _count_shard(url: str) -> int:
     """Image samples in one shard, from the tar headers alone: members are seeked past, not
-    read, so counting ImageNet costs seconds."""
+    read, so counting ImageNet costs seconds. A damaged shard counts none: the loaders drop
+    what they cannot read of it and count that in every epoch's line and the manifest."""
     keys = set()
-    for name in member_names(url):
+    try:
+        names = member_names(url)
+    except ShardFault:
+        return 0
+    for name in names:
         base, ext = base_plus_ext(name)
         if base and base != SHARD_HEADER_KEY and ext and ext.lower() in IMAGE_EXTS:
             keys.add(base)

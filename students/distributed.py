@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from data.errors import USER_ERRORS, UsageError
+from data.errors import USER_ERRORS, UsageError, in_words
 from teachers.inference import resolve_device
 
 
@@ -95,7 +95,7 @@ def on_main(env: Distributed, work: Callable[[], object]) -> object:
         try:
             result = work()
         except USER_ERRORS as exc:
-            error = str(exc)
+            error = in_words(exc)
     result, error = broadcast_object((result, error), env)
     if error is not None:
         raise UsageError(error)

@@ -29,11 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.classes import read_class_names
-from data.errors import USER_ERRORS, PeerFailed, UsageError
+from data.errors import USER_ERRORS, PeerFailed, UsageError, in_words
 from data.manifest import inputs_record
 from data.progress import progress_bar, say
 from data.specs import shard_entries
-from data.storage import Entry, absolute, parent
+from data.storage import Entry, absolute, is_dir, parent
 from students import distributed, run_dir
 from students.config import Recipe, TrainArgs, add_arguments, flag_values, resolve
 from students.data import (
@@ -638,7 +638,14 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
 def _init_source(init: str, model_name: str) -> tuple[str, str | None]:
     """(teacher, weights) for `load_teacher`: a run directory as it is, a file as weights
     of this run's model."""
-    return (init, None) if is_run_dir(init) else (model_name, init)
+    if is_run_dir(init):
+        return init, None
+    if is_dir(init):
+        raise UsageError(
+            f"--init {init} is a folder without model.json: give a training run's folder or a "
+            "weights file"
+        )
+    return model_name, init
 
 
 def _init_id(init: str, model_name: str) -> str:
@@ -738,7 +745,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         train(**flag_values(args))
     except USER_ERRORS as exc:
-        say(f"{parser.prog}: error: {exc}")
+        say(f"{parser.prog}: error: {in_words(exc)}")
         return 2
     return 0
 

@@ -139,3 +139,52 @@ def test_a_topk_no_record_can_hold_is_refused_before_the_job_starts(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--topk must be a whole number between 1 and 255" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_path_of_the_wrong_kind_is_said_in_one_line(
+    random_teacher: Path, digits_dir: Path, tmp_path: Path
+):
+    """A shard file where a folder is expected, or a folder where a file is, named as such
+    by every command (it was a raw "[Errno 20] Not a directory: .../x.tar/manifest.json")."""
+    shard = tmp_path / "x.tar"
+    shutil.copy(sorted((digits_dir / "unlabeled").glob("*.tar"))[0], shard)
+    as_folder = f"{shard} is a file where a folder is expected"
+    cases = [
+        (["stats", str(shard)], as_folder),
+        (["filter", "--input", str(shard), "--output", str(tmp_path / "out")], as_folder),
+        (
+            [
+                "label",
+                "--teacher",
+                str(random_teacher),
+                "--input",
+                str(digits_dir / "unlabeled"),
+                "--output",
+                str(shard),
+            ],
+            as_folder,
+        ),  # fmt: skip
+        (
+            [
+                "train-student",
+                "--model",
+                "rs-mini",
+                "--labeled",
+                str(digits_dir / "labeled"),
+                "--out",
+                str(shard / "run"),
+                "--epochs",
+                "1",
+            ],
+            as_folder,
+        ),  # fmt: skip
+        (
+            ["eval", "--checkpoint", str(tmp_path), "--data", str(digits_dir / "val")],
+            f"{tmp_path}",
+        ),  # fmt: skip
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        lines = message_lines(result.stderr)
+        assert result.returncode == 2 and len(lines) == 1, (args, result.stderr[-1500:])
+        assert message in lines[0] and "Errno" not in lines[0], (args, lines)

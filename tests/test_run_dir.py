@@ -5,6 +5,8 @@ drop are counted where the user sees them."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -123,6 +125,30 @@ def test_samples_dropped_in_training_are_counted_and_shown(digits_dir: Path, tmp
     manifest = json.loads((run / "manifest.json").read_text())
     total = sum(r["dropped"]["unknown_class"] for r in records)
     assert manifest["drops"] == {"unknown_class": total} == {"unknown_class": manifest["dropped"]}
+
+
+def test_a_damaged_shard_is_counted_when_the_recipe_leaves_the_epoch_to_the_data(
+    digits_dir: Path, tmp_path: Path
+):
+    """Without `epoch_samples` (the digits and ImageNet recipes) the trainer counts the
+    labeled images from the tar headers: a shard of random bytes, an empty one and one cut
+    short count none (they ended the run as an internal error), and the run trains; the
+    loaders drop what they cannot read of them, as they do with --set epoch_samples."""
+    labeled = tmp_path / "labeled"
+    shutil.copytree(digits_dir / "labeled", labeled)
+    good = sorted(labeled.glob("*.tar"))[0].read_bytes()
+    (labeled / "zz-random.tar").write_bytes(os.urandom(5000))
+    (labeled / "zz-empty.tar").write_bytes(b"")
+    (labeled / "zz-cut.tar").write_bytes(good[: len(good) // 2 + 100])
+    run = tmp_path / "run"
+    result = run_cli(
+        "train-student", "--labeled", str(labeled), "--out", str(run), "--model", "rs-mini",
+        "--config", str(DIGITS_RECIPE), "--batch-size", "64", "--epochs", "1",
+        "--set", "workers=0", "--set", "shuffle_buffer=32",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    counted = yaml.safe_load((run / "config.yaml").read_text())["epoch_samples"]
+    assert counted == 200  # the whole shard's: the damaged ones count none
 
 
 def test_resume_on_a_bucket_needs_nothing_local(gcs_server, digits_dir: Path):
