@@ -182,9 +182,26 @@ def test_a_path_of_the_wrong_kind_is_said_in_one_line(
             ["eval", "--checkpoint", str(tmp_path), "--data", str(digits_dir / "val")],
             f"{tmp_path}",
         ),  # fmt: skip
+        (
+            [
+                "train-student",
+                "--model",
+                "rs-mini",
+                "--labeled",
+                str(digits_dir / "labeled"),
+                "--out",
+                str(tmp_path / "run"),
+                "--init",
+                str(digits_dir),
+                "--epochs",
+                "1",
+            ],
+            f"--init {digits_dir} is a folder without model.json",
+        ),  # fmt: skip
     ]
     for args, message in cases:
         result = run_cli(*args)
         lines = message_lines(result.stderr)
         assert result.returncode == 2 and len(lines) == 1, (args, result.stderr[-1500:])
         assert message in lines[0] and "Errno" not in lines[0], (args, lines)
+    assert not (tmp_path / "run").exists()  # refused before it claimed its output
