@@ -54,18 +54,23 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="seeds run at a time (2)")
     parser.add_argument("--keep", help="keep each seed's demo folder under this directory")
     parser.add_argument("--no-controls", dest="controls", action="store_false")
+    parser.add_argument("--config", help="demo recipe (default: the bundled configs/demo.yaml)")
     args = parser.parse_args()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-demo-"))
-    if any((work / f"seed{seed}" / "report.json").exists() for seed in args.seeds):
-        parser.error(f"{work} already holds a finished seed: a resumed demo would not be timed")
-    with ThreadPoolExecutor(args.jobs) as pool:
-        reports = list(
-            pool.map(lambda seed: _one_seed(work, seed, args.rounds, args.controls), args.seeds)
+    half = [s for s in args.seeds if (work / f"seed{s}").exists() and not _done(work, s)]
+    if half:
+        parser.error(
+            f"{work}/seed{half[0]} holds a demo this benchmark did not finish: a resumed demo "
+            "would not be timed; remove it"
         )
+    with ThreadPoolExecutor(args.jobs) as pool:
+        reports = list(pool.map(lambda seed: _one_seed(work, seed, args), args.seeds))
     if not args.keep:
         shutil.rmtree(work)
     rows, figures = _tables(args, reports)
     command = f"python bench/bench_demo.py --rounds {args.rounds} --jobs {args.jobs}"
+    if args.config:
+        command += f" --config {args.config}"
     if args.seeds != list(REPORT_SEEDS):
         command += f" --seeds {' '.join(map(str, args.seeds))}"
     append(
@@ -78,12 +83,20 @@ def main() -> None:
     )
 
 
-def _one_seed(work: Path, seed: int, rounds: int, controls: bool) -> dict:
-    """The demo of one seed, the truth of its selections, and its controls."""
-    out = work / f"seed{seed}"
+def _done(work: Path, seed: int) -> bool:
+    return (work / f"seed{seed}" / "bench.json").exists()
+
+
+def _one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict:
+    """The demo of one seed, the truth of its selections, and its controls; a seed this
+    benchmark finished in `work` before (--keep) is read back, with the times it took."""
+    out, rounds = work / f"seed{seed}", args.rounds
+    if _done(work, seed):
+        return json.loads((out / "bench.json").read_text())
+    config = ["--config", args.config] if args.config else []
     wall = timed(
         [sys.executable, "-m", "pipeline", "demo", "--out", str(out), "--seed", str(seed)]
-        + ["--rounds", str(rounds)]
+        + ["--rounds", str(rounds), *config]
     )[0]
     report = json.loads((out / "report.json").read_text())
     report["wall_s"] = wall
@@ -91,8 +104,9 @@ def _one_seed(work: Path, seed: int, rounds: int, controls: bool) -> dict:
         selection_truth(out / f"round{r}-train", out / "round1-oracle" if r == 1 else None)
         for r in range(1, rounds + 1)
     ]
-    if controls:
-        report["controls"] = {kind: _control(out, seed, kind) for kind in CONTROLS}
+    if args.controls:
+        report["controls"] = {kind: _control(out, seed, kind, args.config) for kind in CONTROLS}
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
     print(f"seed {seed}: done in {wall:.0f} s", flush=True)
     return report
 
@@ -118,15 +132,15 @@ def selection_truth(train_dir: Path, oracle_dir: Path | None = None) -> float:
     return right / max(total, 1)
 
 
-def _control(out: Path, seed: int, kind: str) -> dict:
+def _control(out: Path, seed: int, kind: str, config: str | None) -> dict:
     """A control trained beside a finished demo, in a process of its own like the demo."""
     scores = out / f"control-{kind}.json"
     code = (
         "import json, sys; from pipeline.demo import run_control; from pathlib import Path; "
         "Path(sys.argv[4]).write_text(json.dumps(run_control(sys.argv[1], int(sys.argv[2]), "
-        "sys.argv[3])))"
+        "sys.argv[3], sys.argv[5] or None)))"
     )
-    timed([sys.executable, "-c", code, str(out), str(seed), kind, str(scores)])
+    timed([sys.executable, "-c", code, str(out), str(seed), kind, str(scores), config or ""])
     return json.loads(scores.read_text())
 
 
