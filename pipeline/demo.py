@@ -32,6 +32,8 @@ from students.train import train
 DEFAULT_RECIPE = "demo"  # configs/demo.yaml, bundled with the package
 
 
+# Filter settings a kept selection replaces (`pipeline filter --keep-selection` refuses them).
+KEPT_AS_IS = ("threshold", "per_class", "max_copies")
 SEEDS_PER_ROUND = 1000  # trainer seed of round r: the demo's seed + r x this
 
 
@@ -134,6 +136,8 @@ def run(
             [],
         )
         keep = filter_part.pop("keep_selection", False) and first_selection
+        if keep:  # round 1's images and copies as they are: nothing chooses or balances
+            filter_part = {k: v for k, v in filter_part.items() if k not in KEPT_AS_IS}
         filtered = timed(
             f"round {r} filter",
             filter_run,

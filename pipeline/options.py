@@ -206,6 +206,26 @@ class FilterArgs(JobArgs):
     )
     shard_size: int = option("samples per output shard", 1000, low=1, fingerprint=True)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep_selection is not None:
+            # The selection is kept as it was: options that choose or balance would be ignored.
+            ignored = [
+                flag(spec)
+                for spec in fields(self)
+                if spec.name in _SELECTING and getattr(self, spec.name) != spec.default
+            ]
+            if ignored:
+                raise UsageError(
+                    f"--keep-selection keeps that output's images and copies, so "
+                    f"{' and '.join(ignored)} would be ignored: leave "
+                    f"{'them' if len(ignored) > 1 else 'it'} out"
+                )
+
+
+# What chooses and balances the images: what --keep-selection replaces.
+_SELECTING = ("threshold", "per_class", "max_copies")
+
 
 # --- what derives from the fields --------------------------------------------------------
 

@@ -206,8 +206,11 @@ def test_keep_selection_keeps_the_images_and_copies_with_the_new_teachers_labels
         [],
     )
     second = tmp_path / "round2-train"
-    # a threshold that would keep nothing of the random teacher's labels: no rules apply
-    kept = _filter(relabeled, second, threshold=0.99, keep_selection=str(first))
+    # Nothing chooses or balances: an option that would is refused, not ignored.
+    with pytest.raises(UsageError, match="so --threshold would be ignored: leave it out"):
+        _filter(relabeled, second, threshold=0.99, keep_selection=str(first))
+    assert not second.exists()
+    kept = _filter(relabeled, second, keep_selection=str(first))
 
     old, new = _training_samples(first), _training_samples(second)
     assert Counter(_image(s["__key__"]) for s in new) == Counter(_image(s["__key__"]) for s in old)
