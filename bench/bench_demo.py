@@ -65,9 +65,15 @@ def main() -> None:
         )
     with ThreadPoolExecutor(args.jobs) as pool:
         reports = list(pool.map(lambda seed: _one_seed(work, seed, args), args.seeds))
+    quiet = _quiet_round1(work, args.config)
     if not args.keep:
         shutil.rmtree(work)
     rows, figures = _tables(args, reports)
+    figures["round1_quiet_s"] = quiet
+    rows.append(
+        f"`make demo`'s round 1 (seed 0) alone on the machine, after the seeds: {quiet:.0f} s "
+        "of stage time."
+    )
     command = f"python bench/bench_demo.py --rounds {args.rounds} --jobs {args.jobs}"
     if args.config:
         command += f" --config {args.config}"
@@ -81,6 +87,17 @@ def main() -> None:
         "demo",
         figures,
     )
+
+
+def _quiet_round1(work: Path, config: str | None) -> float:
+    """Stage seconds of `make demo`'s round 1 (its seed, 0), run afresh with nothing else of
+    this benchmark beside it: the seeds above share the cores two at a time."""
+    out = work / "quiet-seed0"
+    if out.exists():
+        shutil.rmtree(out)
+    command = [sys.executable, "-m", "pipeline", "demo", "--out", str(out), "--seed", "0"]
+    timed(command + (["--config", config] if config else []))
+    return _seconds_to_round(json.loads((out / "report.json").read_text()), 1)
 
 
 def _done(work: Path, seed: int) -> bool:
