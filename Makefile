@@ -18,7 +18,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
-	$(BIN)/pipeline demo --out demo-out
+	$(BIN)/pipeline demo --out demo-out --rounds 2
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -188,6 +188,14 @@ MEASURES = [
         lambda x: x >= 2,
     ),
     Measure(
+        "demo: round-1 student - teacher, points, low end of the 95% CI",
+        "demo",
+        lambda r: _difference(r, "round 1 student - round-0 teacher")["mean_ci"][1],
+        "{:+.2f}",
+        "> 0 (>= +2 would establish the mean's goal)",
+        lambda x: x > 0,
+    ),
+    Measure(
         "demo: round-1 student - teacher, points, worst report seed",
         "demo",
         lambda r: min(_difference(r, "round 1 student - round-0 teacher")["values"]),
