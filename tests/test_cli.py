@@ -149,55 +149,19 @@ def test_a_path_of_the_wrong_kind_is_said_in_one_line(
     shard = tmp_path / "x.tar"
     shutil.copy(sorted((digits_dir / "unlabeled").glob("*.tar"))[0], shard)
     as_folder = f"{shard} is a file where a folder is expected"
+    train = ["train-student", "--model", "rs-mini", "--labeled", str(digits_dir / "labeled")]
+    train += ["--epochs", "1"]
+    label = ["label", "--teacher", str(random_teacher), "--input", str(digits_dir / "unlabeled")]
     cases = [
         (["stats", str(shard)], as_folder),
         (["filter", "--input", str(shard), "--output", str(tmp_path / "out")], as_folder),
+        (label + ["--output", str(shard)], as_folder),
+        ([*train, "--out", str(shard / "run")], as_folder),
+        (["eval", "--checkpoint", str(tmp_path), "--data", str(digits_dir / "val")], str(tmp_path)),
         (
-            [
-                "label",
-                "--teacher",
-                str(random_teacher),
-                "--input",
-                str(digits_dir / "unlabeled"),
-                "--output",
-                str(shard),
-            ],
-            as_folder,
-        ),  # fmt: skip
-        (
-            [
-                "train-student",
-                "--model",
-                "rs-mini",
-                "--labeled",
-                str(digits_dir / "labeled"),
-                "--out",
-                str(shard / "run"),
-                "--epochs",
-                "1",
-            ],
-            as_folder,
-        ),  # fmt: skip
-        (
-            ["eval", "--checkpoint", str(tmp_path), "--data", str(digits_dir / "val")],
-            f"{tmp_path}",
-        ),  # fmt: skip
-        (
-            [
-                "train-student",
-                "--model",
-                "rs-mini",
-                "--labeled",
-                str(digits_dir / "labeled"),
-                "--out",
-                str(tmp_path / "run"),
-                "--init",
-                str(digits_dir),
-                "--epochs",
-                "1",
-            ],
+            [*train, "--out", str(tmp_path / "run"), "--init", str(digits_dir)],
             f"--init {digits_dir} is a folder without model.json",
-        ),  # fmt: skip
+        ),
     ]
     for args, message in cases:
         result = run_cli(*args)
