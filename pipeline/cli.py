@@ -130,8 +130,11 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _cmd_models(args: argparse.Namespace) -> None:
     from teachers import format_table, models_table
+    from teachers.table import TIMM_NOTE
 
     print(format_table(models_table(args.name or None)))
+    if not args.name:
+        print(f"\n{TIMM_NOTE}")
 
 
 def _add_overwrite(parser: argparse.ArgumentParser) -> None:
@@ -245,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--runner", help="Beam runner for a scan (DirectRunner, workers = cores)")
     stats.set_defaults(func=_cmd_stats, beam=True)
 
-    models = commands.add_parser("models", help="the ResNet-RS model table")
+    models = commands.add_parser(
+        "models", help="the model table (ResNet-RS rows; timm:NAME for any timm model)"
+    )
     models.add_argument("name", nargs="*", help="only these models")
     models.set_defaults(func=_cmd_models)
     # Before the command or after it: `pipeline --debug stats ...` and `pipeline stats

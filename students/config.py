@@ -7,7 +7,7 @@ ImageNet recipe of Bello et al. 2021, with Noisy Student's unlabeled ratio), a Y
 (`--config`: a path, or the name of a bundled one), `--set key=value`, then flags. Numbers
 that depend on the model size (dropout, stochastic depth, resolution, RandAugment
 magnitude) default to null and are filled in from the model table
-(`teachers.registry.MODELS`) at resolution, so the recipe a run records has no nulls.
+(`teachers.registry`; timm models: timm's pretrained config) at resolution, so the recipe a run records has no nulls.
 
 No torch here: `pipeline --help` builds its flags from this module alone.
 """
@@ -78,7 +78,9 @@ def _key(
 class Recipe:
     """How a student is trained: the keys of a YAML recipe, of `--set` and of config.yaml."""
 
-    model: str | None = _key(None, "model name from `pipeline models`", flag=True)
+    model: str | None = _key(
+        None, "model name from `pipeline models`, or timm:NAME for any timm model", flag=True
+    )
     epochs: int = _key(350, "epochs", low=1, flag=True)
     batch_size: int = _key(
         4096, "global labeled images per step, over all processes", low=1, flag=True
@@ -332,7 +334,7 @@ def resolve_recipe(
     if values.get("model") is None:
         raise UsageError("no model: pass --model or use a config that names one")
     recipe = Recipe(**{f.name: _checked(f, values.get(f.name, f.default)) for f in fields(Recipe)})
-    from teachers.registry import get_config, randaugment_magnitude_at  # torch: only now
+    from teachers.registry import get_config  # torch: only now
 
     table = get_config(recipe.model)
     recipe = replace(
@@ -350,7 +352,7 @@ def resolve_recipe(
         eval_size=recipe.eval_size or recipe.image_size,
         randaugment_magnitude=recipe.randaugment_magnitude
         if recipe.randaugment_magnitude is not None
-        else randaugment_magnitude_at(recipe.image_size),
+        else table.randaugment_magnitude_at(recipe.image_size),
     )
 
 

@@ -486,6 +486,7 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
     model = create_model(
         table.name,
         num_classes,
+        image_size=recipe.image_size,
         drop_rate=recipe.dropout,
         drop_path_rate=recipe.stochastic_depth,
     )

@@ -18,7 +18,7 @@ from torch import nn
 
 from data.errors import UsageError
 from data.storage import exists, join, open_read, read_json, write_bytes, write_json
-from teachers.registry import MODELS, create_model, get_config
+from teachers.registry import MODELS, create_model, get_config, is_model_name
 from teachers.weights import (
     WeightsError,
     classifier_classes,
@@ -121,7 +121,7 @@ def export_run(
         key: value.detach().cpu().contiguous()
         for key, value in clean_state_dict(model.state_dict()).items()
     }
-    num_classes = classifier_classes(state)
+    num_classes = classifier_classes(state, get_config(model_name).classifier)
     if class_names is not None and len(class_names) != num_classes:
         raise UsageError(f"{len(class_names)} class names for a model with {num_classes} classes")
     weights = save_safetensors(state)
@@ -144,7 +144,8 @@ def _run_record(teacher: str, weights: str | Path | None) -> dict | None:
     """What a teacher names, checked once for describe and load: None for a model name
     (given with its weights), or the run directory's model.json; else one line saying why
     it is neither."""
-    if teacher in MODELS:
+    if is_model_name(teacher):
+        get_config(teacher)  # a timm name timm does not know: said here, on the launcher
         if weights is None:
             raise UsageError(
                 f"the teacher {teacher!r} is a model name, so it needs weights (--weights "
@@ -154,7 +155,7 @@ def _run_record(teacher: str, weights: str | Path | None) -> dict | None:
     meta = read_json(join(teacher, META_FILE)) if is_run_dir(teacher) else None
     if not isinstance(meta, dict):
         raise UsageError(
-            f"teacher {teacher!r} is neither a model name ({', '.join(MODELS)}) "
+            f"teacher {teacher!r} is neither a model name ({', '.join(MODELS)}, timm:NAME) "
             f"nor a run directory holding {META_FILE}"
         )
     if weights is not None:
@@ -189,7 +190,8 @@ def load_teacher(
     if meta is None:
         data = read_bytes(weights)
         state = parse_weights(data, str(weights))
-        info = _info(teacher, data, classifier_classes(state), {})
+        classes = classifier_classes(state, get_config(teacher).classifier)
+        info = _info(teacher, data, classes, {})
     else:
         data = read_bytes(join(teacher, WEIGHTS_FILE))
         recorded, found = meta.get("weights_sha256"), hashlib.sha256(data).hexdigest()
@@ -201,5 +203,7 @@ def load_teacher(
             )
         state = parse_weights(data, join(teacher, WEIGHTS_FILE))
         info = _info(meta["model"], data, meta["num_classes"], meta)
-    model = create_model(info.model_name, info.num_classes, weights=state)
+    # Built at the size it was trained at, for architectures whose shapes depend on it.
+    size = info.extra.get("recipe", {}).get("image_size")
+    model = create_model(info.model_name, info.num_classes, weights=state, image_size=size)
     return model.to(device).eval(), info

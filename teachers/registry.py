@@ -1,4 +1,14 @@
-"""The ResNet-RS table and its one builder.
+"""The model table: the ResNet-RS family as rows, and any timm model by name.
+
+A row says how to build its model, where its classifier is, how to preprocess for it and
+its recipe defaults, as data; `create_model` builds any row, so the trainer, the labeler,
+run directories and `--init` treat every family alike. `timm:NAME` (any architecture timm
+knows, with an optional `.tag`) is a row made on demand from timm's own pretrained config
+for that name: its eval resolution, crop, interpolation, mean and std are what
+`timm.data.resolve_data_config` gives, so it labels as timm's own eval transform would.
+The rules below that belong to ResNet-RS (RandAugment by size, its stochastic-depth schedule)
+apply to its rows only.
+
 
 Every recipe number a stage needs (resolutions, crop, dropout, stochastic depth, RandAugment
 magnitude) lives in `MODELS`, read by the trainer, the labeler and `pipeline models` alike;
@@ -15,6 +25,7 @@ to size + 32, center-crop size).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from torch import nn
 
@@ -46,9 +57,18 @@ def randaugment_magnitude_at(size: int) -> int:
     return 10 if size <= 160 else 15
 
 
+TIMM_PREFIX = "timm:"
+# RandAugment magnitude of timm rows at every size: timm's recipes' `rand-m9` (both scales
+# divide by 10), since the size rule above is ResNet-RS's.
+TIMM_RANDAUGMENT = 9
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One member of the family: its architecture and the recipe it is trained and run with."""
+
+    family = "resnet-rs"
+    classifier = "fc"  # the classifier's module: its weight's rows are the classes
 
     name: str
     layers: tuple[int, int, int, int]
@@ -67,6 +87,9 @@ class ModelConfig:
     @property
     def randaugment_magnitude(self) -> int:
         return randaugment_magnitude_at(self.size)
+
+    def randaugment_magnitude_at(self, size: int) -> int:
+        return randaugment_magnitude_at(size)
 
     @property
     def train_size(self) -> int:
@@ -88,6 +111,120 @@ class ModelConfig:
     def stage_depths(self) -> tuple[int, ...]:
         """Blocks per stage as built, after the depth multiplier."""
         return scale_depth(self.layers, self.depth)
+
+    def build(self, num_classes: int, image_size: int | None = None, **overrides) -> nn.Module:
+        """The model; `overrides` (e.g. `drop_path_rate=0.2`) go to `ResNetRS` over the
+        table's values. Convolutional all through, it takes any `image_size` as built."""
+        arch = dict(
+            layers=self.layers,
+            depth=self.depth,
+            width=self.width,
+            drop_rate=self.drop_rate,
+            drop_path_rate=self.drop_path_rate,
+        )
+        return ResNetRS(num_classes=num_classes, **(arch | overrides))
+
+
+@dataclass(frozen=True)
+class TimmConfig:
+    """A timm architecture as a row: built by `timm.create_model(arch, pretrained=False)`
+    (weights come from `--weights` or a run directory, never a download), preprocessed as
+    timm's pretrained config for `name` says, with no regularisation unless a recipe sets
+    `dropout` / `stochastic_depth` (timm's `drop_rate` / `drop_path_rate`)."""
+
+    name: str  # timm:ARCH[.TAG]
+    size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    classifier: str
+    fixed_input_size: bool  # position embeddings and the like: built for one image size
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    micro_batch: int = 0  # unmeasured: whole batches unless a recipe sets micro_batch
+
+    family = "timm"
+
+    @property
+    def arch(self) -> str:
+        return self.name.removeprefix(TIMM_PREFIX).split(".", 1)[0]
+
+    @property
+    def train_size(self) -> int:
+        return self.size
+
+    @property
+    def eval_size(self) -> int:
+        return self.size
+
+    @property
+    def randaugment_magnitude(self) -> int:
+        return TIMM_RANDAUGMENT
+
+    def randaugment_magnitude_at(self, size: int) -> int:
+        return TIMM_RANDAUGMENT
+
+    def crop_pct_at(self, size: int) -> float:
+        """timm's crop share is one number for every size."""
+        return self.crop_pct
+
+    def build(self, num_classes: int, image_size: int | None = None, **overrides) -> nn.Module:
+        """The model with random weights; built for `image_size` where the architecture's
+        shapes depend on it (a ViT's position embeddings), else size-agnostic."""
+        import timm
+
+        kwargs = {"drop_rate": self.drop_rate, "drop_path_rate": self.drop_path_rate}
+        if self.fixed_input_size and image_size not in (None, self.size):
+            kwargs["img_size"] = image_size
+        return timm.create_model(
+            self.arch, pretrained=False, num_classes=num_classes, **(kwargs | overrides)
+        )
+
+
+@cache
+def timm_config(name: str) -> TimmConfig:
+    """The row of `timm:ARCH[.TAG]`, from timm's pretrained config for it (timm's defaults
+    where it has none): one line for a name timm does not know or a preprocessing the
+    labeler cannot reproduce."""
+    import timm
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    model = name.removeprefix(TIMM_PREFIX)
+    arch = model.split(".", 1)[0]
+    if not model or not timm.is_model(arch):
+        raise UsageError(
+            f'unknown timm model {model!r}: python -c "import timm; '
+            f"print(timm.list_models('*{arch[:6]}*'))\" lists the names"
+        )
+    try:
+        pretrained = get_pretrained_cfg(model)
+    except RuntimeError:  # a tag timm does not have for this architecture
+        raise UsageError(f"timm has no pretrained config {model!r}") from None
+    cfg = pretrained.to_dict() if pretrained is not None else {}
+    data = resolve_data_config(pretrained_cfg=cfg)
+    _, height, width = data["input_size"]
+    if height != width:
+        raise UsageError(f"{name} takes {height}x{width} images: only square inputs are supported")
+    if data.get("crop_mode", "center") != "center":
+        raise UsageError(
+            f"{name}'s eval crop is timm's {data['crop_mode']!r} mode: only 'center' is supported"
+        )
+    classifier = cfg.get("classifier") or "head"
+    return TimmConfig(
+        name=f"{TIMM_PREFIX}{model}",
+        size=height,
+        crop_pct=float(data["crop_pct"]),
+        interpolation=data["interpolation"],
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        classifier=classifier if isinstance(classifier, str) else classifier[0],
+        fixed_input_size=bool(cfg.get("fixed_input_size", False)),
+    )
+
+
+ModelRow = ModelConfig | TimmConfig
 
 
 def _paper(number: int, layers: tuple[int, int, int, int], size: int, **recipe) -> ModelConfig:
@@ -127,34 +264,41 @@ MODELS: dict[str, ModelConfig] = {
 
 
 def list_models() -> list[str]:
+    """The table's own rows; any timm model joins by name (`timm:NAME`)."""
     return list(MODELS)
 
 
-def get_config(name: str) -> ModelConfig:
+def is_model_name(name: str) -> bool:
+    """A row of the table or a timm name (not checked against timm here)."""
+    return name in MODELS or name.startswith(TIMM_PREFIX)
+
+
+def get_config(name: str) -> ModelRow:
+    if name.startswith(TIMM_PREFIX):
+        return timm_config(name)
     try:
         return MODELS[name]
     except KeyError:
-        raise UsageError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+        raise UsageError(
+            f"unknown model {name!r}; known: {', '.join(MODELS)}, or timm:NAME for any timm model"
+        ) from None
 
 
 def create_model(
-    name: str, num_classes: int = 1000, weights: WeightsSource | None = None, **overrides
+    name: str,
+    num_classes: int = 1000,
+    weights: WeightsSource | None = None,
+    image_size: int | None = None,
+    **overrides,
 ) -> nn.Module:
-    """Build a member of the table, optionally with weights (a timm-layout or project state
-    dict: a .safetensors/.pth/.pt path or URL, or a mapping).
+    """Build a row of the table, optionally with weights (a .safetensors/.pth/.pt path or
+    URL, or a mapping, in the layout of the row's builder: timm's, or the project's).
 
-    `overrides` go to `ResNetRS` over the table's values, e.g. `drop_path_rate=0.2`; the
+    `image_size`: the size it is trained at, for architectures built for one size;
+    `overrides` go to the builder over the table's values, e.g. `drop_path_rate=0.2`: the
     regularisation rates do not change any tensor, so weights load regardless.
     """
-    cfg = get_config(name)
-    arch = dict(
-        layers=cfg.layers,
-        depth=cfg.depth,
-        width=cfg.width,
-        drop_rate=cfg.drop_rate,
-        drop_path_rate=cfg.drop_path_rate,
-    )
-    model = ResNetRS(num_classes=num_classes, **(arch | overrides))
+    model = get_config(name).build(num_classes, image_size, **overrides)
     if weights is not None:
         apply_weights(model, read_weights(weights), f"{name} with {num_classes} classes")
     return model

@@ -37,8 +37,8 @@ def models_table(names: Sequence[str] | None = None) -> list[dict]:
         rows.append(
             {
                 "name": name,
-                "layers": "-".join(map(str, cfg.stage_depths)),
-                "width": cfg.width,
+                "layers": "-".join(map(str, cfg.stage_depths)) if cfg.family != "timm" else "-",
+                "width": cfg.width if cfg.family != "timm" else "-",
                 "params_m": round(params, 1),
                 "train_size": cfg.train_size,
                 "eval_size": cfg.eval_size,
@@ -81,3 +81,11 @@ def format_table(rows: list[dict]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+TIMM_NOTE = (
+    "Any timm model is a model too, as timm:NAME (timm:convnext_atto, "
+    "timm:tf_efficientnet_l2.ns_jft_in1k): built by timm with no download, its weights from "
+    "--weights, its eval crop, mean and std from timm's pretrained config for NAME. "
+    "python -c \"import timm; print(timm.list_models('*convnext*'))\" lists names."
+)

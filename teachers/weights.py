@@ -98,11 +98,13 @@ def read_weights(source: WeightsSource) -> StateDict:
     return parse_weights(read_bytes(source), str(source))
 
 
-def classifier_classes(state: StateDict) -> int:
-    """How many classes the weights were trained for, from the classifier's shape."""
-    if "fc.weight" not in state:
-        raise WeightsError("weights have no classifier tensor 'fc.weight'")
-    return state["fc.weight"].shape[0]
+def classifier_classes(state: StateDict, classifier: str = "fc") -> int:
+    """How many classes the weights were trained for, from the shape of the classifier
+    module's weight (`fc` in ResNets, `head.fc` in a ConvNeXt, `head` in a ViT)."""
+    key = f"{classifier}.weight"
+    if key not in state:
+        raise WeightsError(f"weights have no classifier tensor {key!r}")
+    return state[key].shape[0]
 
 
 def apply_weights(model: nn.Module, state: StateDict, model_name: str = "the model") -> None:
