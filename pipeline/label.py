@@ -11,10 +11,11 @@ shards to the workers.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import apache_beam as beam
@@ -22,9 +23,12 @@ import torch
 from apache_beam.utils.shared import Shared
 
 from data.classes import write_class_names
-from data.manifest import ErrorLog, StageOutput, inputs_record
+from data.errors import UsageError
+from data.manifest import ERRORS, ErrorLog, StageOutput, inputs_record
+from data.read import iter_samples
+from data.records import SHARD_HEADER_KEY
 from data.specs import shard_entries
-from data.storage import absolute, join, parent, write_json
+from data.storage import absolute, exists, join, open_read, parent, write_json
 from pipeline.beam_options import (
     beam_options,
     describe_job,
@@ -34,8 +38,24 @@ from pipeline.beam_options import (
     workers_in_process,
 )
 from pipeline.confidence import CLASS_CONFIDENCES, save_histograms, sparse_from_json
+from pipeline.imported import (
+    LISTED,
+    ImportedLabels,
+    common_topk,
+    predictions_id,
+    read_predictions,
+)
 from pipeline.label_decode import default_processes, warm_pool
-from pipeline.label_shard import Teacher, Teachers, default_batch, label_shard, sidecar_names
+from pipeline.label_shard import (
+    Teacher,
+    Teachers,
+    default_batch,
+    ensemble_id,
+    label_shard,
+    sidecar_names,
+    teacher_shares,
+    teacher_sources,
+)
 from pipeline.options import LabelArgs, fingerprint, manifest_args, worker_spec
 from pipeline.reports import (
     ReportProgress,
@@ -70,11 +90,14 @@ class LabelShardFn(beam.DoFn):
     def _teachers(self) -> Teachers:
         args = self.args
         processes = default_processes(args.decode_processes)
+        if args.from_predictions:
+            path, topk, made_by = args.from_predictions, args.topk, self.teacher_id
+            return Teachers(lambda _: ImportedLabels(path, topk, processes, made_by), ["cpu"], None)
 
         def load(where: str) -> Teacher:
             return Teacher.load(
                 args.teacher, args.weights, where, self.teacher_id, args.decode, processes,
-                args.compile,
+                args.compile, args.teacher_weights, args.tta,
             )  # fmt: skip
 
         return Teachers(load, worker_devices(args.device), args.forwards_per_device)
@@ -117,15 +140,95 @@ def _threads_per_worker(options) -> int | None:
     return max(1, (os.cpu_count() or 1) // max(1, workers or 1))
 
 
+@dataclass(frozen=True)
+class MadeBy:
+    """What labels a job, as the launcher resolves it: its id, its classes, the arguments
+    the workers get (paths made absolute), the run directories it reads, and for imported
+    labels the file's keys."""
+
+    teacher_id: str
+    class_names: list[str] | None
+    args: LabelArgs
+    reads: list[str]
+    predicted: frozenset[str] | None = None
+
+
+def _by_teachers(args: LabelArgs) -> MadeBy:
+    if not args.teacher:
+        raise UsageError("give --teacher (a model name or run directory) or --from-predictions")
+    sources = [
+        (absolute(t) if is_run_dir(t) else t, absolute(w) if w else None)
+        for t, w in teacher_sources(args.teacher, args.weights)
+    ]
+    described = [describe_teacher(t, w) for t, w in sources]
+    shares = teacher_shares(args.teacher_weights, len(sources))
+    resolved = replace(
+        args,
+        teacher=tuple(t for t, _ in sources),
+        weights=tuple(w for _, w in sources if w),
+        output=absolute(args.output),
+    )
+    return MadeBy(
+        ensemble_id([i for i, _ in described], shares, args.tta),
+        _class_names(described),
+        resolved,
+        [t for t, w in sources if w is None],
+    )
+
+
+def _by_predictions(args: LabelArgs) -> MadeBy:
+    """Imported labels: refused with any option of a teacher, read once here so that a bad
+    row is said before any work."""
+    given = [
+        flag
+        for flag, value in (
+            ("--teacher", args.teacher), ("--weights", args.weights),
+            ("--teacher-weights", args.teacher_weights), ("--tta", args.tta != "none"),
+            ("--embed", args.embed), ("--compile", args.compile),
+        )
+        if value
+    ]  # fmt: skip
+    if given:
+        raise UsageError(
+            f"--from-predictions brings labels made elsewhere: {given[0]} has nothing to act on"
+        )
+    path = absolute(args.from_predictions)
+    predictions = read_predictions(path, args.topk)
+    resolved = replace(
+        args,
+        from_predictions=path,
+        topk=common_topk(predictions, args.topk),
+        output=absolute(args.output),
+    )
+    return MadeBy(predictions_id(path), None, resolved, [], frozenset(predictions))
+
+
+def _unmatched(predicted: frozenset[str], output: str, names: list[str]) -> dict:
+    """The file's rows whose key no image of the corpus has: counted, the first named."""
+    matched = {
+        s["__key__"]
+        for s in iter_samples([join(output, n) for n in names], lambda drop: None)
+        if s["__key__"] != SHARD_HEADER_KEY
+    }
+    errors = join(output, ERRORS)
+    if exists(errors):
+        with open_read(errors) as f:
+            matched |= {e["key"] for e in map(json.loads, f) if e.get("reason") != "no_prediction"}
+    unmatched = sorted(predicted - matched)
+    return {
+        "rows": len(predicted),
+        "unmatched": len(unmatched),
+        "unmatched_keys": unmatched[:LISTED],
+    }
+
+
 def run(args: LabelArgs, beam_args: list[str]) -> dict:
     options = beam_options(args.runner, beam_args)
-    teacher = absolute(args.teacher) if is_run_dir(args.teacher) else args.teacher
-    weights = absolute(args.weights) if args.weights else None
-    teacher_id, class_names = describe_teacher(teacher, weights)
+    made = _by_predictions(args) if args.from_predictions else _by_teachers(args)
+    teacher_id, class_names, resolved = made.teacher_id, made.class_names, made.args
     entries = shard_entries(args.input)
-    sources = [e.url for e in entries]
-    names = sidecar_names(sources)
-    resolved = replace(args, teacher=teacher, weights=weights, output=absolute(args.output))
+    shards = [e.url for e in entries]
+    names = sidecar_names(shards)
     threads = _threads_per_worker(options)
 
     def build(work: WorkList):
@@ -137,14 +240,14 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         )
 
     if is_dry_run(options):
-        every = WorkList(resolved.output, "label", list(zip(sources, names, strict=True)))
-        return _dry_run(args, run_pipeline(options, build(every)), options, len(sources))
+        every = WorkList(resolved.output, "label", list(zip(shards, names, strict=True)))
+        return _dry_run(args, run_pipeline(options, build(every)), options, len(shards))
 
     out = StageOutput(
         args.output,
         "label",
         fingerprint(args, input=inputs_record(absolute(args.input), entries), teacher=teacher_id),
-        inputs=sorted({parent(u) for u in sources}) + ([teacher] if weights is None else []),
+        inputs=sorted({parent(u) for u in shards}) + made.reads,
         overwrite=args.overwrite,
     )
     done = out.open()
@@ -153,7 +256,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     output = out.out_dir
     clear_failures(output)
     finished = done_outputs(output)
-    todo = [(u, n) for u, n in zip(sources, names, strict=True) if n not in finished]
+    todo = [(u, n) for u, n in zip(shards, names, strict=True) if n not in finished]
     started = time.monotonic()
     if todo:
         if workers_in_process(options):
@@ -184,7 +287,24 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         images_per_second=round(merged.fresh_samples_out / max(seconds, 1e-9), 2) if fresh else 0.0,
         time_split={k: round(v, 3) for k, v in merged.time_split.items()},
         summary=merged.stats,
+        **(
+            {}
+            if made.predicted is None
+            else {"predictions": _unmatched(made.predicted, output, names)}
+        ),
     )
+
+
+def _class_names(described: list[tuple[str, list[str] | None]]) -> list[str] | None:
+    """The classes the teachers' records name; teachers naming other classes are refused."""
+    named = [(i, names) for i, names in described if names is not None]
+    for teacher_id, names in named[1:]:
+        if names != named[0][1]:
+            raise UsageError(
+                f"the teachers {named[0][0]} and {teacher_id} name other classes: an "
+                "ensemble averages one set of classes"
+            )
+    return named[0][1] if named else None
 
 
 def _dry_run(args: LabelArgs, result, options, shards: int) -> dict:
@@ -216,5 +336,16 @@ def summary(manifest: dict) -> str:
         f"({manifest['images_per_second']} images/s; {manifest['shards_done_before']} shards were "
         f"already done). Dropped: {drops}."
         + (f" Damaged shards: {faults}." if faults else "")
+        + _unmatched_words(manifest.get("predictions"))
         + f" Pseudo-labels, manifest.json and errors.jsonl are in {manifest['args']['output']}."
+    )
+
+
+def _unmatched_words(predictions: dict | None) -> str:
+    if not predictions or not predictions["unmatched"]:
+        return ""
+    return (
+        f" {predictions['unmatched']} of the {predictions['rows']} predictions name a key no "
+        f"image has (first: {', '.join(predictions['unmatched_keys'][:3])}; all counted in "
+        "manifest.json)."
     )

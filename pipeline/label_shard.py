@@ -12,9 +12,10 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,8 +32,9 @@ from pipeline.label_decode import InputTally, content_hashes, make_decoder
 from pipeline.options import LABEL_BATCH
 from pipeline.reports import ShardReport, write_shard_report
 from pipeline.summaries import LabelSummary
-from teachers import Predictor, load_teacher, resolve_device
+from teachers import Predictor, TeacherInfo, load_teacher, resolve_device
 from teachers.inference import DeviceFeed, eval_crop, normalize
+from teachers.registry import is_model_name
 
 EMBED_DIM = 256
 
@@ -103,9 +105,73 @@ class Labels:
         return [part.numpy() for part in self.parts]
 
 
+TeacherSource = tuple[str, str | None]  # a run directory, or a model name and its weights
+
+
+def teacher_sources(
+    teachers: str | Sequence[str], weights: str | Sequence[str] | None
+) -> list[TeacherSource]:
+    """Each teacher with its weights: the `--weights` files go, in order, to the teachers
+    named by a model name; a run directory carries its own. One line when they do not pair."""
+    teachers = [teachers] if isinstance(teachers, str) else list(teachers)
+    files = [weights] if isinstance(weights, str) else list(weights or ())
+    if not teachers:
+        raise UsageError("--teacher is required")
+    named = [t for t in teachers if is_model_name(t)]
+    if len(files) != len(named) and not (len(named) == 1 == len(teachers) and not files):
+        raise UsageError(
+            f"{len(named)} teacher(s) name a model ({', '.join(named) or 'none'}) and "
+            f"{len(files)} --weights file(s) were given: give one --weights per model name, "
+            "in the order of the teachers (a run directory carries its own)"
+        )
+    given = iter(files)
+    return [(t, next(given, None) if is_model_name(t) else None) for t in teachers]
+
+
+def teacher_shares(weights: str | None, count: int) -> list[float]:
+    """`--teacher-weights 0.7,0.3` as shares summing to 1 (default: equal)."""
+    if weights is None:
+        return [1.0 / count] * count
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count or any(not v > 0 for v in values):
+        raise UsageError(
+            f"--teacher-weights {weights!r} must be {count} positive numbers, one per "
+            "--teacher, separated by commas"
+        )
+    return [v / sum(values) for v in values]
+
+
+def ensemble_id(ids: Sequence[str], shares: Sequence[float], tta: str = "none") -> str:
+    """What made the labels, for manifests and records: one teacher's id, the teachers'
+    ids joined by `+` (each `*share` unless the shares are equal), and `|flip` with the
+    mirror averaged in. Launcher and workers compute it alike."""
+    equal = max(shares) - min(shares) < 1e-9
+    made = "+".join(
+        i if equal else f"{i}*{share:.4g}" for i, share in zip(ids, shares, strict=True)
+    )
+    return made + ("|flip" if tta == "flip" else "")
+
+
+@dataclass(frozen=True)
+class Member:
+    """A teacher of an ensemble beside the first: its model, its share of the average, and
+    the affine map from the first teacher's normalised pixels to its own normalisation."""
+
+    predictor: Predictor
+    share: float
+    scale: torch.Tensor | None  # (3, 1, 1), None where the normalisations agree
+    shift: torch.Tensor | None
+
+
 @dataclass
 class Teacher:
-    """What a worker holds once per device: the model, how to feed it, and its decoder."""
+    """What a worker holds once per device: the model(s), how to feed them, and the decoder.
+    An ensemble's teachers share the decoder, so they must share the eval crop; their
+    probabilities are averaged by `share`, and with `flip` each image's with its mirror's.
+    The embedding is the first teacher's (averaged over the views)."""
 
     predictor: Predictor
     decoder: Callable
@@ -114,41 +180,64 @@ class Teacher:
     teacher_id: str
     projection: torch.Tensor | None
     fits: int = 0  # the largest batch known to fit in the device's memory (0: not limited)
+    share: float = 1.0  # the first teacher's share of the average
+    others: tuple[Member, ...] = ()
+    flip: bool = False
 
     @classmethod
     def load(
         cls,
-        teacher: str,
-        weights: str | None,
+        teacher: str | Sequence[str],
+        weights: str | Sequence[str] | None,
         device: str,
         expected_id: str | None = None,
         decode: str = "auto",
         processes: int = 0,
         compile: bool = False,
+        teacher_weights: str | None = None,
+        tta: str = "none",
     ) -> Teacher:
         device = resolve_device(device)
-        model, info = load_teacher(teacher, weights, device=device)
-        if expected_id is not None and info.teacher_id != expected_id:
+        sources = teacher_sources(teacher, weights)
+        shares = teacher_shares(teacher_weights, len(sources))
+        loaded = [load_teacher(name, file, device=device) for name, file in sources]
+        (model, info), rest = loaded[0], loaded[1:]
+        for _, other in rest:
+            _check_alike(info, other)
+        teacher_id = ensemble_id([i.teacher_id for _, i in loaded], shares, tta)
+        if expected_id is not None and teacher_id != expected_id:
             raise UsageError(
                 f"the teacher's weights changed after the job started ({expected_id} then, "
-                f"{info.teacher_id} now): rerun the command"
+                f"{teacher_id} now): rerun the command"
             )
         predictor = Predictor(model, device=device, compile=compile)
         # Labeling runs only the teacher: cuDNN may pick its fastest algorithms per shape.
         torch.backends.cudnn.benchmark = predictor.on_cuda
         projection = embedding_projection(predictor.features)
+        mean, std = torch.tensor(info.mean, device=device), torch.tensor(info.std, device=device)
+        others = tuple(
+            Member(Predictor(m, device=device, compile=compile), share, *_renormal(info, i, device))
+            for (m, i), share in zip(rest, shares[1:], strict=True)
+        )
         return cls(
             predictor,
             make_decoder(eval_crop(info), decode, device, processes),
-            torch.tensor(info.mean, device=device),
-            torch.tensor(info.std, device=device),
-            info.teacher_id,
+            mean,
+            std,
+            teacher_id,
             None if projection is None else projection.to(device),
+            share=shares[0],
+            others=others,
+            flip=tta == "flip",
         )
 
     @property
     def device(self) -> torch.device:
         return self.predictor.device
+
+    def admit(self, key: str, image: bytes) -> str | None:
+        """Why an image is not to be labeled (None: it is): a model takes every image."""
+        return None
 
     @torch.inference_mode()
     def prepare(self, keys: list[str], hashes: list[bytes], pixels: torch.Tensor) -> Batch:
@@ -179,7 +268,7 @@ class Teacher:
         fit fails the shard with one line."""
         step = self.fits or len(x)
         try:
-            outs = [self.predictor.forward(x[i : i + step]) for i in range(0, len(x), step)]
+            outs = [self._average(x[i : i + step]) for i in range(0, len(x), step)]
         except torch.OutOfMemoryError as exc:
             if step == 1:
                 raise UsageError(
@@ -192,6 +281,50 @@ class Teacher:
         if len(outs) == 1:
             return outs[0]
         return torch.cat([p for p, _ in outs]), torch.cat([f for _, f in outs])
+
+    def _average(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities averaged over the teachers (by share) and the views, and the first
+        teacher's features averaged over the views; one teacher and one view: as they are."""
+        views = (x, x.flip(-1)) if self.flip else (x,)
+        outs = [self.predictor.forward(v) for v in views]
+        probs = sum(p for p, _ in outs) * (self.share / len(views))
+        features = sum(f for _, f in outs) / len(views)
+        for member in self.others:
+            own = x if member.scale is None else x * member.scale + member.shift
+            for view in (own, own.flip(-1)) if self.flip else (own,):
+                probs = probs + member.predictor.forward(view)[0] * (member.share / len(views))
+        return probs, features
+
+
+def _check_alike(first: TeacherInfo, other: TeacherInfo) -> None:
+    """An ensemble's teachers label one decoded crop into one set of classes."""
+    crops = eval_crop(first), eval_crop(other)
+    if crops[0] != crops[1]:
+        raise UsageError(
+            f"the teachers {first.teacher_id} and {other.teacher_id} crop differently "
+            f"({crops[0]} and {crops[1]}): an ensemble's teachers share one eval crop"
+        )
+    if first.num_classes != other.num_classes or (
+        None not in (first.class_names, other.class_names)
+        and first.class_names != other.class_names
+    ):
+        raise UsageError(
+            f"the teachers {first.teacher_id} and {other.teacher_id} have other classes "
+            f"({first.num_classes} and {other.num_classes}, or other names)"
+        )
+
+
+def _renormal(
+    first: TeacherInfo, other: TeacherInfo, device: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(scale, shift) taking pixels normalised for `first` to `other`'s normalisation."""
+    if (first.mean, first.std) == (other.mean, other.std):
+        return None, None
+    column = partial(torch.tensor, dtype=torch.float32, device=device)
+    m0, s0, m1, s1 = (
+        column(v).view(3, 1, 1) for v in (first.mean, first.std, other.mean, other.std)
+    )
+    return s0 / s1, (m0 - m1) / s1
 
 
 class Teachers:
@@ -283,6 +416,9 @@ def label_shard(
                 elif found is None:
                     seen.add(key)
                     input_drops.append(Drop(url, key, "no_image"))
+                elif (refused := teacher.admit(key, found[1])) is not None:
+                    seen.add(key)
+                    input_drops.append(Drop(url, key, refused))
                 else:
                     seen.add(key)
                     chunk.append((key, found[1]))

@@ -22,6 +22,7 @@ from students.config import DEVICES, field_types, scalar_of
 # Images per forward pass by the device's kind when --batch-size is not given: an H100 is
 # launch-bound at 32, a CPU gains nothing past it.
 LABEL_BATCH = {"cuda": 256, "cpu": 32}
+TTA = ("none", "flip")
 
 
 def option(
@@ -83,10 +84,36 @@ class JobArgs:
 class LabelArgs(JobArgs):
     """`pipeline label`: which teacher labels which shards, and how the workers run it."""
 
-    teacher: str = option("model name (rs-152) or run directory", fingerprint=True, worker=True)
-    weights: str | None = option(
-        "state dict (.pth/.safetensors), with a model name (its hash is in the teacher's id)",
+    teacher: tuple[str, ...] = option(
+        "model name (rs-152, timm:NAME) or run directory; repeat it for an ensemble, whose "
+        "probabilities are averaged",
+        (),
+        fingerprint=True,
+        worker=True,
+    )
+    from_predictions: str | None = option(
+        "labels made elsewhere, in place of --teacher: a .jsonl or .parquet file of "
+        "predictions by key (see pipeline/imported.py or the README)",
         None,
+        worker=True,
+        metavar="FILE",
+    )
+    weights: tuple[str, ...] = option(
+        "state dict (.pth/.safetensors) of a teacher given by model name (its hash is in the "
+        "teacher's id); one per model name, in the teachers' order",
+        (),
+        worker=True,
+    )
+    teacher_weights: str | None = option(
+        "the teachers' shares of the average, comma-separated (default: equal)",
+        None,
+        worker=True,
+        metavar="W1,W2,...",
+    )
+    tta: str = option(
+        "views averaged per image: none, or flip (the image and its mirror); in the teacher's id",
+        "none",
+        choices=TTA,
         worker=True,
     )
     input: str = option("unlabeled shards: dir, glob or braces", fingerprint=True)
