@@ -61,6 +61,20 @@ def workers_in_process(options: PipelineOptions) -> bool:
     return is_direct(options) and mode in ("in_memory", "multi_threading")
 
 
+def local_runner(options: PipelineOptions):
+    """The local runner every stage and test runs: Beam's FnApiRunner, in this process, named
+    here. Beam's DirectRunner would first try its PrismRunner, which downloads a Go binary
+    at run time and runs the job elsewhere when the download succeeds: the runner would
+    depend on the network. Prism stays a choice (`--runner PrismRunner`), never a fall-back."""
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(info))
+
+
 def is_dry_run(options: PipelineOptions) -> bool:
     """Beam's own `--dry_run=True`: DataflowRunner builds the job and returns unsubmitted."""
     return bool(options.view_as(TestOptions).dry_run)
@@ -70,7 +84,8 @@ def run_pipeline(
     options: PipelineOptions, build: Callable[[beam.Pipeline], object]
 ) -> PipelineResult:
     """Build a pipeline with `build` and run it to the end (or, in a dry run, build only)."""
-    pipeline = beam.Pipeline(options=options)
+    runner = local_runner(options) if is_direct(options) else None
+    pipeline = beam.Pipeline(runner=runner, options=options)
     build(pipeline)
     result = pipeline.run()
     result.wait_until_finish()

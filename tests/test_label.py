@@ -282,3 +282,29 @@ def test_cuda_asked_of_a_worker_without_a_gpu_is_one_line_from_that_worker(
     ]
     assert "Traceback" not in result.stderr
     assert len(list((out / "_failures").iterdir())) == 1
+
+
+def test_the_local_runner_is_named_never_prism_by_whether_a_download_succeeds(
+    random_teacher: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.prism_runner import PrismRunner
+
+    def refused(*args, **kwargs):
+        raise AssertionError("this runner must not be tried")
+
+    ran = []
+    real = fn_runner.FnApiRunner.run_pipeline
+    monkeypatch.setattr(PrismRunner, "run_pipeline", refused)
+    monkeypatch.setattr(SwitchingDirectRunner, "run_pipeline", refused)
+    monkeypatch.setattr(
+        fn_runner.FnApiRunner, "run_pipeline", lambda *a, **k: ran.append(1) or real(*a, **k)
+    )
+    for runner in (None, "DirectRunner"):
+        args = LabelArgs(
+            teacher=str(random_teacher), input=str(corpus / "unlabeled-000000.tar"),
+            output=str(tmp_path / str(runner)), runner=runner,
+        )  # fmt: skip
+        assert run(args, [])["samples_out"] == 80
+    assert len(ran) == 2
