@@ -98,7 +98,7 @@ def test_the_python_api_checks_types_as_the_command_line_does(tmp_path):
         "a=b",
         str(tmp_path),
     )
-    assert LabelArgs(teacher=tmp_path, input="i", output="o").teacher == str(tmp_path)
+    assert LabelArgs(teacher=tmp_path, input="i", output="o").teacher == (str(tmp_path),)
     refused = [
         (FilterArgs, {"hard": "false"}, "--hard must be True or False, got 'false'"),
         (FilterArgs, {"per_class": "40"}, "--per-class must be a whole number of at least 1"),
