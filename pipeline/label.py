@@ -62,6 +62,7 @@ from pipeline.reports import (
     clear_failures,
     done_outputs,
     finish_stage,
+    given_back,
     merge_reports,
     raise_failures,
     reported,
@@ -262,12 +263,13 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         if workers_in_process(options):
             warm_pool(default_processes(args.decode_processes))
         before = len(reported(output))
-        with (
-            WorkList(output, "label", todo) as work,
-            ReportProgress(output, len(todo), "label", done_before=before, rates=True),
-        ):
-            run_pipeline(options, build(work))
-        raise_failures(output)
+        with given_back(out):
+            with (
+                WorkList(output, "label", todo) as work,
+                ReportProgress(output, len(todo), "label", done_before=before, rates=True),
+            ):
+                run_pipeline(options, build(work))
+            raise_failures(output)
     seconds = time.monotonic() - started
     fresh = {n for _, n in todo}
     with ErrorLog(output) as log:

@@ -21,6 +21,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import TypeVar
@@ -219,9 +220,9 @@ def raise_failures(out_dir: str) -> None:
     if bugs:
         message = f"{first.get('type')}: {message} (unit {first.get('unit')})"
     if len(failed) > 1:
-        message = (
-            f"{len(failed)} units failed (see {join(out_dir, FAILURES)}); the first: {message}"
-        )
+        # Where they are kept, unless no unit finished: then the folder goes (`given_back`).
+        where = f" (see {join(out_dir, FAILURES)})" if bugs or reported(out_dir) else ""
+        message = f"{len(failed)} units failed{where}; the first: {message}"
     if bugs:
         raise WorkerBug(message, url, first["traceback"])
     raise UsageError(message)
@@ -289,3 +290,16 @@ class ReportProgress:
         self.thread.join()
         self._update()
         self.bar.close()
+
+
+@contextmanager
+def given_back(out: StageOutput) -> Iterator[None]:
+    """A job refused for the user's mistake before its first unit finished leaves the
+    output as it found it: the folder this run claimed is removed, so the corrected command
+    (`--device cpu` after `--device cuda`) is not refused as other settings' output."""
+    try:
+        yield
+    except UsageError:
+        if not reported(out.out_dir):
+            out.abandon()
+        raise

@@ -265,11 +265,12 @@ def test_imagenet_cls_and_img2dataset_shards_are_labeled_as_they_are(
     assert keys == [f"n01440764_{i}" for i in range(5)] + [f"{i:09d}" for i in range(4)]
 
 
-def test_cuda_asked_of_a_worker_without_a_gpu_is_one_line_from_that_worker(
+def test_cuda_asked_of_a_worker_without_a_gpu_is_one_line_and_blocks_no_rerun(
     random_teacher: Path, corpus: Path, tmp_path: Path
 ):
     """The launcher needs no GPU and takes `--device cuda` as it is; the worker that loads
-    the teacher finds none, records it, and the launcher says so in one line."""
+    the teacher finds none, records it, and the launcher says so in one line and gives the
+    folder back."""
     out = tmp_path / "out"
     result = run_cli(
         "label", "--teacher", str(random_teacher), "--input", str(corpus / "unlabeled-000000.tar"),
@@ -281,7 +282,14 @@ def test_cuda_asked_of_a_worker_without_a_gpu_is_one_line_from_that_worker(
         "pipeline label: error: --device cuda was asked for, but this worker sees no CUDA device"
     ]
     assert "Traceback" not in result.stderr
-    assert len(list((out / "_failures").iterdir())) == 1
+    # Refused before any shard was labeled: nothing claims the folder, so the corrected
+    # command runs, as it would have on an empty folder.
+    assert not out.exists()
+    result = run_cli(
+        "label", "--teacher", str(random_teacher), "--input", str(corpus / "unlabeled-000000.tar"),
+        "--output", str(out), "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_the_local_runner_is_named_never_prism_by_whether_a_download_succeeds(
