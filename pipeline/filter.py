@@ -82,6 +82,22 @@ def source_roots(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs, key=lambda p: -len(p[0])))
 
 
+def _check_roots(roots: tuple[tuple[str, str], ...], label_manifest: dict) -> None:
+    """Each --source-root OLD must name where the labeled shards were read: one that names
+    no source would be ignored, and the chunks would fail or keep nothing."""
+    spec = (label_manifest.get("fingerprint", {}).get("input") or {}).get("spec")
+    if not spec:
+        return
+    fixed = spec[: min((spec.find(c) for c in "*?[{" if c in spec), default=len(spec))]
+    fixed = fixed.rstrip("/") if not is_pattern(spec) else fixed.rsplit("/", 1)[0]
+    for old, _ in roots:
+        if not (old == fixed or fixed.startswith(old + "/") or old.startswith(fixed + "/")):
+            raise UsageError(
+                f"--source-root {old}=...: the labels were read from {spec}, which is not "
+                f"in {old}: OLD is the folder labeling read the shards from"
+            )
+
+
 def _check_dedup_source(spec: str) -> None:
     """Refuse a label output folder (sidecars, no images) before anything is labeled: the
     near-copy search needs the images of the evaluation set."""
@@ -220,6 +236,7 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     # second thread adds no speed, only a second chunk's memory (bench_filter.py).
     options = beam_options(args.runner, beam_args, local_workers=1)
     label_manifest, sidecars = _label_folder(args)
+    _check_roots(roots, label_manifest)
     teacher = label_manifest.get("teacher", "")
     if args.dedup_against:
         _check_dedup_source(args.dedup_against)

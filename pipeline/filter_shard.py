@@ -142,14 +142,33 @@ class _Aligned:
                     f"the shards moved, pass --source-root {parent(source)}=WHERE_THEY_ARE_NOW"
                 )
 
-        self.source = source
+        self.source, self.at = source, at
         self.samples = iter_shard(at, gone)
+        self.read = self.wanted = self.matched = 0  # samples read, kept labels, found alike
 
     def find(self, key: str) -> dict | None:
         for sample in self.samples:
+            self.read += 1
             if sample["__key__"] == key:
                 return sample
         return None
+
+
+def _check_matched(sources: list[_Aligned]) -> None:
+    """A chunk whose readable source shards give none of its kept labels their image holds
+    other images than those labeled (another corpus under the same shard names, a wrong
+    --source-root): it fails in one line rather than writing a selection of nothing. One
+    shard rewritten among others is a loss of its samples only (`source_changed`)."""
+    wanted = sum(a.wanted for a in sources)
+    if wanted and not any(a.matched for a in sources) and any(a.read for a in sources):
+        first = sources[0]
+        moved = f" (read at {first.at})" if first.at != first.source else ""
+        raise UsageError(
+            f"the source shards labeling read hold other images than those labeled: none of "
+            f"the {wanted} kept labels of this chunk finds its image (same key, same content "
+            f"hash), e.g. in {first.source}{moved}; point --source-root at the shards "
+            "labeling read"
+        )
 
 
 class Selection:
@@ -169,9 +188,10 @@ class Selection:
 class KeptSelection:
     """Another filter's choices applied to new pseudo-labels of the same images (Noisy
     Student selects once, then relabels): an image is kept, with as many copies, when that
-    filter kept it, whatever its new confidence; its class is the strategy's `kept_class`
-    (the new label's top-1, or under --strategy topk the class it was ranked under). Built from that filter's training
-    shards of the same chunk, so it holds one chunk's choices, never the corpus's."""
+    filter kept it, whatever its new confidence; every copy's class is the new label's
+    top-1 under every strategy (the new teacher's label, soft or one-hot). Built from that
+    filter's training shards of the same chunk, so it holds one chunk's choices, never the
+    corpus's."""
 
     def __init__(self, plan: FilterPlan, previous: list[str]) -> None:
         self.strategy = plan.strategy
@@ -346,11 +366,14 @@ class WriteChunkFn(beam.DoFn):
         copies_per_image: Counter = Counter()
         labels = LabelSummary()
         aligned: _Aligned | None = None
+        read: list[_Aligned] = []
         shared = _shared_keys(kept)
         for label, classes in kept:
             source = label.source
             if aligned is None or aligned.source != source:  # kept labels come source by source
                 aligned = _Aligned(source, self.plan.where(source))
+                read.append(aligned)
+            aligned.wanted += 1
             sample = aligned.find(label.key)
             found = find_image(sample) if sample is not None else None
             if found is None:
@@ -362,6 +385,7 @@ class WriteChunkFn(beam.DoFn):
                     Drop(source, label.key, "source_changed", "image differs from the labeled one")
                 )
                 continue
+            aligned.matched += 1
             first = int(unit_draw(label.key, "shard") * len(shards))
             key = f"{label.key}_{source_tag(source)}" if label.key in shared else label.key
             written = 0
@@ -387,6 +411,7 @@ class WriteChunkFn(beam.DoFn):
                         break
             report.samples_out += written
             copies_per_image[str(written)] += 1
+        _check_matched(read)
         return {
             **labels.to_json(),
             "classes": {str(c): n for c, n in classes_out.items()},

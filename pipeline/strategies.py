@@ -229,7 +229,8 @@ class TopK(Strategy):
         return (kept, None) if kept else ([], "not_in_top_k")
 
     def kept_class(self, label: PseudoLabel, previous: int) -> int:
-        return previous
+        """The new teacher's top-1: the class ranked under before was the old teacher's."""
+        return label.top1
 
     def training_label(self, label: PseudoLabel, cls: int) -> PseudoLabel:
         return one_hot(label, cls)

@@ -11,11 +11,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from data.errors import UsageError
 from data.read import iter_samples
 from data.records import decode_pseudo, read_cls, read_pseudo_shard
 from data.specs import expand_shards
+from data.write import write_shard
 from pipeline.confidence import CLASS_CONFIDENCES, load_histograms
 from pipeline.filter import HISTOGRAMS, SIDECARS_PER_CHUNK, FilterArgs, chunks, run
 from pipeline.label import LabelArgs
@@ -231,6 +233,14 @@ def test_keep_selection_keeps_the_images_and_copies_with_the_new_teachers_labels
     assert kept["images_kept"] == chosen["images_kept"]
     assert kept["drops"] == {"not_selected": 1300 - chosen["images_kept"]}
     assert kept["samples_in"] == 1300
+    # One-hot labels too (a hard threshold rule, the topk rule) are the new teacher's top-1.
+    for options in ({"hard": True}, {"strategy": "topk"}):
+        out = tmp_path / f"round2-{next(iter(options))}"
+        _filter(relabeled, out, keep_selection=str(first), **options)
+        for s in _training_samples(out):
+            target = decode_pseudo(s["__key__"], s["pl"])
+            top1 = new_labels[_image(s["__key__"])].top1
+            assert read_cls(s) == top1 and target.indices.tolist() == [top1], options
 
     # Labels of other images cannot keep it: refused, nothing written.
     with pytest.raises(UsageError, match="keep-selection"):
@@ -342,6 +352,12 @@ def test_two_sources_with_the_same_keys_give_shards_with_unique_keys(
     assert manifest["images_kept"] == 2 * len(list(iter_samples([str(shard)], lambda d: None)))
 
 
+def _mirrored(png: bytes) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out, "PNG")
+    return out.getvalue()
+
+
 def test_moved_sources_fail_in_one_line_then_filter_from_their_new_place(
     random_teacher: Path, digits_dir: Path, tmp_path: Path
 ):
@@ -360,7 +376,25 @@ def test_moved_sources_fail_in_one_line_then_filter_from_their_new_place(
     assert failed.returncode == 2, failed.stderr
     lines = message_lines(failed.stderr)
     assert len(lines) == 1 and f"--source-root {src}=" in lines[0], lines
-    assert json.loads((out / "manifest.json").read_text())["state"] == "running"
+    assert not out.exists()  # refused before any chunk finished: nothing left to block a rerun
+    # Other images under the same shard names, or an OLD that labeling never read from: one
+    # line each, never a selection of nothing with exit 0.
+    other = tmp_path / "other"  # the same shard names and keys, each image mirrored
+    for shard in sorted(moved.glob("*.tar")):
+        write_shard(
+            str(other / shard.name),
+            [
+                {"__key__": s["__key__"], "png": _mirrored(s["png"])}
+                for s in iter_samples([str(shard)], lambda d: None)
+            ],
+        )
+    for root, said in (
+        (f"{src}={other}", "other images than those labeled"),
+        (f"{tmp_path / 'elsewhere'}={moved}", "the labels were read from"),
+    ):
+        failed = run_cli(*args, "--source-root", root)
+        lines = message_lines(failed.stderr)
+        assert failed.returncode == 2 and len(lines) == 1 and said in lines[0], failed.stderr
     run_cli(*args, "--source-root", f"{src}={moved}", check=True)
     assert assert_same_shards(before, out)
     manifest = json.loads((out / "manifest.json").read_text())
