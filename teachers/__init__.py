@@ -1,4 +1,4 @@
-"""The ResNet-RS family: one table, one builder, safe weights, run directories, inference."""
+"""The model table (ResNet-RS rows, any timm model), weights, run directories, inference."""
 
 from teachers.checkpoint import (
     TeacherInfo,
