@@ -51,6 +51,14 @@ MEASURES = [
         lambda x: x >= 1.0,
     ),
     Measure(
+        "label with a timm teacher: plain timm loop time / label time, whole processes",
+        "timm_label",
+        lambda r: r["ratio"],
+        "{:.2f}",
+        ">= 1.0",
+        lambda x: x >= 1.0,
+    ),
+    Measure(
         "label, decode-bound: plain loop / label, per core of the machine",
         "label",
         lambda r: r["ratio_decode_bound"] / _cores(r),
