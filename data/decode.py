@@ -24,6 +24,28 @@ def find_image(sample: dict) -> tuple[str, bytes] | None:
     return None
 
 
+def no_image_detail(sample: dict) -> str:
+    """Why a sample has no image member, where its member names tell: `photo.v2.001.png` is
+    read as key `photo` with a member `v2.001.png` (WebDataset ends a key at its first dot),
+    which is an image under a name no reader looks for."""
+    cut = next(
+        (
+            name
+            for name in sample
+            if not name.startswith("__") and "." in name
+            and name.rsplit(".", 1)[1].lower() in IMAGE_EXTS
+        ),
+        None,
+    )  # fmt: skip
+    if cut is None:
+        return ""
+    return (
+        f"member {cut!r} is an image whose file name had a dot after {sample['__key__']!r}: "
+        "WebDataset ends a key at its first dot; `pipeline data ingest` writes such files "
+        "under keys without dots"
+    )
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Bring any mode Pillow decodes (CMYK, L, LA, P, RGBA, 16-bit, float) to 8-bit RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):

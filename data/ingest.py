@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from data.classes import write_class_names
-from data.decode import IMAGE_EXTS, decode_image, find_image
+from data.decode import IMAGE_EXTS, decode_image, find_image, no_image_detail
 from data.errors import Drop
 from data.progress import progress_bar
 from data.read import iter_samples
@@ -109,7 +109,7 @@ def _checked(samples: Iterator[dict], result: IngestResult) -> Iterator[dict]:
         shard, key = sample.get("__url__", ""), sample["__key__"]
         found = find_image(sample)
         if found is None:
-            result.drops.append(Drop(shard, key, "no_image"))
+            result.drops.append(Drop(shard, key, "no_image", no_image_detail(sample)))
             continue
         _, reason = decode_image(found[1])
         if reason is not None:

@@ -20,7 +20,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from data.decode import find_image
+from data.decode import find_image, no_image_detail
 from data.errors import Drop, UsageError
 from data.read import iter_shard
 from data.records import PseudoLabel, pseudo_sample, shard_header
@@ -415,7 +415,7 @@ def label_shard(
                     input_drops.append(Drop(url, key, "duplicate_key", "an earlier sample has it"))
                 elif found is None:
                     seen.add(key)
-                    input_drops.append(Drop(url, key, "no_image"))
+                    input_drops.append(Drop(url, key, "no_image", no_image_detail(sample)))
                 elif (refused := teacher.admit(key, found[1])) is not None:
                     seen.add(key)
                     input_drops.append(Drop(url, key, refused))

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, default_collate
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
-from data.decode import IMAGE_EXTS, decode_image, find_image
+from data.decode import IMAGE_EXTS, decode_image, find_image, no_image_detail
 from data.errors import USER_ERRORS, Drop, UsageError
 from data.read import ShardFault, iter_shard, member_names
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
@@ -178,7 +178,9 @@ def _batches(
 def _image(sample: dict, transform: Transform) -> torch.Tensor | Drop:
     found = find_image(sample)
     if found is None:
-        return Drop(sample.get("__url__", ""), sample["__key__"], "no_image")
+        return Drop(
+            sample.get("__url__", ""), sample["__key__"], "no_image", no_image_detail(sample)
+        )
     image, reason = decode_image(found[1])
     if image is None:
         return Drop(sample.get("__url__", ""), sample["__key__"], reason)

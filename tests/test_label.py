@@ -108,7 +108,8 @@ def _hostile_corpus(root: Path) -> str:
     good = [
         {"__key__": f"ok{i}", "jpg": image_bytes(size=(30 + i, 20), fmt="JPEG")} for i in range(5)
     ]
-    write_shard(str(root / "a-000000.tar"), good + hostile_samples())
+    dotted = {"__key__": "photo", "v2.001.png": image_bytes()}  # photo.v2.001.png in the tar
+    write_shard(str(root / "a-000000.tar"), good + hostile_samples() + [dotted])
     write_shard(
         str(root / "a-000001.tar"),
         [{"__key__": f"t{i}", "jpg": image_bytes(size=(200, 200), fmt="JPEG")} for i in range(6)],
@@ -136,7 +137,10 @@ def test_hostile_corpus_every_sample_labeled_or_listed_with_a_reason(
         "text": "undecodable_image",
         "cut": "truncated_image",
         "noimage": "no_image",
+        "photo": "no_image",
     }
+    detail = next(e["detail"] for e in errors if e["key"] == "photo")
+    assert "'v2.001.png' is an image whose file name had a dot" in detail, detail
     assert manifest["samples_out"] + manifest["dropped"] == manifest["samples_in"]
     labeled = {lab.key for url in expand_shards(str(out)) for lab in _sidecar(url)[1]}
     assert {"ok0", "cmyk", "gray16", "alpha", "tiny"} <= labeled
