@@ -347,6 +347,9 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         samples_written=merged.samples_out,
         images_kept=kept_images,
         class_counts=dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
+        empty_classes=[
+            f"{i} ({name})" for i, name in enumerate(class_names or []) if str(i) not in classes
+        ],
         class_thresholds={str(c): bin_floor(rule.min_bin) for c, rule in rules.items()},
         class_rates={str(c): round(rule.rate, 4) for c, rule in rules.items()},
         capped_classes=[str(c) for c in strategy.capped(hist, rules)],
@@ -413,5 +416,16 @@ def summary(manifest: dict) -> str:
             if capped
             else ""
         )
+        + _empty_words(manifest.get("empty_classes") or [])
         + f" Manifest and errors.jsonl are in {manifest['args']['output']}."
     )
+
+
+def _empty_words(empty: list[str]) -> str:
+    """Classes of classes.json that kept no image: a student never sees them as
+    pseudo-labeled, said rather than found by their accuracy."""
+    if not empty:
+        return ""
+    shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
+    classes = "class" if len(empty) == 1 else "classes"
+    return f" {len(empty)} {classes} kept no image: {shown} (all listed in manifest.json)."

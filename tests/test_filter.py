@@ -399,3 +399,18 @@ def test_moved_sources_fail_in_one_line_then_filter_from_their_new_place(
     assert assert_same_shards(before, out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples_in"] == 1300 and "missing_source" not in manifest["drops"]
+
+
+def test_classes_that_keep_no_image_are_named(labels: Path, tmp_path: Path):
+    """classes.json names a class no pseudo-label has as its top-1 (here an eleventh one):
+    the filter's summary and manifest say so, rather than the student's accuracy later."""
+    copy = tmp_path / "labels"
+    shutil.copytree(labels, copy)
+    names = json.loads((copy / "classes.json").read_text()) + ["ghost"]
+    (copy / "classes.json").write_text(json.dumps(names))
+    out = tmp_path / "train"
+    result = run_cli("filter", "--input", str(copy), "--output", str(out), "--per-class", "20")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["empty_classes"] == ["10 (ghost)"]
+    assert "1 class kept no image: 10 (ghost)" in result.stdout
