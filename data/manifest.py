@@ -17,7 +17,7 @@ import json
 import platform
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 
 from data.errors import Drop, UsageError
@@ -64,11 +64,17 @@ def inputs_record(spec: str, entries: Sequence[Entry]) -> dict:
     return {"spec": spec, "files": len(entries), "digest": listing_digest(entries)}
 
 
-def difference(new: object, old: object, path: str = "") -> str | None:
-    """The first key (dotted path) whose value differs, said as a user reads it; or None."""
+def difference(
+    new: object, old: object, path: str = "", defaults: Mapping[str, object] | None = None
+) -> str | None:
+    """The first key (dotted path) whose value differs, said as a user reads it; or None.
+    `defaults`: keys added to fingerprints after some outputs were written, with the value
+    such an output had: an old fingerprint that lacks one is read as holding it, so an
+    upgrade neither strands nor mixes old outputs."""
     if isinstance(new, dict) and isinstance(old, dict):
         for key in sorted(set(new) | set(old)):
-            found = difference(new.get(key), old.get(key), f"{path}.{key}" if path else key)
+            was = old.get(key, (defaults or {}).get(key))
+            found = difference(new.get(key), was, f"{path}.{key}" if path else key, defaults)
             if found:
                 return found
         return None
@@ -121,9 +127,11 @@ class StageOutput:
         fingerprint: dict,
         inputs: Iterable[str] = (),
         overwrite: bool = False,
+        defaults: Mapping[str, object] | None = None,
     ) -> None:
         self.out_dir, self.stage, self.overwrite = absolute(out_dir), stage, overwrite
         self.fingerprint = {"stage": stage, **fingerprint}
+        self.defaults = defaults  # fingerprint keys added later: see `difference`
         self.inputs = list(inputs)
         self.fresh = False  # whether open() made the folder (abandon() may remove it)
 
@@ -138,7 +146,7 @@ class StageOutput:
                 if not self.overwrite:
                     raise UsageError(refused)
                 remove(self.out_dir)
-            elif difference(self.fingerprint, existing["fingerprint"]) is None:
+            elif difference(self.fingerprint, existing["fingerprint"], "", self.defaults) is None:
                 if existing.get("state") == DONE:
                     return existing
                 remove_temporaries(self.out_dir)
@@ -162,7 +170,7 @@ class StageOutput:
     def refusal(self, old: dict) -> str | None:
         """Why work with fingerprint `old` in the folder cannot be continued by this one, or
         None: a stage continues its own work (and returns it when done), nothing else."""
-        changed = difference(self.fingerprint, old)
+        changed = difference(self.fingerprint, old, "", self.defaults)
         if changed is None:
             return None
         return (

@@ -17,6 +17,7 @@ import apache_beam as beam
 from data.classes import CLASSES_FILE, write_class_names
 from data.errors import UsageError
 from data.manifest import ErrorLog, StageOutput, finished_manifest, inputs_record, read_manifest
+from data.records import FORMAT_VERSION
 from data.specs import is_pattern, is_shard_name, shard_entries
 from data.storage import absolute, is_dir, join, list_dir, parent, read_json, write_json
 from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
@@ -29,7 +30,14 @@ from pipeline.filter_shard import (
     chunk_name,
     merge_sparse,
 )
-from pipeline.options import FilterArgs, LabelArgs, fingerprint, manifest_args
+from pipeline.options import (
+    RECORD_FORMAT,
+    FilterArgs,
+    LabelArgs,
+    fingerprint,
+    fingerprint_defaults,
+    manifest_args,
+)
 from pipeline.reports import (
     ReportProgress,
     clear_failures,
@@ -58,6 +66,12 @@ def _label_folder(args: FilterArgs) -> tuple[dict, list[str]]:
             "(it holds manifest.json), not a shard pattern; pass that folder"
         )
     manifest = finished_manifest(args.input, "label")
+    written = manifest.get("fingerprint", {}).get(RECORD_FORMAT, 1)
+    if written != FORMAT_VERSION:
+        raise UsageError(
+            f"{args.input} holds pseudo-labels of record format {written}; this release "
+            f"reads format {FORMAT_VERSION}: label the corpus again with this release"
+        )
     sidecars = [e for e in list_dir(args.input) if is_shard_name(e.name)]
     if len(sidecars) != manifest.get("shards"):
         raise UsageError(
@@ -262,6 +276,7 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
         ),
         inputs=[args.input, *sorted({parent(e.url) for e in dedup_entries})],
         overwrite=args.overwrite,
+        defaults=fingerprint_defaults(type(args)),
     )
     if is_dry_run(options):
         return _dry_run(args, options, sidecars, teacher)

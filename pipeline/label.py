@@ -56,7 +56,13 @@ from pipeline.label_shard import (
     teacher_shares,
     teacher_sources,
 )
-from pipeline.options import LabelArgs, fingerprint, manifest_args, worker_spec
+from pipeline.options import (
+    LabelArgs,
+    fingerprint,
+    fingerprint_defaults,
+    manifest_args,
+    worker_spec,
+)
 from pipeline.reports import (
     ReportProgress,
     clear_failures,
@@ -250,6 +256,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         fingerprint(args, input=inputs_record(absolute(args.input), entries), teacher=teacher_id),
         inputs=sorted({parent(u) for u in shards}) + made.reads,
         overwrite=args.overwrite,
+        defaults=fingerprint_defaults(type(args)),
     )
     done = out.open()
     if done is not None:

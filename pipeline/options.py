@@ -15,7 +15,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replac
 
 from data.decode import DECODERS
 from data.errors import UsageError
-from data.records import MAX_TOPK
+from data.records import FORMAT_VERSION, MAX_TOPK
 from pipeline.strategies import STRATEGIES
 from students.config import DEVICES, field_types, scalar_of
 
@@ -23,6 +23,7 @@ from students.config import DEVICES, field_types, scalar_of
 # launch-bound at 32, a CPU gains nothing past it.
 LABEL_BATCH = {"cuda": 256, "cpu": 32}
 TTA = ("none", "flip")
+RECORD_FORMAT = "record_format"  # the fingerprint's key for data.records.FORMAT_VERSION
 
 
 def option(
@@ -397,12 +398,26 @@ def fingerprint_keys(cls: type) -> dict[str, str]:
 
 def fingerprint(args: JobArgs, **resolved: object) -> dict[str, object]:
     """What defines the output: the fields marked `fingerprint`, under their keys, with
-    `resolved` values where the stage resolves one (an input's listing, the teacher's id)."""
+    `resolved` values where the stage resolves one (an input's listing, the teacher's id),
+    and the record format the stage writes (another format is other output, never mixed)."""
     keys = fingerprint_keys(type(args))
     stray = set(resolved) - set(keys)
     if stray:
         raise TypeError(f"not fingerprint fields of {type(args).__name__}: {sorted(stray)}")
-    return {key: resolved.get(name, getattr(args, name)) for name, key in keys.items()}
+    values = {key: resolved.get(name, getattr(args, name)) for name, key in keys.items()}
+    return values | {RECORD_FORMAT: FORMAT_VERSION}
+
+
+def fingerprint_defaults(cls: type) -> dict[str, object]:
+    """What an output written before a fingerprint key existed held for it: an option's
+    default (the behaviour before the option), and the first record format for the format
+    key, which fingerprints gained at format 1."""
+    defaults = {
+        key: spec.default
+        for spec in fields(cls)
+        if (key := fingerprint_keys(cls).get(spec.name)) and spec.default is not MISSING
+    }
+    return defaults | {RECORD_FORMAT: 1}
 
 
 def manifest_args(args: JobArgs, beam_args: list[str]) -> dict[str, object]:

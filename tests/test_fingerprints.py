@@ -307,3 +307,53 @@ def test_relative_brace_input_then_filter_from_another_folder(
     ab = {p.name: p.read_bytes() for p in (tmp_path / "train-abs").glob("*.tar")}
     assert rel == ab and rel
     shutil.rmtree(elsewhere)
+
+
+# --- upgrades: outputs of an earlier release, outputs of another record format ------------
+
+
+def _edit_fingerprint(folder: Path, edit) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest["fingerprint"])
+    path.write_text(json.dumps(manifest))
+
+
+def test_an_earlier_releases_outputs_resume_and_another_record_format_is_refused(
+    random_teacher: Path, corpus: Path, tmp_path: Path
+):
+    """The release before record formats were fingerprinted wrote the same manifests less
+    the `record_format` key: such a half-finished label folder resumes, and a finished
+    filter output is still done. A folder of another record format is refused in one line
+    by the label rerun and by the filter, never mixed."""
+    labels, whole = tmp_path / "labels", tmp_path / "whole"
+    assert _label(random_teacher, str(corpus), whole).returncode == 0
+    assert _label(random_teacher, str(corpus), labels).returncode == 0
+    # Half-finished, as the earlier release left it: one shard to do, no format key.
+    manifest = json.loads((labels / "manifest.json").read_text())
+    assert manifest["fingerprint"]["record_format"] == 1
+    (labels / "part-000002.tar").unlink()
+    (labels / "_reports" / "part-000002.tar.json").unlink()
+    manifest["state"] = "running"
+    del manifest["fingerprint"]["record_format"]
+    (labels / "manifest.json").write_text(json.dumps(manifest))
+    result = _label(random_teacher, str(corpus), labels)
+    assert result.returncode == 0, result.stderr
+    assert _files(whole)["part-000002.tar"] == _files(labels)["part-000002.tar"]
+    assert json.loads((labels / "manifest.json").read_text())["shards_done_before"] == 3
+
+    train = tmp_path / "train"
+    assert _filter(labels, train).returncode == 0
+    _edit_fingerprint(
+        train, lambda f: (f.pop("record_format"), f["labels"]["fingerprint"].pop("record_format"))
+    )
+    result = _filter(labels, train)
+    assert result.returncode == 0 and "Nothing to do" in result.stdout, result.stderr
+
+    _edit_fingerprint(whole, lambda f: f.update(record_format=99))
+    line = _one_error_line(_filter(whole, tmp_path / "other"), "filter")
+    assert "record format 99; this release reads format 1" in line
+    manifest = json.loads((whole / "manifest.json").read_text())
+    (whole / "manifest.json").write_text(json.dumps(manifest | {"state": "running"}))
+    line = _one_error_line(_label(random_teacher, str(corpus), whole), "label")
+    assert "record_format is 1 now but 99 there" in line
