@@ -16,6 +16,7 @@ import pickle
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 
 import torch
@@ -24,6 +25,7 @@ import yaml
 from data.errors import UsageError
 from data.manifest import DONE, MANIFEST, StageOutput, difference
 from data.storage import (
+    absolute,
     exists,
     join,
     open_read,
@@ -90,16 +92,26 @@ def write_log(run_dir: str, records: list[dict]) -> None:
 # (compiling, the micro-batches a step's gradient is summed over, the validation batch, the
 # loader processes), so a run that ran out of memory continues with smaller micro-batches.
 MID_RUN_CHANGES = ("epochs", "compile", "micro_batch", "eval_batch_size", "workers")
-# Who trains into a run directory: rewritten every BEAT_SECONDS while the run lives, removed
-# when it ends. A claim from another machine whose beat is older than STALE_SECONDS is taken
-# for a run that was killed (SIGKILL, SIGTERM: no handler, which a rank blocked in a
-# collective would not run); one from this machine counts while its process lives.
+# Who trains into a run directory: a token of the claiming process, rewritten with a beat
+# count every BEAT_SECONDS while the run lives, removed when it ends. Its liveness: on the
+# same machine, boot and pid namespace, the process it names (pid and start time) decides at
+# once, both ways; anywhere else (another machine, a container sharing the host's name and
+# boot but not its pids) the heartbeat decides, watched on this machine's clock alone: a
+# claim whose beat count does not move for WATCH_SECONDS is stale. Clocks are never
+# compared, so a host whose clock is off is neither taken for dead nor for alive.
 CLAIM_FILE = "_claim.json"
 BEAT_SECONDS = 30.0
+# Kept for claims the watch cannot judge (a claim without a beat count).
 STALE_SECONDS = 120.0
 # The run directories this process claimed: the event that stops each one's heartbeat, and
 # the thread that beats.
 _held: dict[str, tuple[threading.Event, threading.Thread]] = {}
+_tokens: set[str] = set()
+
+
+def watch_seconds() -> float:
+    """How long a heartbeat may stay still before its claim is taken for stale."""
+    return 1.5 * BEAT_SECONDS + 2
 
 
 def _process_start(pid: int) -> str | None:
@@ -121,51 +133,98 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace: a pid means the same process only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _me() -> dict:
     pid = os.getpid()
     return {
         "host": socket.gethostname(),
         "boot": _boot_id(),
+        "pidns": _pid_namespace(),
         "pid": pid,
         "start": _process_start(pid),
     }
 
 
-def live_claim(out: str) -> str | None:
-    """Who else is training into `out` now, in words, or None."""
+def _read_claim(out: str) -> dict | None:
     try:
         claim = read_json(join(out, CLAIM_FILE))
     except (OSError, ValueError):
         return None
-    if not isinstance(claim, dict):
+    return claim if isinstance(claim, dict) else None
+
+
+def live_claim(out: str) -> str | None:
+    """Who else is training into `out` now, in words, or None (no claim, this process's,
+    a copy's, or a stale one)."""
+    claim = _read_claim(out)
+    if claim is None or claim.get("token") in _tokens:
+        return None
+    if claim.get("dir") not in (None, absolute(out)):  # copied with its folder (cp -r)
         return None
     me = _me()
     who = f"pid {claim.get('pid')} on {claim.get('host')}"
     pid = claim.get("pid")
-    same_boot = (claim.get("host"), claim.get("boot")) == (me["host"], me["boot"])
-    if same_boot and me["start"] is not None and isinstance(pid, int):  # its process decides
-        if pid == me["pid"]:
-            return None
+    here = [claim.get(k) for k in ("host", "boot", "pidns")] == [
+        me["host"],
+        me["boot"],
+        me["pidns"],
+    ]
+    if here and me["pidns"] and me["start"] is not None and isinstance(pid, int):
         return who if _process_start(pid) == claim.get("start") else None
-    try:  # another machine (or no /proc to ask): the heartbeat decides
-        age = time.time() - float(claim.get("beat", 0))
-    except (TypeError, ValueError):
-        return None
-    return f"{who}, last seen {age:.0f} s ago" if age < STALE_SECONDS else None
+    return _watched(out, claim, who)
+
+
+def _watched(out: str, claim: dict, who: str) -> str | None:
+    """A claim from elsewhere: live if its beat count moves within `watch_seconds()` of this
+    machine's clock, said with the claim's own clock if it is far from this one's."""
+    if "beats" not in claim:  # an older release's claim: its beat's age is all there is
+        age = time.time() - float(claim.get("beat", 0) or 0)
+        return f"{who}, last seen {age:.0f} s ago" if age < STALE_SECONDS else None
+    deadline = time.monotonic() + watch_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, BEAT_SECONDS / 4))
+        now = _read_claim(out)
+        if now is None or now.get("token") != claim.get("token"):
+            return None  # released, or taken over meanwhile: judged afresh by the caller
+        if now.get("beats") != claim.get("beats"):
+            skew = float(now.get("beat", 0) or 0) - time.time()
+            clock = (
+                f"; its clock is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} "
+                "this machine's"
+                if abs(skew) > 60
+                else ""
+            )
+            return f"{who}, its heartbeat moving{clock}"
+    return None
 
 
 def _hold(out: str) -> None:
     """Write this process's claim on `out` and keep it fresh until `release_claims`."""
     stop = threading.Event()
+    token = uuid.uuid4().hex
+    _tokens.add(token)
+    record = {**_me(), "token": token, "dir": absolute(out)}
+
+    def write(beats: int) -> None:
+        write_json(join(out, CLAIM_FILE), {**record, "beats": beats, "beat": time.time()})
 
     def beat() -> None:
+        beats = 0
         while not stop.wait(BEAT_SECONDS):
+            beats += 1
             try:
-                write_json(join(out, CLAIM_FILE), {**_me(), "beat": time.time()})
+                write(beats)
             except OSError:  # a storage hiccup: the next beat tries again
                 pass
 
-    write_json(join(out, CLAIM_FILE), {**_me(), "beat": time.time()})
+    write(0)
     thread = threading.Thread(target=beat, name="run-claim", daemon=True)
     thread.start()
     _held[out] = (stop, thread)
@@ -245,9 +304,10 @@ def claim_run(
     holder = live_claim(out)
     if holder is not None:
         raise UsageError(
-            f"another trainer ({holder}) is writing {out}: wait for it to end or stop it "
-            f"(a claim from a machine that died expires {STALE_SECONDS:.0f} s after its last "
-            f"beat), or choose another --out"
+            f"another trainer ({holder}) is writing {out}: wait for it to end or stop it, "
+            f"or choose another --out (a claim whose heartbeat stops is taken over after "
+            f"{watch_seconds():.0f} s of watching; {join(out, CLAIM_FILE)} may be removed by "
+            "hand once that trainer is gone)"
         )
     if RunOutput(out, fingerprint, inputs, resume, overwrite).open() is not None:
         return True

@@ -9,17 +9,21 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from data.classes import write_class_names
+from data.errors import UsageError
 from data.read import iter_samples
 from data.specs import expand_shards
 from data.storage import write_json
 from data.write import write_shard
+from students import run_dir
 from students.run_dir import CLAIM_FILE, STALE_SECONDS, live_claim
 from tests.conftest import DIGITS_RECIPE, run_cli
 
@@ -368,3 +372,53 @@ def test_a_run_recorded_before_a_recipe_key_existed_resumes_with_its_default(
     (run / "manifest.json").write_text(json.dumps(manifest))
     refused = _train(digits_dir, run, "--epochs", "3", "--resume")
     assert refused.returncode == 2 and "train_crop" in refused.stderr
+
+
+def _beating(run: str, claim: dict, skew: float = 0.0) -> threading.Event:
+    """Another trainer's claim, kept alive as its heartbeat would (with its clock `skew`
+    seconds off this machine's) until the returned event is set."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        beats = 0
+        while not stop.is_set():
+            write_json(f"{run}/{CLAIM_FILE}", {**claim, "beats": beats, "beat": time.time() + skew})
+            beats += 1
+            stop.wait(run_dir.BEAT_SECONDS)
+
+    threading.Thread(target=beat, daemon=True).start()
+    while not Path(f"{run}/{CLAIM_FILE}").exists():
+        time.sleep(0.01)
+    return stop
+
+
+def test_a_claim_is_judged_by_its_heartbeat_in_another_pid_namespace_or_with_a_skewed_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A trainer in a container sharing this host's name and boot has pid 1 there: its pid
+    says nothing here, so its heartbeat decides; a second trainer with --overwrite is
+    refused and deletes nothing. A clock an hour ahead neither keeps a dead claim alive nor
+    a live one from being seen."""
+    monkeypatch.setattr(run_dir, "BEAT_SECONDS", 0.2)
+    run = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("theirs")
+    me = run_dir._me()
+    claim = {**me, "pidns": "pid:[1]", "pid": 1, "start": "0", "token": "t", "dir": run}
+    for skew in (0.0, 3600.0):
+        stop = _beating(run, claim, skew)
+        try:
+            holder = live_claim(run)
+            assert holder is not None and "pid 1 on" in holder, holder
+            assert ("an hour" not in holder) and (("3600 s ahead" in holder) == (skew > 0))
+            with pytest.raises(UsageError, match="another trainer"):
+                run_dir.claim_run(run, {"recipe": {}}, [], resume=False, overwrite=True)
+            assert (tmp_path / "run" / "config.yaml").read_text() == "theirs"
+        finally:
+            stop.set()
+        time.sleep(0.5)
+        assert live_claim(run) is None  # its heartbeat stopped: stale after the watch
+        (tmp_path / "run" / CLAIM_FILE).unlink()
+    # A claim copied with its folder (cp -r of a live run) names the folder it was made in.
+    write_json(f"{run}/{CLAIM_FILE}", {**claim, "dir": str(tmp_path / "original"), "beats": 0})
+    assert live_claim(run) is None
