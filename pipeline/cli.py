@@ -8,6 +8,7 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -303,6 +304,41 @@ def _report_bug(command: str, exc: Exception, debug: bool) -> int:
     return EXIT_BUG
 
 
+STOPPED = (130, 128 + signal.SIGTERM)  # the exit codes of Ctrl-C and of SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what schedulers, `docker stop` and `kill` send: it ends a command as Ctrl-C
+    does (what was written is complete or absent by design)."""
+
+
+def _stop_on_sigterm() -> None:
+    """Raise `Terminated` in this process on SIGTERM; a process forked from it (a decode or
+    loader worker) ends at once and quietly, as the default action would, and leaves the
+    message to this one."""
+    here = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != here:
+            os._exit(128 + signum)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _leave_now(code: int) -> None:
+    """End a stopped command without the interpreter's teardown, whose C++ threads of the
+    runner, cut off mid-job, would abort the process ("terminate called without an active
+    exception") after our line: multiprocessing's own exit steps first (worker processes
+    ended, their semaphores released), then the streams flushed, then out."""
+    import multiprocessing.util
+
+    multiprocessing.util._exit_function()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Beam logs import-time warnings about optional cloud clients to the root logger; the user
     # sees our summaries and warnings unless they ask for the runner's logs.
@@ -318,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.beam_args = extra
     func: Callable[[argparse.Namespace], None] = args.func
+    _stop_on_sigterm()
     try:
         debug = args.debug or args.debug_first or env_flag("PIPELINE_DEBUG")
     except UsageError as exc:
@@ -331,9 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = "stopped" if isinstance(exc, PeerFailed) else "error"
         say(f"pipeline {args.command}: {kind}: {in_words(exc)}")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        say(f"pipeline {args.command}: interrupted; rerun the same command to resume")
-        return 130
+    except KeyboardInterrupt as exc:
+        said = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        say(f"pipeline {args.command}: {said}; rerun the same command to resume")
+        return STOPPED[1] if isinstance(exc, Terminated) else STOPPED[0]
     except Exception as exc:
         return _report_bug(args.command, exc, debug)
     return 0
@@ -342,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     """The `pipeline` command and `python -m pipeline`."""
     code = main()
+    if code in STOPPED:
+        _leave_now(code)
     # torch and Beam leave millions of objects behind, and the interpreter's last collection
     # traces them all: about 0.7 s of every command's exit. Everything is written and
     # committed by now, so freeze them instead.
