@@ -142,9 +142,15 @@ class TimmConfig:
     fixed_input_size: bool  # position embeddings and the like: built for one image size
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    micro_batch: int = 0  # unmeasured: whole batches unless a recipe sets micro_batch
 
     family = "timm"
+
+    @property
+    def micro_batch(self) -> int:
+        """Images per forward and backward that fit a 40 GiB GPU at the train size, measured
+        as bench/bench_micro.py measured the ResNet-RS rows (teachers.micro), when first
+        asked: a CPU forward of 2 images."""
+        return _timm_micro_batch(self.name)
 
     @property
     def arch(self) -> str:
@@ -222,6 +228,14 @@ def timm_config(name: str) -> TimmConfig:
         classifier=classifier if isinstance(classifier, str) else classifier[0],
         fixed_input_size=bool(cfg.get("fixed_input_size", False)),
     )
+
+
+@cache
+def _timm_micro_batch(name: str) -> int:
+    from teachers.micro import measured_micro_batch
+
+    cfg = timm_config(name)
+    return measured_micro_batch(cfg.build(1000), cfg.train_size)
 
 
 ModelRow = ModelConfig | TimmConfig

@@ -149,3 +149,17 @@ def test_a_timm_model_built_for_its_training_size_loads_at_that_size(tmp_path: P
     assert (info.eval_size, info.crop_pct, info.mean) == (32, 0.95, (0.5, 0.5, 0.5))
     with torch.inference_mode():
         assert torch.equal(loaded(image), model(image))
+
+
+def test_a_timm_rows_micro_batch_is_measured_as_the_resnet_rs_rows_were():
+    """The measurement that gave the table's ResNet-RS figures (bench/bench_micro.py) gives
+    them again, and a timm row's recipe gets its own from it."""
+    from students.config import resolve_recipe
+    from teachers import create_model
+    from teachers.micro import measured_micro_batch
+    from teachers.registry import MICRO
+
+    assert measured_micro_batch(create_model("rs-50"), 160) == MICRO["rs-50"]
+    recipe = resolve_recipe(None, (), model="timm:test_resnet")
+    model = timm.create_model("test_resnet", pretrained=False)
+    assert recipe.micro_batch == measured_micro_batch(model, 160) > 0
