@@ -21,12 +21,14 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import sys
 import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.pool import Pool
@@ -61,13 +63,32 @@ def default_processes(asked: int | None = None) -> int:
         return os.cpu_count() or 1
 
 
+@contextmanager
+def _main_unnamed() -> Iterator[None]:
+    """Start processes that do not import the caller's main module. multiprocessing has its
+    fork server and its children import `__main__` by path or name, which runs a user's
+    script again; one that calls `label.run` without `if __name__ == "__main__":` would
+    start pools without end. The decode processes need only `data.decode`."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+        if "__spec__" not in saved:
+            del main.__spec__
+
+
 def decode_pool(processes: int) -> Pool:
     """One pool per worker process and size, shared by the threads of a Beam worker."""
     with _pools_lock:
         if processes not in _pools:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["data.decode"])
-            pool = context.Pool(processes)
+            with _main_unnamed():
+                pool = context.Pool(processes)
             atexit.register(pool.terminate)  # before the interpreter tears its modules down
             _pools[processes] = pool
         return _pools[processes]

@@ -355,3 +355,23 @@ def test_sigterm_ends_label_in_one_line_and_the_rerun_finishes_the_job(
     ], stderr
     run_cli(*args, "--output", str(out), check=True)
     assert json.loads((out / "manifest.json").read_text())["samples_out"] == 1300
+
+
+def test_label_run_from_a_script_without_a_main_guard_works(
+    random_teacher: Path, corpus: Path, tmp_path: Path
+):
+    """multiprocessing's decode processes would import the script again and, unguarded, run
+    the job again inside each of them without end: they import nothing of it."""
+    script = tmp_path / "label_it.py"
+    script.write_text(
+        "from pipeline.label import LabelArgs, run\n"
+        f"args = LabelArgs(teacher={str(random_teacher)!r}, input={str(corpus)!r}, "
+        f"output={str(tmp_path / 'out')!r}, decode_processes=2)\n"
+        "print('labeled', run(args, [])['samples_out'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "labeled 1300" in result.stdout
+    assert "Traceback" not in result.stderr and "leaked" not in result.stderr
