@@ -268,20 +268,22 @@ def collect(
         how = f"scan of a {sample:g} sample: {count} of {len(shard_entries(spec))} shards"
     options = beam_options(None, beam_args or [])
     summary = _scan(entries, options, _result_url(options))
-    return report_from_scan(
-        summary, manifest or read_manifest(parent(entries[0].url)) or {}, how
-    ), names
+    report = report_from_scan(summary, manifest or read_manifest(parent(entries[0].url)) or {}, how)
+    if manifest and manifest.get("state") != DONE:
+        report["unfinished"] = manifest.get("stage", "the stage")
+    return report, names
 
 
 def format_report(report: dict, class_names: list[str] | None) -> str:
     def name(cls: str) -> str:
         return class_names[int(cls)] if class_names and int(cls) < len(class_names) else cls
 
+    per_sample = report["bytes_per_sample"]
     rows = [
         ("read from", report["source"]),
-        ("samples", f"{report['samples']:,}"),
+        ("samples", f"{report['samples']:,}" + ("" if report["samples"] else " (no samples)")),
         ("shards", f"{report['shards']:,}"),
-        ("bytes", f"{report['bytes']:,} ({report['bytes_per_sample']} per sample)"),
+        ("bytes", f"{report['bytes']:,}" + (f" ({per_sample} per sample)" if per_sample else "")),
         (
             "images",
             f"{report['images']:,} " + " ".join(f"{k}:{v}" for k, v in report["formats"].items()),
@@ -323,6 +325,15 @@ def format_report(report: dict, class_names: list[str] | None) -> str:
             ("damaged shards", ", ".join(f"{r}: {n}" for r, n in report["shard_faults"].items()))
         )
     rows += time_rows(report["time_split"])
+    if report.get("unfinished"):
+        rows.insert(
+            0,
+            (
+                "state",
+                f"UNFINISHED: `pipeline {report['unfinished']}` has not completed this folder; "
+                "these are the shards written so far (run the same command again to finish)",
+            ),
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

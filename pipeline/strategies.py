@@ -180,6 +180,8 @@ class Threshold(Strategy):
 
     def nothing_kept(self, hist: Histograms) -> str:
         best = {c: bin_floor(max(h.nonzero()[0]) + 1) for c, h in hist.items() if h.any()}
+        if not best:
+            return "the labels hold no pseudo-label at all: label a corpus that has images"
         shown = ", ".join(f"class {c} {v:.3f}" for c, v in list(best.items())[:10])
         return (
             f"--threshold {self.args.threshold} keeps no pseudo-label: the highest confidence "

@@ -97,3 +97,31 @@ def test_pseudo_label_and_training_shards_json_and_plot(digits_dir: Path, tmp_pa
     sidecar, _ = collect(str(tmp_path / "pl"))
     assert sidecar["samples"] == 200 and sidecar["class_source"] == "top1"
     assert sum(sidecar["entropy_hist"]["counts"]) == 200
+
+
+def test_an_unfinished_stage_and_an_empty_corpus_are_said_in_words(
+    digits_dir: Path, tmp_path: Path
+):
+    torch.manual_seed(0)
+    export_run(str(tmp_path / "t"), create_model("rs-mini", num_classes=10), "rs-mini", None)
+    out = tmp_path / "pl"
+    label(
+        LabelArgs(teacher=str(tmp_path / "t"), input=str(digits_dir / "val"), output=str(out)), []
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(manifest | {"state": "running"}))  # killed
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "stats", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("state") and "UNFINISHED: `pipeline label`" in first, result.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with tarfile.open(empty / "part-000000.tar", "w"):
+        pass
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "stats", str(empty)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "0 (no samples)" in result.stdout and "None" not in result.stdout, result.stdout
