@@ -4,14 +4,13 @@ same work (read the shards, decode, eval transform, forward, top-k), nothing els
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
-import tarfile
 import time
 
 import torch
 from PIL import Image
+from tar_batches import jpeg_batches  # a sibling: run as python bench/label_plain.py
 
 from teachers import Predictor, eval_transform, load_teacher
 
@@ -29,20 +28,12 @@ def main() -> None:
     model, info = load_teacher(args.teacher, args.weights)
     predictor, transform = Predictor(model), eval_transform(info)
     count, forwards = 0, []  # (wall clock at the end of each forward, images so far)
-    for path in sorted(glob.glob(f"{args.input}/*.tar")):
-        with tarfile.open(path) as tar:
-            images = [
-                tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")
-            ]
-        for start in range(0, len(images), args.batch_size):
-            batch = [
-                transform(Image.open(io.BytesIO(b)).convert("RGB"))
-                for b in images[start : start + args.batch_size]
-            ]
-            probs, _ = predictor.predict(torch.stack(batch))
-            probs.topk(args.topk, dim=1)
-            count += len(batch)
-            forwards.append((time.time(), count))
+    for images in jpeg_batches(args.input, args.batch_size):
+        batch = [transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
+        probs, _ = predictor.predict(torch.stack(batch))
+        probs.topk(args.topk, dim=1)
+        count += len(batch)
+        forwards.append((time.time(), count))
     print(f"labeled {count}")
     if args.timing:
         with open(args.timing, "w") as f:

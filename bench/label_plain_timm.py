@@ -6,14 +6,13 @@ softmax, top-k."""
 from __future__ import annotations
 
 import argparse
-import glob
 import io
-import tarfile
 
 import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tar_batches import jpeg_batches  # a sibling: run as python bench/label_plain_timm.py
 from timm.data import create_transform, resolve_data_config
 
 
@@ -32,19 +31,11 @@ def main() -> None:
     model.eval()
     transform = create_transform(**resolve_data_config(model=model))
     count = 0
-    for path in sorted(glob.glob(f"{args.input}/*.tar")):
-        with tarfile.open(path) as tar:
-            images = [
-                tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")
-            ]
-        for start in range(0, len(images), args.batch_size):
-            batch = [
-                transform(Image.open(io.BytesIO(b)).convert("RGB"))
-                for b in images[start : start + args.batch_size]
-            ]
-            with torch.inference_mode():
-                model(torch.stack(batch)).softmax(dim=1).topk(args.topk, dim=1)
-            count += len(batch)
+    for images in jpeg_batches(args.input, args.batch_size):
+        batch = [transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
+        with torch.inference_mode():
+            model(torch.stack(batch)).softmax(dim=1).topk(args.topk, dim=1)
+        count += len(batch)
     print(f"labeled {count}")
 
 

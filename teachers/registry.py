@@ -63,8 +63,23 @@ TIMM_PREFIX = "timm:"
 TIMM_RANDAUGMENT = 9
 
 
+class _OneSize:
+    """A row trained and evaluated at one resolution, `size` (the paper's rule, and timm's
+    pretrained configs')."""
+
+    size: int
+
+    @property
+    def train_size(self) -> int:
+        return self.size
+
+    @property
+    def eval_size(self) -> int:
+        return self.size
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_OneSize):
     """One member of the family: its architecture and the recipe it is trained and run with."""
 
     family = "resnet-rs"
@@ -90,14 +105,6 @@ class ModelConfig:
 
     def randaugment_magnitude_at(self, size: int) -> int:
         return randaugment_magnitude_at(size)
-
-    @property
-    def train_size(self) -> int:
-        return self.size
-
-    @property
-    def eval_size(self) -> int:
-        return self.size
 
     @property
     def crop_pct(self) -> float:
@@ -126,7 +133,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TimmConfig:
+class TimmConfig(_OneSize):
     """A timm architecture as a row: built by `timm.create_model(arch, pretrained=False)`
     (weights come from `--weights` or a run directory, never a download), preprocessed as
     timm's pretrained config for `name` says, with no regularisation unless a recipe sets
@@ -155,14 +162,6 @@ class TimmConfig:
     @property
     def arch(self) -> str:
         return self.name.removeprefix(TIMM_PREFIX).split(".", 1)[0]
-
-    @property
-    def train_size(self) -> int:
-        return self.size
-
-    @property
-    def eval_size(self) -> int:
-        return self.size
 
     @property
     def randaugment_magnitude(self) -> int:
