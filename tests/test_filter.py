@@ -15,14 +15,14 @@ from PIL import Image
 
 from data.errors import UsageError
 from data.read import iter_samples
-from data.records import decode_pseudo, read_cls, read_pseudo_shard
+from data.records import FORMAT_VERSION, decode_pseudo, read_cls, read_pseudo_shard
 from data.specs import expand_shards
 from data.write import write_shard
 from pipeline.confidence import CLASS_CONFIDENCES, load_histograms
 from pipeline.filter import HISTOGRAMS, SIDECARS_PER_CHUNK, FilterArgs, chunks, run
 from pipeline.label import LabelArgs
 from pipeline.label import run as label
-from pipeline.options import fingerprint_keys
+from pipeline.options import RECORD_FORMAT, fingerprint_keys
 from tests.conftest import assert_same_shards, kill_midway, message_lines, run_cli
 
 
@@ -127,11 +127,17 @@ def test_topk_strategy_keeps_k_per_class_with_hard_labels(labels: Path, tmp_path
 
 def test_the_manifests_record_the_declared_options(labels: Path, uninterrupted: Path):
     """The manifests' `args` and fingerprints hold the options the dataclasses declare, and
-    only those: no option is recorded by hand."""
+    only those (besides the stage and the record format it wrote): no option is recorded by
+    hand."""
     for cls, folder in ((LabelArgs, labels), (FilterArgs, uninterrupted)):
         manifest = json.loads((folder / "manifest.json").read_text())
         assert set(manifest["args"]) == {f.name for f in fields(cls)} | {"beam_args"}
-        assert set(manifest["fingerprint"]) == {"stage", *fingerprint_keys(cls).values()}
+        assert set(manifest["fingerprint"]) == {
+            "stage",
+            RECORD_FORMAT,
+            *fingerprint_keys(cls).values(),
+        }
+        assert manifest["fingerprint"][RECORD_FORMAT] == FORMAT_VERSION
 
 
 RERUN_ARGS = ["filter", "--threshold", "0", "--per-class", "200", "--shard-size", "50"]
