@@ -36,6 +36,7 @@ test: lint
 # and cost.py projects them to 130M images.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_label.py --before 9e69e4b
+	$(BIN)/python bench/bench_timm_label.py
 	$(BIN)/python bench/bench_drive.py --before 9e69e4b
 	$(BIN)/python bench/bench_device_paths.py
 	$(BIN)/python bench/bench_train.py
