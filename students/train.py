@@ -394,6 +394,8 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
         samples = recipe.epoch_samples or count_samples(urls["labeled"])
         if samples == 0:
             raise UsageError(f"no image samples in the labeled shards {args.labeled}")
+        if recipe.epoch_samples and len(urls["labeled"]) <= SMALL_SET_SHARDS:
+            _warn_if_dwarfed(recipe.epoch_samples, count_samples(urls["labeled"]))
         if urls["pseudo"] and not has_samples(urls["pseudo"]):
             raise UsageError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
         if urls["val"] and not has_classes(urls["val"]):
@@ -651,6 +653,23 @@ def _init_source(init: str, model_name: str) -> tuple[str, str | None]:
 
 def _init_id(init: str, model_name: str) -> str:
     return describe_teacher(*_init_source(init, model_name))[0]
+
+
+# A labeled set of this many shards or fewer is counted even when the recipe sets its epoch
+# (a few listings), to warn when the recipe's epoch is another, larger set's.
+SMALL_SET_SHARDS = 64
+DWARFED = 100  # epoch_samples this many times the labeled set: a recipe for another set
+
+
+def _warn_if_dwarfed(epoch_samples: int, labeled: int) -> None:
+    """One line when a recipe's `epoch_samples` (ImageNet's in configs/finetune.yaml)
+    repeats a small labeled set many times an epoch."""
+    if labeled and epoch_samples >= DWARFED * labeled:
+        say(
+            f"warning: epoch_samples {epoch_samples:,} is {epoch_samples / labeled:.0f} times "
+            f"the {labeled:,} labeled samples: each epoch goes over them that often (a figure "
+            "for a larger set?); pass --set epoch_samples=N for this one"
+        )
 
 
 def init_from(model: nn.Module, init: str, model_name: str) -> str | None:

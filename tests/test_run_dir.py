@@ -422,3 +422,24 @@ def test_a_claim_is_judged_by_its_heartbeat_in_another_pid_namespace_or_with_a_s
     # A claim copied with its folder (cp -r of a live run) names the folder it was made in.
     write_json(f"{run}/{CLAIM_FILE}", {**claim, "dir": str(tmp_path / "original"), "beats": 0})
     assert live_claim(run) is None
+
+
+def test_an_epoch_many_times_a_small_labeled_set_warns_in_one_line(
+    digits_dir: Path, tmp_path: Path
+):
+    """configs/finetune.yaml's epoch is ImageNet's: on 200 digits it would repeat each one
+    thousands of times an epoch without a word. (The run is then refused for its unlabeled
+    validation shards, which are checked after: the warning needs no training.)"""
+    result = _train(
+        digits_dir, tmp_path / "run", "--set", "epoch_samples=20000",
+        "--val", str(digits_dir / "unlabeled"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert "epoch_samples 20,000 is 100 times the 200 labeled samples" in warnings[0]
+    quiet = _train(
+        digits_dir, tmp_path / "quiet", "--set", "epoch_samples=19999",
+        "--val", str(digits_dir / "unlabeled"),
+    )  # fmt: skip
+    assert "warning:" not in quiet.stderr
