@@ -284,7 +284,10 @@ class Teacher:
 
     def _average(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilities averaged over the teachers (by share) and the views, and the first
-        teacher's features averaged over the views; one teacher and one view: as they are."""
+        teacher's features averaged over the views; one teacher and one view: as they are,
+        with no arithmetic added to the usual job's forward."""
+        if not self.flip and not self.others:
+            return self.predictor.forward(x)
         views = (x, x.flip(-1)) if self.flip else (x,)
         outs = [self.predictor.forward(v) for v in views]
         probs = sum(p for p, _ in outs) * (self.share / len(views))
