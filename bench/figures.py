@@ -51,11 +51,19 @@ MEASURES = [
         lambda x: x >= 1.0,
     ),
     Measure(
-        "label with a timm teacher: plain timm loop time / label time, whole processes",
+        "label with a timm teacher: plain timm loop / label, whole processes, mean",
         "timm_label",
         lambda r: r["ratio"],
         "{:.2f}",
         ">= 1.0",
+        None,
+    ),
+    Measure(
+        "label with a timm teacher: plain timm loop / label, low end of the 95% CI",
+        "timm_label",
+        lambda r: r["ratio_ci"][0],
+        "{:.2f}",
+        ">= 1.0 (establishes the mean's target)",
         lambda x: x >= 1.0,
     ),
     Measure(
