@@ -5,7 +5,9 @@ and exit status 2; a bug is one line saying so, exit status 1, and its traceback
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import logging
 import os
 import signal
@@ -333,7 +335,10 @@ def _leave_now(code: int) -> None:
     ended, their semaphores released), then the streams flushed, then out."""
     import multiprocessing.util
 
-    multiprocessing.util._exit_function()
+    # A pool stopped with tasks in flight may find its result thread gone and say so with
+    # a traceback from its finalizer; its processes are ended by the steps after it.
+    with contextlib.redirect_stderr(io.StringIO()):
+        multiprocessing.util._exit_function()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
