@@ -230,13 +230,15 @@ def _hold(out: str) -> None:
     _held[out] = (stop, thread)
 
 
-def release_claims() -> None:
-    """End this process's claims: the run finished or stopped."""
+def release_claims(give_back: bool = False) -> None:
+    """End this process's claims: the run finished or stopped. With `give_back` (the run
+    was refused for the user's mistake), a run directory that holds no checkpoint yet is
+    removed whole, so the corrected command is not refused as another run's folder."""
     for out, (stop, thread) in list(_held.items()):
         stop.set()
         thread.join()  # no beat may write the claim again once it is removed
         try:
-            remove(join(out, CLAIM_FILE))
+            remove(out if give_back and not has_checkpoint(out) else join(out, CLAIM_FILE))
         except OSError:  # left behind, it goes stale by itself
             pass
         del _held[out]

@@ -737,8 +737,12 @@ def train(**options: object) -> dict:
     args, recipe = resolve(options)
     created = not torch.distributed.is_initialized()
     env = distributed.init_distributed(args.device)
+    given_back = False
     try:
         result = main(args, recipe, env)
+    except UsageError:
+        given_back = True  # refused before its first checkpoint, the run leaves no folder
+        raise
     except RuntimeError as exc:
         if env.enabled and distributed.peer_lost(exc):
             said = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
@@ -748,7 +752,7 @@ def train(**options: object) -> dict:
             ) from exc
         raise
     finally:
-        run_dir.release_claims()
+        run_dir.release_claims(give_back=given_back)
     # Only after success: a failed rank must exit at once (torchrun then stops the others),
     # not wait in a teardown for ranks that are still waiting for it.
     if created:

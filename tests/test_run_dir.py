@@ -275,6 +275,19 @@ def test_init_starts_from_another_runs_weights_with_a_new_head_for_other_classes
                     str(digits_dir / "labeled"), "--out", str(tmp_path / "wrong"),
                     "--init", str(tmp_path / "source"), "--epochs", "1")  # fmt: skip
     assert wrong.returncode == 2 and "holds a rs-mini, not a rs-tiny" in wrong.stderr
+    # A refused start leaves no folder to block the corrected command: weights that are no
+    # checkpoint at all are found only after the run claimed its directory.
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    retry = tmp_path / "retry"
+    bad = _train(digits_dir, retry, "--epochs", "1", "--init", str(tmp_path / "garbage.pt"))
+    assert bad.returncode == 2 and "garbage.pt" in bad.stderr.strip().splitlines()[-1]
+    assert not retry.exists()
+    good = _train(digits_dir, retry, "--epochs", "1", "--init", str(tmp_path / "source"))
+    assert good.returncode == 0, good.stderr[-2000:]
+    # Refused on --resume of a run with a checkpoint: the run stays as it was.
+    kept = sorted(p.name for p in retry.iterdir())
+    again = _train(digits_dir, retry, "--epochs", "2", "--resume", "--set", "freeze_through=stem")
+    assert again.returncode == 2 and sorted(p.name for p in retry.iterdir()) == kept
 
 
 def test_the_finetune_recipe_trains_on_eval_crops_with_its_first_layers_frozen(
