@@ -189,7 +189,7 @@ def main() -> None:
         *_rows(f"1,000-class rs-mini, {args.numbers:,} unseen numbers", big_acc, big_results),
     ]
     recipe = yaml.safe_load((run / "config.yaml").read_text())
-    trained = count_samples(expand_shards(str(run.parent / "train")))
+    trained = count_samples(expand_shards(str(run.parent / "train"))).samples
     rows += [
         "",
         f"The 1,000-class teacher: rs-mini trained with `students.train` "

@@ -144,9 +144,12 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def tar_members(stream: BinaryIO, skip_data: bool = False) -> Iterator[tuple[str, bytes]]:
+def tar_members(
+    stream: BinaryIO, skip_data: bool | Callable[[str], bool] = False
+) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of every regular file in an uncompressed tar stream, in order; with
-    `skip_data` the bytes are b"" and, on a stream that can seek, never read.
+    `skip_data` (True, or true of the member's name) the bytes are b"" and, on a stream that
+    can seek, never read.
 
     Raises ShardFault when the stream is not a tar at all (`not_a_tar`, at the first
     header) or ends before its end-of-archive blocks (`truncated_shard`), after every whole
@@ -167,13 +170,17 @@ def tar_members(stream: BinaryIO, skip_data: bool = False) -> Iterator[tuple[str
         size = int(pax.get("size", _number(header[124:136])))
         typeflag = header[156:157]
         pad = -size % BLOCK
-        if skip_data and typeflag in _REGULAR and stream.seekable():
+        name = long_name or pax.get("path") or _header_name(header)
+        skip = skip_data(name) if callable(skip_data) else skip_data
+        if skip and typeflag in _REGULAR and stream.seekable():
             stream.seek(size + pad, 1)
             data = b""
         else:
             data = _read_exactly(stream, size)
             if len(data) < size or len(_read_exactly(stream, pad)) < pad:
                 raise ShardFault("truncated_shard", "tar ends in the middle of a member")
+            if skip and typeflag in _REGULAR:
+                data = b""
         if typeflag == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
@@ -182,7 +189,6 @@ def tar_members(stream: BinaryIO, skip_data: bool = False) -> Iterator[tuple[str
             continue
         if typeflag == b"g":
             continue
-        name = long_name or pax.get("path") or _header_name(header)
         long_name, pax = None, {}
         if typeflag in _REGULAR:
             yield name, data
@@ -248,6 +254,13 @@ def member_names(url: str) -> list[str]:
     seeked past, so counting the samples of ImageNet costs seconds, not a read of it all."""
     with open_read(url) as raw:
         return [name for name, _ in tar_members(_decompressed(raw), skip_data=True)]
+
+
+def small_members(url: str, read: Callable[[str], bool]) -> list[tuple[str, bytes]]:
+    """(name, bytes) of a shard's members, the bytes read only of those `read` is true of
+    (a sample's few-byte `.cls`), the others seeked past as `member_names` does."""
+    with open_read(url) as raw:
+        return list(tar_members(_decompressed(raw), skip_data=lambda name: not read(name)))
 
 
 def iter_samples(urls: Iterable[str], on_error: Callable[[Drop], None]) -> Iterator[dict]:

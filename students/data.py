@@ -30,7 +30,7 @@ from webdataset.utils import make_seed
 
 from data.decode import IMAGE_EXTS, decode_image, find_image, no_image_detail
 from data.errors import USER_ERRORS, Drop, UsageError
-from data.read import ShardFault, iter_shard, member_names
+from data.read import ShardFault, iter_shard, member_names, small_members
 from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
 from students.seeding import seed_everything
 
@@ -430,25 +430,43 @@ def eval_loader(
 # --- what the shards hold ----------------------------------------------------------------
 
 
-def _count_shard(url: str) -> int:
-    """Image samples in one shard, from the tar headers alone: members are seeked past, not
-    read, so counting ImageNet costs seconds. A damaged shard counts none: the loaders drop
-    what they cannot read of it and count that in every epoch's line and the manifest."""
-    keys = set()
+@dataclass(frozen=True)
+class Counted:
+    """What a count of labeled shards found: image samples, and those with a class by
+    class index (a class of classes.json with none is named before training)."""
+
+    samples: int
+    classes: Counter
+
+
+def _count_shard(url: str) -> Counted:
+    """Image samples in one shard and their classes, from the tar headers and the few bytes
+    of each `.cls`: images are seeked past, not read, so counting ImageNet costs seconds. A
+    damaged shard counts none: the loaders drop what they cannot read of it and count that
+    in every epoch's line and the manifest."""
+    images, classes = set(), {}
     try:
-        names = member_names(url)
+        members = small_members(url, lambda name: name.lower().endswith(".cls"))
     except ShardFault:
-        return 0
-    for name in names:
+        return Counted(0, Counter())
+    for name, data in members:
         base, ext = base_plus_ext(name)
-        if base and base != SHARD_HEADER_KEY and ext and ext.lower() in IMAGE_EXTS:
-            keys.add(base)
-    return len(keys)
+        if not base or base == SHARD_HEADER_KEY or not ext:
+            continue
+        if ext.lower() in IMAGE_EXTS:
+            images.add(base)
+        elif ext.lower() == "cls":
+            try:
+                classes[base] = read_cls({"cls": data})
+            except ValueError:  # the loaders drop it, with its reason
+                pass
+    return Counted(len(images), Counter(c for k, c in classes.items() if k in images))
 
 
-def count_samples(urls: Sequence[str], threads: int = 16) -> int:
+def count_samples(urls: Sequence[str], threads: int = 16) -> Counted:
     with ThreadPoolExecutor(threads) as pool:
-        return sum(pool.map(_count_shard, urls))
+        counts = list(pool.map(_count_shard, urls))
+    return Counted(sum(c.samples for c in counts), sum((c.classes for c in counts), Counter()))
 
 
 def has_classes(urls: Sequence[str]) -> bool:
@@ -467,4 +485,4 @@ def has_classes(urls: Sequence[str]) -> bool:
 
 def has_samples(urls: Sequence[str]) -> bool:
     """Whether any shard holds an image sample; stops at the first that does."""
-    return any(_count_shard(url) for url in urls)
+    return any(_count_shard(url).samples for url in urls)

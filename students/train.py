@@ -37,6 +37,7 @@ from data.storage import Entry, absolute, is_dir, parent
 from students import distributed, run_dir
 from students.config import Recipe, TrainArgs, add_arguments, flag_values, resolve
 from students.data import (
+    Counted,
     LabeledDecoder,
     PseudoDecoder,
     count_samples,
@@ -391,11 +392,15 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
         names = _agreeing_classes(
             urls["labeled"], {"validation": urls["val"], "pseudo-labeled": urls["pseudo"]}
         )
-        samples = recipe.epoch_samples or count_samples(urls["labeled"])
+        small = len(urls["labeled"]) <= SMALL_SET_SHARDS
+        counted = count_samples(urls["labeled"]) if small or not recipe.epoch_samples else None
+        samples = recipe.epoch_samples or counted.samples
         if samples == 0:
             raise UsageError(f"no image samples in the labeled shards {args.labeled}")
-        if recipe.epoch_samples and len(urls["labeled"]) <= SMALL_SET_SHARDS:
-            _warn_if_dwarfed(recipe.epoch_samples, count_samples(urls["labeled"]))
+        if counted is not None:
+            if recipe.epoch_samples:
+                _warn_if_dwarfed(recipe.epoch_samples, counted.samples)
+            _warn_of_unlabeled_classes(names or recipe.num_classes, counted)
         if urls["pseudo"] and not has_samples(urls["pseudo"]):
             raise UsageError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
         if urls["val"] and not has_classes(urls["val"]):
@@ -656,7 +661,8 @@ def _init_id(init: str, model_name: str) -> str:
 
 
 # A labeled set of this many shards or fewer is counted even when the recipe sets its epoch
-# (a few listings), to warn when the recipe's epoch is another, larger set's.
+# (a few listings), to warn when the recipe's epoch is another, larger set's, or a class has
+# no labeled image.
 SMALL_SET_SHARDS = 64
 DWARFED = 100  # epoch_samples this many times the labeled set: a recipe for another set
 
@@ -669,6 +675,23 @@ def _warn_if_dwarfed(epoch_samples: int, labeled: int) -> None:
             f"warning: epoch_samples {epoch_samples:,} is {epoch_samples / labeled:.0f} times "
             f"the {labeled:,} labeled samples: each epoch goes over them that often (a figure "
             "for a larger set?); pass --set epoch_samples=N for this one"
+        )
+
+
+def _warn_of_unlabeled_classes(classes: list[str] | int | None, counted: Counted) -> None:
+    """One line naming the classes (of classes.json, or indices below num_classes) that no
+    labeled image has: the run can learn them only from pseudo-labels, if any."""
+    if not counted.samples or classes is None:
+        return
+    names = classes if isinstance(classes, list) else [str(i) for i in range(classes)]
+    missing = [name for i, name in enumerate(names) if not counted.classes[i]]
+    if missing:
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        say(
+            f"warning: {len(missing)} of the {len(names)} classes have no labeled image: "
+            f"{shown} (learned from pseudo-labels alone, if any)"
         )
 
 

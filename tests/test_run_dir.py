@@ -456,3 +456,35 @@ def test_an_epoch_many_times_a_small_labeled_set_warns_in_one_line(
         "--val", str(digits_dir / "unlabeled"),
     )  # fmt: skip
     assert "warning:" not in quiet.stderr
+
+
+def test_classes_without_a_labeled_image_are_named_before_training(
+    digits_dir: Path, tmp_path: Path
+):
+    """classes.json names ten digits; a labeled set with no 3 and no 7 (and one sample whose
+    class is unreadable, which the loaders drop) is said in one line before the first step,
+    read from each sample's `.cls` while the images are seeked past."""
+    from students.data import count_samples
+
+    labeled = tmp_path / "labeled"
+    labeled.mkdir()
+    shutil.copy(digits_dir / "labeled" / "classes.json", labeled / "classes.json")
+    samples = [
+        {**s, "cls": b"x"} if i == 0 else s
+        for i, s in enumerate(iter_samples(expand_shards(str(digits_dir / "labeled")), print))
+        if s.get("cls", b"").strip() not in (b"3", b"7")
+    ]
+    write_shard(str(labeled / "part-000000.tar"), samples)
+    counted = count_samples(expand_shards(str(labeled)))
+    assert counted.samples == len(samples)
+    assert sorted(counted.classes) == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert sum(counted.classes.values()) == len(samples) - 1  # the unreadable class
+    result = run_cli(
+        "train-student", "--labeled", str(labeled), "--out", str(tmp_path / "run"), *QUICK,
+        "--val", str(digits_dir / "unlabeled"),
+    )  # fmt: skip
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: 2 of the 10 classes have no labeled image: 3, 7 (learned from pseudo-labels "
+        "alone, if any)"
+    ], result.stderr
