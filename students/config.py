@@ -327,9 +327,6 @@ def resolve_recipe(
     values |= parse_overrides(overrides)
     given = {key: value for key, value in flags.items() if value is not None}
     _check_keys(given, "the arguments")
-    model = given.get("model")
-    if model is not None and values.get("model") not in (None, model):
-        raise UsageError(f"--model {model} but the config is a recipe for {values['model']}")
     values |= given
     if values.get("model") is None:
         raise UsageError("no model: pass --model or use a config that names one")
@@ -369,6 +366,19 @@ def _check_together(recipe: Recipe) -> None:
             f"schedule_epochs {recipe.schedule_epochs} is shorter than the run's "
             f"{recipe.epochs} epochs, which are its tail"
         )
+
+
+def other_model_note(config: str | Path | None, recipe: Recipe) -> str | None:
+    """The line a run prints when `--model` or `--set model=` trains another model than the
+    recipe file names: applied like any flag, and said, since the file's numbers (sizes,
+    LR, noise) were chosen for its own model."""
+    named = read_recipe(config).get("model") if config is not None else None
+    if named is None or named == recipe.model:
+        return None
+    return (
+        f"note: training {recipe.model} with the recipe {config}, written for {named} "
+        "(its other keys as they are)"
+    )
 
 
 def resolve(options: Mapping[str, object]) -> tuple[TrainArgs, Recipe]:

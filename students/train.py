@@ -35,7 +35,14 @@ from data.progress import progress_bar, say
 from data.specs import shard_entries
 from data.storage import Entry, absolute, is_dir, parent
 from students import distributed, run_dir
-from students.config import Recipe, TrainArgs, add_arguments, flag_values, resolve
+from students.config import (
+    Recipe,
+    TrainArgs,
+    add_arguments,
+    flag_values,
+    other_model_note,
+    resolve,
+)
 from students.data import (
     Counted,
     LabeledDecoder,
@@ -375,6 +382,9 @@ def _agreeing_classes(labeled: list[str], others: dict[str, list[str]]) -> list[
 
 def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
     table = get_config(recipe.model)
+    note = other_model_note(args.config, recipe)
+    if note and env.is_main:
+        say(note)
     if recipe.batch_size % env.world:
         raise UsageError(
             f"batch_size {recipe.batch_size} is global and must divide over {env.world} processes"

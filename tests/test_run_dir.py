@@ -455,7 +455,15 @@ def test_an_epoch_many_times_a_small_labeled_set_warns_in_one_line(
         digits_dir, tmp_path / "quiet", "--set", "epoch_samples=19999",
         "--val", str(digits_dir / "unlabeled"),
     )  # fmt: skip
-    assert "warning:" not in quiet.stderr
+    assert "warning:" not in quiet.stderr and "note:" not in quiet.stderr
+    # Another model than the recipe's is taken, as --set model= is, and said.
+    other = _train(digits_dir, tmp_path / "other", "--model", "rs-tiny",
+                   "--val", str(digits_dir / "unlabeled"))  # fmt: skip
+    notes = [line for line in other.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: training rs-tiny with the recipe {DIGITS_RECIPE}, written for rs-mini (its "
+        "other keys as they are)"
+    ], other.stderr
 
 
 def test_classes_without_a_labeled_image_are_named_before_training(

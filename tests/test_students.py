@@ -24,6 +24,7 @@ from students.config import (
     TrainArgs,
     add_arguments,
     flag_values,
+    other_model_note,
     resolve,
     resolve_recipe,
 )
@@ -122,8 +123,16 @@ def test_flags_beat_set_which_beats_the_file(tmp_path: Path):
     assert resolved.flip is False
     assert resolve_recipe(recipe, ["crop_scale=[0.3, 1]"]).crop_scale == (0.3, 1.0)
     assert list(resolved.to_dict()) == list(RECIPE_KEYS)
-    with pytest.raises(ValueError, match="--model rs-50 but the config is a recipe for rs-mini"):
-        resolve_recipe(recipe, model="rs-50")
+    # Another model than the file's is a flag like any other, by either way of giving it,
+    # and the run says so in one line.
+    for other in (resolve_recipe(recipe, model="rs-50"), resolve_recipe(recipe, ["model=rs-50"])):
+        assert (other.model, other.lr) == ("rs-50", 0.2)
+        assert other_model_note(recipe, other) == (
+            f"note: training rs-50 with the recipe {recipe}, written for rs-mini (its other "
+            "keys as they are)"
+        )
+    assert other_model_note(recipe, resolved) is None
+    assert other_model_note(None, resolved) is None
 
 
 def test_command_line_flags_come_from_the_dataclasses():

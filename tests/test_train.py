@@ -502,7 +502,6 @@ def test_unknown_set_key_is_a_value_error_naming_it(digits1000: Path, tmp_path: 
         (["--model", "rs-mini", "--set", "flip"], "--set expects key=value"),
         (["--model", "rs-mini", "--set", "epochs=many"], "'epochs' must be a whole number"),
         (["--model", "rs-mini", "--config", "no-such.yaml"], "config file not found"),
-        (["--model", "rs-101", "--config", DEMO], "the config is a recipe for rs-mini"),
         ([], "no model"),
     ],
 )
