@@ -85,8 +85,12 @@ def _fraction(text: str) -> float:
 
 
 def _cmd_stats(args: argparse.Namespace) -> None:
+    from pipeline.source_roots import source_roots
     from pipeline.stats import run
 
+    if args.source_root and not args.samples:
+        raise UsageError("--source-root says where --samples finds images: pass --samples too")
+    source_roots(args.source_root)  # a typo is said before the statistics are made
     beam_args = args.beam_args + ([f"--runner={args.runner}"] if args.runner else [])
     run(
         args.shards,
@@ -99,7 +103,8 @@ def _cmd_stats(args: argparse.Namespace) -> None:
     if args.samples:
         from pipeline.samples_sheet import write_samples
 
-        print(f"{write_samples(args.shards, args.samples)} sample images in {args.samples}")
+        drawn = write_samples(args.shards, args.samples, source_roots=args.source_root)
+        print(f"{drawn} sample images in {args.samples}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -236,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.png",
         help="write a PNG of images per class and confidence band (kept and dropped ones "
         "for filter output) here",
+    )
+    stats.add_argument(
+        "--source-root",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="for --samples of label or filter output: the shards labeled under folder OLD are "
+        "now under NEW (as for pipeline filter); repeat for several folders",
     )
     stats.add_argument(
         "--scan",

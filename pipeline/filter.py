@@ -47,6 +47,7 @@ from pipeline.reports import (
     raise_failures,
     reported,
 )
+from pipeline.source_roots import Roots, source_roots
 from pipeline.strategies import expected_copies, strategy_of
 from pipeline.worklist import WORK, WorkList
 
@@ -81,22 +82,7 @@ def _label_folder(args: FilterArgs) -> tuple[dict, list[str]]:
     return manifest, [e.url for e in sidecars]
 
 
-def source_roots(items: list[str]) -> tuple[tuple[str, str], ...]:
-    """--source-root OLD=NEW pairs as absolute folders, longest OLD first (the most specific
-    wins). NEW must exist: a typo would otherwise fail every chunk."""
-    pairs = []
-    for item in items:
-        old, sep, new = item.partition("=")
-        if not sep or not old or not new:
-            raise UsageError(f"--source-root expects OLD=NEW (two folders), got {item!r}")
-        old, new = absolute(old).rstrip("/"), absolute(new).rstrip("/")
-        if not is_dir(new):
-            raise UsageError(f"--source-root {item}: {new} is not a folder")
-        pairs.append((old, new))
-    return tuple(sorted(pairs, key=lambda p: -len(p[0])))
-
-
-def _check_roots(roots: tuple[tuple[str, str], ...], label_manifest: dict) -> None:
+def _check_roots(roots: Roots, label_manifest: dict) -> None:
     """Each --source-root OLD must name where the labeled shards were read: one that names
     no source would be ignored, and the chunks would fail or keep nothing."""
     spec = (label_manifest.get("fingerprint", {}).get("input") or {}).get("spec")

@@ -39,6 +39,7 @@ from data.write import open_shard
 from pipeline.confidence import conf_bin
 from pipeline.dedup import EvalIndex
 from pipeline.reports import ShardReport, unit_of_work, write_shard_report
+from pipeline.source_roots import Roots, relocated
 from pipeline.strategies import Rules, Strategy, unit_draw
 from pipeline.summaries import LabelSummary
 from pipeline.worklist import units
@@ -54,15 +55,12 @@ class FilterPlan:
     strategy: Strategy
     eval_dir: str | None
     dedup_threshold: float | None
-    source_roots: tuple[tuple[str, str], ...] = ()  # (recorded folder, where it is now)
+    source_roots: Roots = ()  # (recorded folder, where it is now)
     keep_selection: str | None = None  # a previous filter's output whose choices are kept
 
     def where(self, source: str) -> str:
         """Where the source shard labeling read as `source` is now (--source-root)."""
-        for old, new in self.source_roots:
-            if source == old or source.startswith(old + "/"):
-                return new + source[len(old) :]
-        return source
+        return relocated(source, self.source_roots)
 
 
 def chunk_name(index: int) -> str:

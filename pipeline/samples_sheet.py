@@ -20,7 +20,7 @@ import json
 import random
 import struct
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -30,10 +30,13 @@ from data.classes import read_class_names
 from data.decode import decode_image, find_image
 from data.errors import UsageError
 from data.manifest import read_manifest
+from data.progress import say
 from data.read import iter_shard
-from data.records import PSEUDO_EXT, decode_pseudo, read_cls, read_header
+from data.records import PSEUDO_EXT, content_hash, decode_pseudo, read_cls, read_header
 from data.specs import expand_shards
-from data.storage import AtomicFile, join, open_read
+from data.storage import AtomicFile, exists, join, open_read, parent
+from pipeline.source_roots import Roots, relocated
+from pipeline.source_roots import source_roots as parse_roots
 
 MAX_SHARDS = 32  # shards read, drawn at random
 MAX_CLASSES = 10  # rows: the most frequent classes
@@ -62,6 +65,7 @@ class Pick:
     group: str = field(compare=False)
     confidence: float | None = field(compare=False)
     source: str = field(compare=False)
+    digest: bytes | None = field(compare=False)  # a sidecar's content hash of its image
 
 
 @dataclass
@@ -74,6 +78,12 @@ class Sheet:
     cells: dict[tuple[int, str], list[Pick]]
     row_labels: dict[int, str]
     group_labels: dict[str, str]
+    roots: Roots = ()  # --source-root: where the sidecars' source shards are now
+
+    @property
+    def picks(self) -> list[Pick]:
+        """The samples drawn onto the sheet: its rows' cells, group by group."""
+        return [p for r in self.rows for g in self.groups for p in self.cells.get((r, g), [])]
 
     @property
     def size(self) -> tuple[int, int]:
@@ -107,10 +117,10 @@ def _band(confidence: float) -> str:
     return _band_names()[max(i for i, edge in enumerate(BANDS) if edge <= confidence)]
 
 
-def _records(url: str) -> Iterator[tuple[str, int, float | None, str]]:
-    """(key, class, confidence, shard holding its image) for each sample with a class: the
-    `.cls`, else the teacher's top-1; the image is in this shard, or in the source shard a
-    sidecar's header names."""
+def _records(url: str) -> Iterator[tuple[str, int, float | None, str, bytes | None]]:
+    """(key, class, confidence, shard holding its image, its content hash) for each sample
+    with a class: the `.cls`, else the teacher's top-1; the image is in this shard (no hash
+    to check), or in the source shard a sidecar's header names."""
     header: dict = {}
     for sample in iter_shard(url, lambda drop: None):
         found = read_header(sample)
@@ -129,10 +139,12 @@ def _records(url: str) -> Iterator[tuple[str, int, float | None, str]]:
             cls = label.top1
         if cls is None:
             continue
-        source = url if find_image(sample) is not None else header.get("source")
+        here = find_image(sample) is not None
+        source = url if here else header.get("source")
         if source:
             confidence = None if label is None else label.confidence
-            yield sample["__key__"], cls, confidence, source
+            digest = None if here or label is None else label.content_hash
+            yield sample["__key__"], cls, confidence, source, digest
 
 
 def _fates(folder: str, keys: set[str]) -> dict[str, str]:
@@ -146,7 +158,7 @@ def _fates(folder: str, keys: set[str]) -> dict[str, str]:
     return fates
 
 
-def collect(spec: str, seed: int = 0) -> Sheet:
+def collect(spec: str, seed: int = 0, roots: Roots = ()) -> Sheet:
     """Draw the sheet's samples from the shards of `spec` (no images read yet)."""
     urls = expand_shards(spec)
     folder = urls[0].rsplit("/", 1)[0]
@@ -163,14 +175,14 @@ def collect(spec: str, seed: int = 0) -> Sheet:
     counts: Counter = Counter()
     group_counts: Counter = Counter()
     cells: dict[tuple[int, str], list[Pick]] = defaultdict(list)
-    for key, cls, confidence, source in records:
+    for key, cls, confidence, source, digest in records:
         if filtered:
             group = fates.get(key, KEPT)
         else:
             group = "samples" if confidence is None else _band(confidence)
         counts[cls] += 1
         group_counts[group] += 1
-        pick = Pick(-_priority(seed, key), key, cls, group, confidence, source)
+        pick = Pick(-_priority(seed, key), key, cls, group, confidence, source, digest)
         cell = cells[cls, group]
         if len(cell) < PER_CELL:
             heapq.heappush(cell, pick)
@@ -196,6 +208,7 @@ def collect(spec: str, seed: int = 0) -> Sheet:
         cells={cell: sorted(picks, reverse=True) for cell, picks in cells.items()},
         row_labels={cls: _row_label(cls, counts[cls], names, thresholds) for cls in rows},
         group_labels={g: f"{g} ({group_counts[g]:,})" for g in groups},
+        roots=roots,
     )
 
 
@@ -207,27 +220,84 @@ def _row_label(cls: int, count: int, names: list[str] | None, thresholds: dict) 
     return label if threshold is None else f"{label}\nkept from {threshold:.2f}"
 
 
-def _images(sheet: Sheet) -> dict[str, Image.Image]:
-    """The drawn samples' images, each source shard read once."""
-    wanted: dict[str, set[str]] = defaultdict(set)
-    for row in sheet.rows:
-        for group in sheet.groups:
-            for pick in sheet.cells.get((row, group), []):
-                wanted[pick.source].add(pick.key)
-    images = {}
+def _tile(image: Image.Image) -> Image.Image:
+    """The image fitted into the tile, however long or thin: a side that would shrink below
+    a pixel (a 2,000 x 1 banner) keeps one."""
+    scale = TILE / max(image.size)
+    if min(image.size) * scale < 1:
+        image = image.resize(tuple(max(1, round(side * scale)) for side in image.size))
+    return ImageOps.pad(image, (TILE, TILE), color=PAD)
+
+
+@dataclass
+class Found:
+    """The drawn samples' tiles, and why the others have none, in words."""
+
+    tiles: dict[str, Image.Image]
+    missing: dict[str, int]  # source shard read (after --source-root) -> drawn images not there
+    changed: int = 0  # found under their key with other bytes than labeled
+    undecodable: int = 0
+
+
+def _images(sheet: Sheet) -> Found:
+    """The drawn samples' images, each source shard read once; a sidecar's image is taken
+    only if its bytes are those labeled (content hash)."""
+    wanted: dict[str, dict[str, bytes | None]] = defaultdict(dict)
+    for pick in sheet.picks:
+        wanted[relocated(pick.source, sheet.roots)][pick.key] = pick.digest
+    found = Found({}, {})
     for source, keys in sorted(wanted.items()):
         for sample in iter_shard(source, lambda drop: None):
-            found = find_image(sample) if sample["__key__"] in keys else None
-            if found is not None:
-                image, _ = decode_image(found[1])
-                if image is not None:
-                    images[sample["__key__"]] = ImageOps.pad(image, (TILE, TILE), color=PAD)
-    return images
+            image = find_image(sample) if sample["__key__"] in keys else None
+            if image is None:
+                continue
+            digest = keys[sample["__key__"]]
+            if digest is not None and content_hash(image[1]) != digest:
+                found.changed += 1
+                continue
+            decoded, _ = decode_image(image[1])
+            if decoded is None:
+                found.undecodable += 1
+            else:
+                found.tiles[sample["__key__"]] = _tile(decoded)
+        gone = len(keys) - sum(key in found.tiles for key in keys)
+        if gone and not exists(source):
+            found.missing[source] = gone
+    return found
+
+
+def _shortfall(found: Found, drawn: int) -> str | None:
+    """Why `drawn - len(found.tiles)` images are not on the sheet, in one line."""
+    missing = sum(found.missing.values())
+    parts = []
+    if missing:
+        first = next(iter(found.missing))
+        parts.append(
+            f"{missing} are in source shards that are not there ({len(found.missing)} shards, "
+            f"e.g. {first}): if they moved, pass --source-root {parent(first)}=WHERE_THEY_ARE_NOW"
+        )
+    if found.changed:
+        parts.append(f"{found.changed} are other images than labeled (content hash)")
+    if found.undecodable:
+        parts.append(f"{found.undecodable} cannot be decoded")
+    if drawn > len(found.tiles) and not parts:
+        parts.append(f"{drawn - len(found.tiles)} are no longer in their shards")
+    return f"{'; '.join(parts)}" if parts else None
 
 
 def render(sheet: Sheet, path: str) -> int:
-    """Draw the sheet as a PNG at `path` (local or fsspec URL); returns the tiles drawn."""
-    images = _images(sheet)
+    """Draw the sheet as a PNG at `path` (local or fsspec URL); returns the tiles drawn.
+    Images that cannot be shown are said in one line: a warning, or the refusal when the
+    sheet would have none."""
+    found = _images(sheet)
+    images, drawn = found.tiles, len(sheet.picks)
+    shortfall = _shortfall(found, drawn)
+    if shortfall and not images:
+        raise UsageError(f"no image of the {drawn} drawn could be shown: {shortfall}")
+    if shortfall:
+        say(
+            f"warning: {drawn - len(images)} of the {drawn} images drawn are not shown: {shortfall}"
+        )
     canvas = Image.new("RGB", sheet.size, BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     font = _font()
@@ -257,6 +327,7 @@ def render(sheet: Sheet, path: str) -> int:
     return tiles
 
 
-def write_samples(spec: str, path: str, seed: int = 0) -> int:
-    """`--samples`: collect and render; returns the number of images on the sheet."""
-    return render(collect(spec, seed), path)
+def write_samples(spec: str, path: str, seed: int = 0, source_roots: Iterable[str] = ()) -> int:
+    """`--samples`: collect and render; returns the number of images on the sheet. Sidecars'
+    images are read where `source_roots` (OLD=NEW, as for the filter) say they are now."""
+    return render(collect(spec, seed, parse_roots(source_roots)), path)

@@ -1,6 +1,7 @@
 """`pipeline stats --samples`: a sheet of the images behind the pseudo-labels, per class and
 confidence band, and for filter output per fate; checked tile by tile against the shards."""
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -37,14 +38,13 @@ def _confidence(index: int) -> float:
     return 0.05 + 0.9 * (index * 7919 % 1000) / 1000
 
 
-@pytest.fixture(scope="module")
-def labels(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pipeline label`'s output for the unlabeled digits, from a teacher that knows the
-    digits and whose confidence is spread over every band (so every cell can be checked):
-    one sidecar per source shard, in its order, each naming its source in its header."""
-    out = tmp_path_factory.mktemp("labels")
+def _write_labels(source: Path, out: Path) -> Path:
+    """`pipeline label`'s output for the unlabeled digits in `source`, from a teacher that
+    knows the digits and whose confidence is spread over every band (so every cell can be
+    checked): one sidecar per source shard, in its order, each naming its source in its
+    header."""
     targets = load_digits().target
-    urls = expand_shards(str(digits_dir / "unlabeled"))
+    urls = expand_shards(str(source))
     for url in urls:
         records = [shard_header(teacher="truth", source=url, topk=2, embed=False)]
         for sample in iter_shard(url, print):
@@ -64,6 +64,11 @@ def labels(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     stage = StageOutput(str(out), "label", {"teacher": "truth", "embed": False})
     stage.finish(n, n, Counter(), Counter(), {}, teacher="truth", shards=len(urls))
     return out
+
+
+@pytest.fixture(scope="module")
+def labels(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_labels(digits_dir / "unlabeled", tmp_path_factory.mktemp("labels"))
 
 
 def _pseudo_labels(folder: Path) -> list:
@@ -143,3 +148,66 @@ def test_filter_output_sheet_shows_what_was_kept_and_why_the_rest_was_dropped(
     for (cls, fate), picks in sheet.cells.items():
         assert all(dropped.get(p.key, KEPT) == fate and p.cls == cls for p in picks)
     assert _tiles_drawn(png, sheet) == _expected_tiles(cells, sheet.rows)
+
+
+def test_images_not_where_labeling_read_them_are_said_and_found_with_source_root(
+    digits_dir: Path, tmp_path: Path
+):
+    """Sources moved: the sheet is refused in one line that says where to point
+    --source-root (no empty sheet), and drawn with it; other images under the labeled names
+    are never shown as the labeled ones."""
+    import shutil
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(digits_dir / "unlabeled", old)
+    labels = _write_labels(old, tmp_path / "labels")
+    old.rename(new)
+    png = tmp_path / "samples.png"
+    refused = run_cli("stats", str(labels), "--samples", str(png))
+    assert refused.returncode == 2 and not png.exists()
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith("pipeline stats: error: no image of the ")
+    )
+    assert f"--source-root {old}=WHERE_THEY_ARE_NOW" in refused.stderr
+    found = run_cli(
+        "stats", str(labels), "--samples", str(png), "--source-root", f"{old}={new}", check=True
+    )
+    sheet = collect(str(labels))
+    assert f"{_tiles_drawn(png, sheet)} sample images" in found.stdout
+    assert _tiles_drawn(png, sheet) == len(sheet.picks) > 0 and "warning" not in found.stderr
+    # The same names over other images (each digit turned upside down): none is shown.
+    for url in expand_shards(str(new)):
+        samples = list(iter_shard(url, print))
+        for sample in samples:
+            image = Image.open(io.BytesIO(sample["png"])).rotate(180)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            sample["png"] = buffer.getvalue()
+        write_shard(url, samples)
+    other = run_cli("stats", str(labels), "--samples", str(png), "--source-root", f"{old}={new}")
+    assert other.returncode == 2
+    assert "are other images than labeled (content hash)" in other.stderr
+    assert run_cli("stats", str(labels), "--source-root", f"{old}={new}").returncode == 2
+
+
+def test_an_image_of_any_shape_fits_its_tile(tmp_path: Path):
+    """A 2,000 x 1 banner and a 1 x 2,000 pole: scaled to the tile, their thin side kept at
+    a pixel (resizing it to zero pixels ended `stats --samples` as an internal error)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = []
+    for i, size in enumerate([(2000, 1), (1, 2000), (7, 3)]):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+        samples.append({"__key__": f"s{i}", "png": buffer.getvalue(), "cls": b"0"})
+    write_shard(str(shards / "part-000000.tar"), samples)
+    png = tmp_path / "samples.png"
+    result = run_cli("stats", str(shards), "--samples", str(png), check=True)
+    sheet = collect(str(shards))
+    assert _tiles_drawn(png, sheet) == 3 and "3 sample images" in result.stdout
+    with Image.open(png) as image:
+        banner = image.crop(sheet.tile_box(0, 0, [p.key for p in sheet.picks].index("s0")))
+        red = [xy for xy in np.ndindex(TILE, TILE) if banner.getpixel(xy)[:3] == (200, 30, 30)]
+    assert len(red) == TILE  # one row of the tile: the banner at its width, a pixel high
