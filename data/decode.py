@@ -138,13 +138,14 @@ class JpegHeader:
 
 
 _SOF_BASELINE, _SOF_EXTENDED, _SOF_PROGRESSIVE = 0xC0, 0xC1, 0xC2
+JPEG_START = b"\xff\xd8"  # start-of-image: the first bytes of every JPEG
 
 
 def jpeg_header(data: bytes) -> JpegHeader | None:
     """The frame header of a Huffman-coded JPEG, read from its markers without decoding;
     None for anything else (another format, arithmetic or lossless coding, no frame header).
     A few bytes are touched per marker segment, so it costs microseconds per image."""
-    if data[:2] != b"\xff\xd8":
+    if data[:2] != JPEG_START:
         return None
     pos, end = 2, len(data)
     while pos + 4 <= end:

@@ -36,7 +36,7 @@ from multiprocessing.pool import Pool
 import numpy as np
 import torch
 
-from data.decode import DECODERS, MAX_PIXELS, EvalCrop, eval_stack, jpeg_header
+from data.decode import DECODERS, JPEG_START, MAX_PIXELS, EvalCrop, eval_stack, jpeg_header
 from data.errors import UsageError
 from data.progress import say
 from data.records import content_hash
@@ -128,6 +128,12 @@ class InputTally:
     on_device: int = 0
     on_cpu: int = 0
     decode_calls: int = 0
+    jpeg: int = 0  # images that are JPEGs, the one format --decode device takes
+
+    def count(self, chunk: list[Item]) -> None:
+        """Note a chunk's JPEGs, by their first bytes: whether the device could decode the
+        corpus is stats' advice, for a corpus of PNGs no longer --decode device."""
+        self.jpeg += sum(data[:2] == JPEG_START for _, data, _ in chunk)
 
 
 @dataclass
@@ -179,6 +185,7 @@ class CpuDecoder:
         pixels, reasons, seconds = result.get()
         tally.decode_seconds += seconds
         tally.on_cpu += len(chunk)
+        tally.count(chunk)
         out = Decoded([], [], self.feed.to_device(pixels))
         for (key, _, digest), reason in zip(chunk, reasons, strict=True):
             if reason is None:
@@ -252,6 +259,7 @@ class DeviceDecoder:
         tally.decode_seconds += time.perf_counter() - started
         tally.on_device += len(on_device)
         tally.on_cpu += len(rest)
+        tally.count(chunk)
         keys, hashes, drops, cpu_rows, order = [], [], [], [], []
         for i, (key, _, digest) in enumerate(chunk):
             if i in on_device:

@@ -506,7 +506,7 @@ def label_shard(
         report.samples_out = shard.count - 1
         report.decode_seconds, report.write_seconds = tally.decode_seconds, writer.busy_seconds
         report.on_device, report.on_cpu = tally.on_device, tally.on_cpu
-        report.decode_calls = tally.decode_calls
+        report.decode_calls, report.jpeg = tally.decode_calls, tally.jpeg
         report.stats = {
             **summary.to_json(),
             "bytes": shard.close_tar(),

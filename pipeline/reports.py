@@ -47,6 +47,7 @@ TIME_SPLIT = (  # where a unit's time went, summed into the manifest
     "on_device",
     "on_cpu",
     "decode_calls",
+    "jpeg",
 )
 MAX_POLL_SHARE = 0.05  # a progress poll may cost at most this share of the time between polls
 SAMPLED_PER_POLL = 8  # reports a poll reads for the bar's rates: its cost stays bounded
@@ -69,6 +70,7 @@ class ShardReport:
     on_device: int = 0  # images decoded on the teacher's device
     on_cpu: int = 0  # and by the CPU decoder
     decode_calls: int = 0  # calls of the device decoder (a refused JPEG adds ~2 log2 n)
+    jpeg: int = 0  # images that are JPEGs (the device's format), whichever way they decoded
     first_forward_at: float = 0.0  # wall clock at the end of the first forward pass
     last_forward_at: float = 0.0  # and of the last: between the two, a job's steady state
     stats: dict = field(default_factory=dict)  # additive summaries: histograms, counts by class

@@ -341,6 +341,19 @@ def format_report(report: dict, class_names: list[str] | None) -> str:
 INPUT_BOUND = 0.1  # the share of time the forward pass may wait for input before it is the story
 
 
+def _device_advice(jpeg: int | None, images: int) -> str:
+    """What --decode device would take of the corpus: it decodes JPEGs alone (a label job
+    recorded before the count says nothing of its formats)."""
+    if jpeg is None:
+        return " or decode its JPEGs on it (--decode device)"
+    if not jpeg:
+        return "; none of its images is a JPEG, the one format --decode device takes"
+    share = jpeg / max(images, 1)
+    if share >= 0.99:
+        return " or decode on it (--decode device)"
+    return f" or decode its JPEGs on it (--decode device: {share:.0%} of the images)"
+
+
 def time_rows(split: dict) -> list[tuple[str, str]]:
     """Where a label job's worker time went, and in words whether its input held it back:
     how a user sizes the CPUs a GPU needs."""
@@ -351,7 +364,7 @@ def time_rows(split: dict) -> list[tuple[str, str]]:
     images = split["on_device"] + split["on_cpu"]
     verdict = (
         f"input-bound: the forward pass waited for input {wait:.0%} of the time; give each "
-        "device more decode processes (cores) or decode on it (--decode device)"
+        f"device more decode processes (cores){_device_advice(split.get('jpeg'), images)}"
         if wait >= INPUT_BOUND
         else f"not input-bound: the forward pass waited for input {wait:.0%} of the time"
     )

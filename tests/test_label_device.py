@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from bench.corpus import web_image
-from data.read import iter_samples
+from data.read import iter_samples, iter_shard
 from data.records import PSEUDO_EXT, decode_pseudo
 from data.write import write_shard
 from pipeline.label import LabelArgs, run
 from pipeline.label_shard import Teacher, Teachers, label_shard
-from pipeline.stats import collect, format_report
+from pipeline.stats import collect, format_report, time_rows
 from teachers.inference import worker_devices
 from tests.conftest import run_cli
 
@@ -79,6 +79,16 @@ def test_web_variety_labels_alike_on_the_device_path_and_the_cpu_path(
     # Baseline, progressive and gray JPEGs on the device; CMYK, the other formats and the
     # two bad JPEGs on the CPU.
     assert (report["on_device"], report["on_cpu"]) == (29, 7)
+    # Either path counts the JPEGs by their first bytes (the CMYK and bad ones too), for
+    # stats' advice on what --decode device would take.
+    jpegs = sum(
+        data[:2] == b"\xff\xd8"
+        for sample in iter_shard(str(tmp_path / "src" / "web-000000.tar"), print)
+        for name, data in sample.items()
+        if not name.startswith("__")
+    )
+    cpu_split = json.loads((tmp_path / "cpu" / "manifest.json").read_text())["time_split"]
+    assert report["jpeg"] == cpu_split["jpeg"] == jpegs > 29
 
 
 def _teacher(run_dir: Path, decode: str = "device") -> Teacher:
@@ -155,8 +165,21 @@ def test_time_split_adds_up_and_stats_says_where_the_time_went(
     split = manifest["time_split"]
     assert split["on_cpu"] == manifest["samples_in"]
     assert split["forward_seconds"] <= split["seconds"]
+    assert split["jpeg"] == 0  # the digits are PNGs
     text = format_report(*collect(str(out)))
     assert "waiting for input" in text and ("input-bound" in text or "not input-bound" in text)
+    # The advice when input-bound fits the corpus: --decode device takes JPEGs alone.
+    bound = {**split, "input_wait_seconds": split["seconds"] / 2}
+    (verdict,) = [v for k, v in time_rows(bound) if k == "verdict"]
+    assert verdict.endswith("; none of its images is a JPEG, the one format --decode device takes")
+    images = split["on_cpu"]
+    for jpeg, advice in [
+        (images, " or decode on it (--decode device)"),
+        (images // 4, " or decode its JPEGs on it (--decode device: 25% of the images)"),
+        (None, " or decode its JPEGs on it (--decode device)"),  # a job recorded before the count
+    ]:
+        (verdict,) = [v for k, v in time_rows({**bound, "jpeg": jpeg}) if k == "verdict"]
+        assert verdict.endswith(advice), verdict
 
 
 def test_threads_spread_over_every_device_with_one_teacher_each():
