@@ -234,9 +234,11 @@ def read_bytes(url: str) -> bytes:
 def read_json(url: str) -> object | None:
     """The JSON value of a file, or None when there is no such file."""
     try:
-        return json.loads(read_bytes(url))
+        data = read_bytes(url)
     except FileNotFoundError:
         return None
+    try:  # apart from the read: its own errors (no credentials) are no verdict on the file
+        return json.loads(data)
     except ValueError as exc:  # not JSON (or not UTF-8): a file damaged or edited by hand
         raise UsageError(f"{url} is not valid JSON ({exc}): restore it or write it again") from None
 

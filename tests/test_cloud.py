@@ -259,7 +259,7 @@ def test_label_runs_on_a_portable_runner_in_worker_processes(
     assert workers and str(launcher.pid) not in workers
 
 
-@pytest.mark.parametrize("command", ["label", "train-student"])
+@pytest.mark.parametrize("command", ["label", "train-student", "stats"])
 def test_s3_without_credentials_is_one_line(
     s3_server, random_teacher: Path, tmp_path: Path, command: str
 ):
@@ -278,6 +278,7 @@ def test_s3_without_credentials_is_one_line(
                   "--output", str(tmp_path / "out")],
         "train-student": ["--model", "rs-mini", "--labeled", f"{bucket}/labeled",
                           "--out", str(tmp_path / "run")],
+        "stats": [f"{bucket}/labels"],  # its manifest.json was said to be "not valid JSON"
     }[command]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", command, *args],
@@ -286,6 +287,7 @@ def test_s3_without_credentials_is_one_line(
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and "no AWS credentials found" in lines[0], lines
+    assert "not valid JSON" not in lines[0]
 
 
 @pytest.mark.parametrize("server", ["gcs_server", "s3_server"])
