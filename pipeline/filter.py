@@ -44,6 +44,7 @@ from pipeline.reports import (
     finish_stage,
     given_back,
     merge_reports,
+    output_lost,
     raise_failures,
     reported,
 )
@@ -270,71 +271,77 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     if done is not None:
         return {**done, "already_done": True}
     output = out.out_dir
-    with given_back(out):  # a refusal before the first chunk leaves no claim
-        started = time.monotonic()
-        eval_dir, dedup_threshold = None, args.dedup_threshold
-        if args.dedup_against:
-            if not label_manifest["fingerprint"].get("embed"):
-                raise UsageError(
-                    "--dedup-against needs embeddings: run `pipeline label` with --embed"
-                )
-            eval_dir = _eval_embeddings(args, output, label_manifest, beam_args)
-            embedded = read_manifest(eval_dir) or {}
-            if not embedded.get("samples_out"):
-                out.abandon()
-                drops = ", ".join(f"{n} {r}" for r, n in embedded.get("drops", {}).items())
-                raise UsageError(
-                    f"--dedup-against {args.dedup_against} holds no images the teacher could "
-                    f"read ({embedded.get('samples_in', 0)} samples; dropped: {drops or 'none'}): "
-                    "pass the evaluation set's image shards"
-                )
-            if dedup_threshold is None:
-                dedup_threshold = EvalIndex.from_sidecars(eval_dir, None, args.dedup_fpr).threshold
-        strategy = strategy_of(args)
-        plan = FilterPlan(
-            output,
-            strategy,
-            eval_dir,
-            dedup_threshold,
-            roots,
-            absolute(args.keep_selection) if previous is not None else None,
-        )
-        if previous is not None:  # the choices are made: no histograms, no rules
-            hist, counted_by, rules = {}, "kept selection", {}
-            expected = previous["samples_written"]
-        else:
-            hist, counted_by = _histograms(
-                args.input, sidecars, plan, options, join(output, WORK, HISTOGRAMS)
+    with output_lost(output):  # a storage lost mid-job: one line naming the folder
+        with given_back(out):  # a refusal before the first chunk leaves no claim
+            started = time.monotonic()
+            eval_dir, dedup_threshold = None, args.dedup_threshold
+            if args.dedup_against:
+                if not label_manifest["fingerprint"].get("embed"):
+                    raise UsageError(
+                        "--dedup-against needs embeddings: run `pipeline label` with --embed"
+                    )
+                eval_dir = _eval_embeddings(args, output, label_manifest, beam_args)
+                embedded = read_manifest(eval_dir) or {}
+                if not embedded.get("samples_out"):
+                    out.abandon()
+                    drops = ", ".join(f"{n} {r}" for r, n in embedded.get("drops", {}).items())
+                    raise UsageError(
+                        f"--dedup-against {args.dedup_against} holds no images the teacher could "
+                        f"read ({embedded.get('samples_in', 0)} samples; dropped: {drops or 'none'}): "
+                        "pass the evaluation set's image shards"
+                    )
+                if dedup_threshold is None:
+                    dedup_threshold = EvalIndex.from_sidecars(
+                        eval_dir, None, args.dedup_fpr
+                    ).threshold
+            strategy = strategy_of(args)
+            plan = FilterPlan(
+                output,
+                strategy,
+                eval_dir,
+                dedup_threshold,
+                roots,
+                absolute(args.keep_selection) if previous is not None else None,
             )
-            rules = strategy.rules(hist)
-            if not rules:
-                out.abandon()
-                raise UsageError(strategy.nothing_kept(hist))
-            expected = expected_copies(hist, rules)
-        size = expected / max(1, math.ceil(expected / args.shard_size))
-        work = [
-            (i, urls, previous_shards.get(i, []))
-            for i, urls in chunks(
-                sidecars,
-                expected,
-                args.shard_size,
-                _workers(options),
-                previous["chunks"] if previous is not None else 0,
-            )
-        ]
-        clear_failures(output)
-        finished = reported(output)
-        todo = [c for c in work if chunk_name(c[0]) not in finished]
-        if todo:
-            with (
-                WorkList(output, "chunks", todo) as chunk_list,
-                ReportProgress(output, len(todo), "filter", done_before=len(finished)),
-            ):
-                run_pipeline(options, lambda p: _write(p, chunk_list, plan, size, rules))
-            raise_failures(output)
-    names = [chunk_name(i) for i, *_ in work]
-    with ErrorLog(output) as log:
-        merged = merge_reports(output, names, log, ahead=2)
+            if previous is not None:  # the choices are made: no histograms, no rules
+                hist, counted_by, rules = {}, "kept selection", {}
+                expected = previous["samples_written"]
+            else:
+                hist, counted_by = _histograms(
+                    args.input, sidecars, plan, options, join(output, WORK, HISTOGRAMS)
+                )
+                rules = strategy.rules(hist)
+                if not rules:
+                    out.abandon()
+                    raise UsageError(strategy.nothing_kept(hist))
+                expected = expected_copies(hist, rules)
+            size = expected / max(1, math.ceil(expected / args.shard_size))
+            work = [
+                (i, urls, previous_shards.get(i, []))
+                for i, urls in chunks(
+                    sidecars,
+                    expected,
+                    args.shard_size,
+                    _workers(options),
+                    previous["chunks"] if previous is not None else 0,
+                )
+            ]
+            clear_failures(output)
+            finished = reported(output)
+            todo = [c for c in work if chunk_name(c[0]) not in finished]
+            if todo:
+                with (
+                    WorkList(output, "chunks", todo) as chunk_list,
+                    ReportProgress(
+                        output, len(todo), "filter", done_before=len(finished)
+                    ) as progress,
+                ):
+                    run_pipeline(options, lambda p: _write(p, chunk_list, plan, size, rules))
+                    progress.raise_lost()
+                raise_failures(output)
+        names = [chunk_name(i) for i, *_ in work]
+        with ErrorLog(output) as log:
+            merged = merge_reports(output, names, log, ahead=2)
     class_names = read_json(join(args.input, CLASSES_FILE))
     if class_names is not None:
         write_class_names(output, class_names)

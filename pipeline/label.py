@@ -70,6 +70,7 @@ from pipeline.reports import (
     finish_stage,
     given_back,
     merge_reports,
+    output_lost,
     raise_failures,
     reported,
     unit_of_work,
@@ -262,25 +263,29 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     if done is not None:
         return {**done, "already_done": True}
     output = out.out_dir
-    clear_failures(output)
-    finished = done_outputs(output)
-    todo = [(u, n) for u, n in zip(shards, names, strict=True) if n not in finished]
-    started = time.monotonic()
-    if todo:
-        if workers_in_process(options):
-            warm_pool(default_processes(args.decode_processes))
-        before = len(reported(output))
-        with given_back(out):
-            with (
-                WorkList(output, "label", todo) as work,
-                ReportProgress(output, len(todo), "label", done_before=before, rates=True),
-            ):
-                run_pipeline(options, build(work))
-            raise_failures(output)
-    seconds = time.monotonic() - started
-    fresh = {n for _, n in todo}
-    with ErrorLog(output) as log:
-        merged = merge_reports(output, names, log, fresh)
+    with output_lost(output):  # a storage lost mid-job: one line naming the folder
+        clear_failures(output)
+        finished = done_outputs(output)
+        todo = [(u, n) for u, n in zip(shards, names, strict=True) if n not in finished]
+        started = time.monotonic()
+        if todo:
+            if workers_in_process(options):
+                warm_pool(default_processes(args.decode_processes))
+            before = len(reported(output))
+            with given_back(out):
+                with (
+                    WorkList(output, "label", todo) as work,
+                    ReportProgress(
+                        output, len(todo), "label", done_before=before, rates=True
+                    ) as progress,
+                ):
+                    run_pipeline(options, build(work))
+                    progress.raise_lost()
+                raise_failures(output)
+        seconds = time.monotonic() - started
+        fresh = {n for _, n in todo}
+        with ErrorLog(output) as log:
+            merged = merge_reports(output, names, log, fresh)
     if class_names is not None:
         write_class_names(output, class_names)
     counted = sparse_from_json(merged.stats.pop("class_confidences", {}))

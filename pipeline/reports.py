@@ -30,7 +30,7 @@ from data.errors import USER_ERRORS, Drop, UsageError, WorkerBug
 from data.manifest import ErrorLog, StageOutput
 from data.progress import progress_bar
 from data.read import StorageError
-from data.storage import join, list_dir, read_bytes, read_json, remove, write_bytes
+from data.storage import is_local, join, list_dir, read_bytes, read_json, remove, write_bytes
 
 REPORTS = "_reports"
 FAILURES = "_failures"
@@ -186,6 +186,7 @@ def record_failure(out_dir: str, name: str, exc: BaseException) -> None:
 
 
 _lost_storage: list[StorageError] = []  # this worker process's first storage failure
+_unrecorded: list[OSError] = []  # and the failure to record one in the output folder
 
 
 def unit_of_work(out_dir: str, name: str, work: Callable[[], T]) -> T | None:
@@ -200,13 +201,44 @@ def unit_of_work(out_dir: str, name: str, work: Callable[[], T]) -> T | None:
     except Exception as exc:
         if isinstance(exc, StorageError) and not _lost_storage:
             _lost_storage.append(exc)
-        record_failure(out_dir, name, exc)
+        if _unrecorded:  # the output's storage is gone: each try waits out the retries
+            return None
+        try:
+            record_failure(out_dir, name, exc)
+        except OSError as lost:
+            # The output's storage is gone too: nothing can be recorded, and raising would
+            # only have the runner retry and print its tracebacks. The launcher finds the
+            # output unreadable and says so (`output_lost`); this worker tries no more units.
+            if is_local(out_dir):
+                raise
+            _unrecorded.append(lost)
+            if not _lost_storage:
+                _lost_storage.append(StorageError(f"writing to {out_dir}: {lost}"))
         return None
+
+
+@contextmanager
+def output_lost(out_dir: str) -> Iterator[None]:
+    """A job whose output storage stops answering ends in one line naming the folder and
+    what the storage said, never a client's traceback or a bare "Cannot connect"."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except OSError as exc:
+        if is_local(out_dir):
+            raise
+        said = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UsageError(
+            f"the storage of {out_dir} stopped answering during the job ({said}): what was "
+            "finished is kept; run the same command again once it answers"
+        ) from None
 
 
 def clear_failures(out_dir: str) -> None:
     """A job starts afresh: no failure recorded, no storage failure remembered."""
     _lost_storage.clear()
+    _unrecorded.clear()
     remove(join(out_dir, FAILURES))
 
 
@@ -252,6 +284,7 @@ class ReportProgress:
         self.rates, self.seen, self.started = rates, set(), time.monotonic()
         self.sampled = Counter()
         self.bar = progress_bar(total=total, desc=desc, unit="shard")
+        self.lost: OSError | None = None  # the storage did not answer a poll: polls end
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -281,7 +314,19 @@ class ReportProgress:
     def _poll(self) -> None:
         wait = self.interval
         while not self.stop.wait(wait):
-            wait = max(self.interval, self._update() / MAX_POLL_SHARE)
+            try:
+                wait = max(self.interval, self._update() / MAX_POLL_SHARE)
+            except OSError as exc:  # after the client's retries: no poll waits them again
+                self.lost = exc
+                return
+
+    def raise_lost(self) -> None:
+        """After the job: the storage that stopped answering a poll is the job's error (the
+        failures the workers could not record there either are not waited for again)."""
+        self.stop.set()
+        self.thread.join()
+        if self.lost is not None:
+            raise self.lost
 
     def __enter__(self) -> ReportProgress:
         self.thread.start()
@@ -290,7 +335,11 @@ class ReportProgress:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
-        self._update()
+        if self.lost is None:
+            try:
+                self._update()
+            except OSError as exc:  # the bar stays as last seen; the job's check says why
+                self.lost = exc
         self.bar.close()
 
 
