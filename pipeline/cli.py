@@ -8,11 +8,13 @@ import argparse
 import contextlib
 import gc
 import io
+import json
 import logging
 import os
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 
@@ -311,11 +313,13 @@ def _report_bug(command: str, exc: Exception, debug: bool) -> int:
             f.write(trace)
     if debug:
         say(trace.rstrip("\n"))
-    say(
+    line = (
         f"pipeline {command}: internal error (a bug in rs-pseudolabel, please report it): "
         f"{exc if isinstance(exc, WorkerBug) else f'{type(exc).__name__}: {exc}'}; "
         f"its traceback is in {where}" + ("" if debug else " (or rerun with --debug)")
     )
+    say(line)
+    _tell_torchrun(line)
     return EXIT_BUG
 
 
@@ -357,6 +361,22 @@ def _leave_now(code: int) -> None:
     os._exit(code)
 
 
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, the failing rank's own line goes into the error file torchrun gave it,
+    so that torchrun's closing report names it as the root cause ("traceback : pipeline
+    train-student: error: ...") instead of a link to its documentation. The record is the
+    one torch.distributed.elastic's own `record` writes, with our line for its call stack."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": info}}, f)
+    except OSError:  # the report then says what it says without it
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Beam logs import-time warnings about optional cloud clients to the root logger; the user
     # sees our summaries and warnings unless they ask for the runner's logs.
@@ -384,7 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             say("".join(traceback.format_exception(exc)).rstrip("\n"))
         kind = "stopped" if isinstance(exc, PeerFailed) else "error"
-        say(f"pipeline {args.command}: {kind}: {in_words(exc)}")
+        line = f"pipeline {args.command}: {kind}: {in_words(exc)}"
+        say(line)
+        if kind == "error":
+            _tell_torchrun(line)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         said = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"

@@ -469,10 +469,16 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
     normal, feed = Normalizer(table.mean, table.std, env.device), DeviceFeed(env.device)
     if env.is_main:
         parts = len(splits)
+        size = math.ceil((batch + pseudo_batch) / parts)
+        why = (
+            ": each holds at least one image of each kind, so no fewer"
+            if recipe.micro_batch and size > recipe.micro_batch
+            else ""
+        )
         print(
             f"{batch} labeled + {pseudo_batch} pseudo-labeled images per step per process, "
-            f"in {parts} micro-batch{'es' if parts > 1 else ''} of about "
-            f"{math.ceil((batch + pseudo_batch) / parts)} (micro_batch {recipe.micro_batch})"
+            f"in {parts} micro-batch{'es' if parts > 1 else ''} of about {size} "
+            f"(micro_batch {recipe.micro_batch}{why})"
         )
     stream = partial(
         train_loader,

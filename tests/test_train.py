@@ -232,14 +232,16 @@ def test_pseudo_labeled_shards_train_in_the_same_step(tmp_path: Path):
     assert result["val_top1"] >= 0.57, log
 
 
-def test_micro_batches_keep_the_step_count_and_schedule_and_are_recorded(tmp_path: Path):
+def test_micro_batches_keep_the_step_count_and_schedule_and_are_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
     from students.train import train
 
     data = tmp_path / "digits"
     write_digits(str(data), labeled=200, seed=0)
     _pseudo_shards(data / "unlabeled", tmp_path / "pseudo")
     logs = {}
-    for micro in (0, 16):
+    for micro in (0, 16, 1):
         out = tmp_path / f"micro{micro}"
         train(
             model="rs-mini",
@@ -253,6 +255,16 @@ def test_micro_batches_keep_the_step_count_and_schedule_and_are_recorded(tmp_pat
         )
         logs[micro] = _log(out)
         assert yaml.safe_load((out / "config.yaml").read_text())["micro_batch"] == micro
+    said = [line for line in capsys.readouterr().out.splitlines() if "micro-batch" in line]
+    assert said == [
+        "16 labeled + 48 pseudo-labeled images per step per process, in 1 micro-batch of about "
+        "64 (micro_batch 0)",
+        "16 labeled + 48 pseudo-labeled images per step per process, in 4 micro-batches of "
+        "about 16 (micro_batch 16)",
+        # A part smaller than 4 would lack a labeled image: asked for 1, it says why not.
+        "16 labeled + 48 pseudo-labeled images per step per process, in 16 micro-batches of "
+        "about 4 (micro_batch 1: each holds at least one image of each kind, so no fewer)",
+    ]
     for whole, split in zip(logs[0], logs[16], strict=True):
         assert (whole["step"], whole["lr"]) == (split["step"], split["lr"])
         # Batch statistics come from 16 images instead of 64: close, not equal.
@@ -553,11 +565,19 @@ def test_a_rank_that_fails_ends_the_torchrun_job_with_its_error(tmp_path: Path):
     assert "internal error" not in result.stderr, result.stderr
     followed = [line for line in result.stderr.splitlines() if "train-student: stopped:" in line]
     assert all("rank 0 stopped: another rank of this job failed first" in f for f in followed)
-    errors = [line for line in result.stderr.splitlines() if "train-student: error:" in line]
-    assert errors == [
+    lines = result.stderr.splitlines()
+    said = (
         "pipeline train-student: error: 1000 samples in a row could not be used, the last for "
         f"no_class in {data / 'labeled' / 'labeled-000001.tar'}: are these the right shards?"
-    ]
+    )
+    assert [line for line in lines if line.startswith("pipeline train-student: error:")] == [said]
+    ours = [i for i, line in enumerate(lines) if line.startswith("pipeline train-student:")]
+    assert len(ours) <= 2  # the failing rank's line, and rank 0's that it followed
+    # torchrun's report comes after them and names the failing rank's line as its root
+    # cause (the error file torchrun gave the rank), not a link to torch's documentation.
+    root = lines.index("Root Cause (first observed failure):")
+    assert max(ours) < root
+    assert f"  traceback : {said}" in lines[root:], "\n".join(lines[root:])
 
 
 def test_a_compiled_run_trains_and_resumes_uncompiled_with_the_same_names(tmp_path: Path):
