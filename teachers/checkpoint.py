@@ -10,12 +10,14 @@ atomically (temporary name, then rename), the weights first, so a fresh director
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from data.decode import RESAMPLING
 from data.errors import UsageError
 from data.storage import exists, join, open_read, read_json, write_bytes, write_json
 from teachers.registry import MODELS, create_model, get_config, is_model_name
@@ -160,7 +162,51 @@ def _run_record(teacher: str, weights: str | Path | None) -> dict | None:
         )
     if weights is not None:
         raise UsageError(f"{teacher} is a run directory with its own weights; drop weights")
+    wrong = _record_fault(meta)
+    if wrong is not None:
+        raise UsageError(
+            f"{join(teacher, META_FILE)} was edited or damaged: {wrong}; put back the file "
+            "the run exported (or export the run again)"
+        )
+    get_config(meta["model"])  # a model this version does not know: said in one line
     return meta
+
+
+def _record_fault(meta: dict) -> str | None:
+    """What in a run directory's model.json cannot be what `export_run` wrote, in words:
+    a hand-edited field would otherwise surface in the workers as a tensor shape error."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    checks = [
+        ("model", lambda v: isinstance(v, str) and v, "a model name"),
+        ("num_classes", whole, "a whole number above 0"),
+        ("eval_size", whole, "a whole number of pixels above 0"),
+        ("crop_pct", lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        ("interpolation", lambda v: v in RESAMPLING, f"one of {', '.join(RESAMPLING)}"),
+        ("mean", lambda v: isinstance(v, list) and len(v) == 3 and all(map(number, v)),
+         "3 numbers, one per RGB channel"),
+        ("std", lambda v: isinstance(v, list) and len(v) == 3
+         and all(number(x) and x > 0 for x in v), "3 numbers above 0, one per RGB channel"),
+        ("extra", lambda v: isinstance(v, dict), "a mapping"),
+    ]  # fmt: skip
+    for key, ok, what in checks:
+        if key not in meta and key not in ("model", "num_classes"):
+            continue  # older exports lack some: the table's value is used
+        if not ok(meta.get(key)):
+            return f"{key} must be {what}, not {json.dumps(meta.get(key))}"
+    names = meta.get("class_names")
+    if names is not None and (
+        not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
+        or len(names) != meta["num_classes"]
+    ):
+        return f"class_names must be {meta['num_classes']} names (num_classes), one per class"
+    return None
 
 
 def describe_teacher(

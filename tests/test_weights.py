@@ -154,3 +154,41 @@ def test_a_run_directory_whose_weights_were_replaced_says_so_in_one_line(
         assert len(lines) == 1, lines
         assert "model.safetensors is not the file model.json records" in lines[0]
         assert "rerun" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (
+            {"mean": [0.485, 0.456]},
+            "mean must be 3 numbers, one per RGB channel, not [0.485, 0.456]",
+        ),
+        ({"std": [0.2, 0.0, 0.2]}, "std must be 3 numbers above 0"),
+        ({"num_classes": "ten"}, 'num_classes must be a whole number above 0, not "ten"'),
+        ({"class_names": ["0", "1"]}, "class_names must be 10 names (num_classes)"),
+        ({"interpolation": "cubic"}, "interpolation must be one of bicubic, bilinear"),
+        ({"eval_size": 0}, "eval_size must be a whole number of pixels above 0, not 0"),
+        ({"crop_pct": 1.5}, "crop_pct must be a number in (0, 1], not 1.5"),
+        ({"model": None}, "model must be a model name, not null"),
+    ],
+)
+def test_a_hand_edited_model_json_is_named_in_one_line(
+    digits_dir: Path, tmp_path: Path, edit: dict, said: str
+):
+    """A run directory's model.json edited by hand (a 2-value mean ended label as "internal
+    error ... 6 units failed ... size of tensor a (3) must match") is refused on the
+    launcher, naming the file and the field, before anything is claimed."""
+    run = tmp_path / "run"
+    export_run(str(run), _trained_looking(), "rs-mini", [str(i) for i in range(10)])
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, **edit}))
+    shard = sorted((digits_dir / "unlabeled").glob("*.tar"))[0]
+    result = run_cli("label", "--teacher", str(run), "--input", str(shard),
+                     "--output", str(tmp_path / "labels"))  # fmt: skip
+    lines = message_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(
+        f"pipeline label: error: {run / 'model.json'} was edited or damaged: "
+    )
+    assert said in lines[0], lines[0]
+    assert not (tmp_path / "labels").exists()
