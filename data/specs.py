@@ -86,10 +86,20 @@ def shard_entries(spec: str | Sequence[str]) -> list[Entry]:
             expanded = [absolute(u) for u in braceexpand.braceexpand(item)]
         except ValueError as exc:  # unbalanced braces
             raise ShardSpecError(f"{item}: {exc}") from None
-        if len(expanded) > 1:
-            entries.extend(_named(expanded))
-        else:
+        if len(expanded) == 1:
             entries.extend(_expand_one(expanded[0]))
+            continue
+        # Braces over shard names (one listing per folder), over folders or over globs
+        # ('{A,B}/*.tar'), in the order written.
+        names: list[str] = []
+        for url in expanded:
+            if is_shard_name(url) and not _is_glob(url):
+                names.append(url)
+                continue
+            entries.extend(_named(names))
+            names = []
+            entries.extend(_expand_one(url))
+        entries.extend(_named(names))
     if not entries:
         raise ShardSpecError("no shards given")
     seen: set[str] = set()

@@ -28,6 +28,25 @@ def test_glob_and_brace_notation_select_the_same_shards(shard_dir: Path):
     assert len(by_brace) == 2
 
 
+def test_braces_over_folders_and_globs_expand_each_in_the_order_written(tmp_path: Path):
+    """'{A,B}/*.tar' and '{A,B}' name the shards of both folders (they were taken for two
+    shard names, "shard not found"); shard names among them keep their place."""
+    for folder in ("a", "b"):
+        for i in range(2):
+            write_shard(str(tmp_path / folder / f"p-{i}.tar"), [{"__key__": "k", "txt": b"x"}])
+    names = ["a/p-0.tar", "a/p-1.tar", "b/p-0.tar", "b/p-1.tar"]
+
+    def found(spec: str) -> list[str]:
+        return [str(Path(u).relative_to(tmp_path)) for u in expand_shards(str(tmp_path / spec))]
+
+    assert found("{a,b}/*.tar") == found("{a,b}") == names
+    assert found("{b/p-1.tar,a,b/p-0.tar}") == ["b/p-1.tar", "a/p-0.tar", "a/p-1.tar", "b/p-0.tar"]
+    with pytest.raises(ShardSpecError, match="neither a folder nor a shard"):
+        expand_shards(str(tmp_path / "{a,c}"))
+    with pytest.raises(ShardSpecError, match="shard listed twice"):
+        expand_shards(str(tmp_path / "{a,a/p-0.tar}"))
+
+
 def test_missing_shards_give_a_clear_error(shard_dir: Path):
     with pytest.raises(ShardSpecError, match="not found"):
         expand_shards(str(shard_dir / "part-{000003..000005}.tar"))
