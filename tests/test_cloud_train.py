@@ -267,6 +267,7 @@ def test_a_bucket_that_stops_answering_mid_label_is_one_line(
     command = [sys.executable, "-m", "pipeline", "label", "--teacher", str(random_teacher),
                "--input", f"{buckets['gcs_server']}/d/unlabeled", "--output", out,
                "--batch-size", "8"]  # fmt: skip
+    proc = None
     try:
         proc = subprocess.Popen(
             command,
@@ -286,6 +287,8 @@ def test_a_bucket_that_stops_answering_mid_label_is_one_line(
         waited = time.monotonic() - silenced
     finally:
         relay.close()
+        if proc is not None and proc.poll() is None:  # a failed test leaves no labeler
+            proc.kill()
     assert proc.returncode == 2, stderr[-3000:]
     lines = message_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
