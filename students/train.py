@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -67,8 +67,9 @@ from teachers import (
     is_run_dir,
     load_teacher,
 )
-from teachers.checkpoint import run_info
+from teachers.checkpoint import TeacherInfo, run_info
 from teachers.inference import DeviceFeed, Normalizer, eval_pixels, memory_format
+from teachers.registry import ModelRow
 
 SHOW_EVERY = 10  # steps between two readings of the losses for the progress bar
 # A micro-batch: (labeled uint8 images, labels, pseudo images or None, pseudo soft targets
@@ -380,69 +381,55 @@ def _agreeing_classes(labeled: list[str], others: dict[str, list[str]]) -> list[
     return names
 
 
+@dataclass
+class Inputs:
+    """What the run's shards are, checked once on rank 0 (every rank gets its verdict): the
+    shards of each split, the class names they agree on, and the samples of an epoch."""
+
+    found: dict[str, list[Entry]]
+    class_names: list[str] | None
+    epoch_samples: int
+
+    def urls(self, split: str) -> list[str]:
+        return [e.url for e in self.found[split]]
+
+
+@dataclass
+class Plan:
+    """How the run's steps are cut: per epoch, in all, and each into micro-batches."""
+
+    steps_per_epoch: int
+    total_steps: int
+    batch: int  # labeled images per step per process
+    pseudo_batch: int  # and pseudo-labeled ones
+    splits: Splits
+
+
+@dataclass
+class Model:
+    """The model being trained, its EMA (what is evaluated and exported), the layers kept
+    frozen, and the optimizer over the rest."""
+
+    model: nn.Module
+    ema: ModelEma
+    frozen: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+
+
 def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
+    """A run, as its steps: check the inputs, claim the run directory, plan the steps,
+    build the model, resume, train the epochs, export."""
     table = get_config(recipe.model)
-    note = other_model_note(args.config, recipe)
-    if note and env.is_main:
-        say(note)
-    if recipe.batch_size % env.world:
-        raise UsageError(
-            f"batch_size {recipe.batch_size} is global and must divide over {env.world} processes"
-        )
-
-    # Data: labeled (+ pseudo-labeled) training streams and the validation shards, checked
-    # on rank 0 (every rank gets its verdict: none waits for a rank that stopped).
-    def inputs() -> tuple[dict, list[str] | None, int]:
-        found = {
-            "labeled": _entries(args.labeled, "labeled"),
-            "pseudo": _entries(args.pseudo, "pseudo-labeled"),
-            "val": _entries(args.val, "validation"),
-        }
-        urls = {name: [e.url for e in entries] for name, entries in found.items()}
-        names = _agreeing_classes(
-            urls["labeled"], {"validation": urls["val"], "pseudo-labeled": urls["pseudo"]}
-        )
-        small = len(urls["labeled"]) <= SMALL_SET_SHARDS
-        counted = count_samples(urls["labeled"]) if small or not recipe.epoch_samples else None
-        samples = recipe.epoch_samples or counted.samples
-        if samples == 0:
-            raise UsageError(f"no image samples in the labeled shards {args.labeled}")
-        if counted is not None:
-            if recipe.epoch_samples:
-                _warn_if_dwarfed(recipe.epoch_samples, counted.samples)
-            _warn_of_unlabeled_classes(names or recipe.num_classes, counted)
-        if urls["pseudo"] and not has_samples(urls["pseudo"]):
-            raise UsageError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
-        if urls["val"] and not has_classes(urls["val"]):
-            raise UsageError(
-                f"the validation shards {args.val} hold images without classes (no .cls): "
-                "validate on labeled shards"
-            )
-        return found, names, samples
-
-    found, class_names, epoch_samples = distributed.on_main(env, inputs)
-    labeled_urls, pseudo_urls, val_urls = ([e.url for e in found[k]] for k in found)
+    _check_setup(args, recipe, env)
+    inputs = distributed.on_main(env, lambda: read_inputs(args, recipe))
     # What the data decides is part of the recipe the run records.
     recipe = replace(
         recipe,
-        num_classes=_class_count(recipe, class_names, args.labeled),
-        epoch_samples=epoch_samples,
+        num_classes=_class_count(recipe, inputs.class_names, args.labeled),
+        epoch_samples=inputs.epoch_samples,
     )
-    fingerprint = {
-        "recipe": recipe.to_dict(),
-        "inputs": {
-            name: inputs_record(absolute(spec), found[name])
-            for name, spec in (
-                ("labeled", args.labeled),
-                ("pseudo", args.pseudo),
-                ("val", args.val),
-            )
-            if spec
-        },
-    }
-    if args.init:  # where the weights start is part of what the run is
-        fingerprint["init"] = distributed.on_main(env, lambda: _init_id(args.init, table.name))
-    folders = sorted({parent(e.url) for entries in found.values() for e in entries})
+    fingerprint = run_fingerprint(args, recipe, inputs, env, table.name)
+    folders = sorted({parent(e.url) for entries in inputs.found.values() for e in entries})
     finished = distributed.on_main(
         env, lambda: run_dir.claim_run(args.out, fingerprint, folders, args.resume, args.overwrite)
     )
@@ -451,22 +438,101 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
             print(f"{args.out} already holds this run, finished: nothing to do")
         log = run_dir.read_log(args.out)
         return log[-1] if log else {}
-    num_classes = recipe.num_classes
-    steps_per_epoch = max(1, epoch_samples // recipe.batch_size)
+    plan = plan_steps(recipe, env, inputs)
+    built = build_model(args, recipe, env, table.name)
+    start_epoch, log = resume(args, recipe, env, built, table.name)
+    if env.is_main:
+        run_dir.write_config(args.out, recipe.to_dict())
+    log = train_epochs(args, recipe, env, inputs, plan, built, table, start_epoch, log)
+    if env.is_main:
+        export_run(
+            args.out,
+            built.ema.module,
+            table.name,
+            inputs.class_names,
+            extra={"recipe": recipe.to_dict()},
+            eval_size=recipe.eval_size,
+        )
+        run_dir.finish_run(args.out, fingerprint, log)
+    return log[-1] if log else {}
+
+
+def _check_setup(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> None:
+    """What is wrong before any shard is read: a batch that does not divide over the ranks;
+    and a note when the recipe file was written for another model."""
+    note = other_model_note(args.config, recipe)
+    if note and env.is_main:
+        say(note)
+    if recipe.batch_size % env.world:
+        raise UsageError(
+            f"batch_size {recipe.batch_size} is global and must divide over {env.world} processes"
+        )
+
+
+def read_inputs(args: TrainArgs, recipe: Recipe) -> Inputs:
+    """The labeled (+ pseudo-labeled) training shards and the validation shards, their
+    classes, and the samples of an epoch (counted when the recipe leaves it to the data)."""
+    found = {
+        "labeled": _entries(args.labeled, "labeled"),
+        "pseudo": _entries(args.pseudo, "pseudo-labeled"),
+        "val": _entries(args.val, "validation"),
+    }
+    urls = {name: [e.url for e in entries] for name, entries in found.items()}
+    names = _agreeing_classes(
+        urls["labeled"], {"validation": urls["val"], "pseudo-labeled": urls["pseudo"]}
+    )
+    small = len(urls["labeled"]) <= SMALL_SET_SHARDS
+    counted = count_samples(urls["labeled"]) if small or not recipe.epoch_samples else None
+    samples = recipe.epoch_samples or counted.samples
+    if samples == 0:
+        raise UsageError(f"no image samples in the labeled shards {args.labeled}")
+    if counted is not None:
+        if recipe.epoch_samples:
+            _warn_if_dwarfed(recipe.epoch_samples, counted.samples)
+        _warn_of_unlabeled_classes(names or recipe.num_classes, counted)
+    if urls["pseudo"] and not has_samples(urls["pseudo"]):
+        raise UsageError(f"no image samples in the pseudo-labeled shards {args.pseudo}")
+    if urls["val"] and not has_classes(urls["val"]):
+        raise UsageError(
+            f"the validation shards {args.val} hold images without classes (no .cls): "
+            "validate on labeled shards"
+        )
+    return Inputs(found, names, samples)
+
+
+def run_fingerprint(
+    args: TrainArgs, recipe: Recipe, inputs: Inputs, env: distributed.Distributed, model: str
+) -> dict:
+    """What the run is: its recipe, its inputs, and where its weights start."""
+    specs = {"labeled": args.labeled, "pseudo": args.pseudo, "val": args.val}
+    fingerprint = {
+        "recipe": recipe.to_dict(),
+        "inputs": {
+            name: inputs_record(absolute(spec), inputs.found[name])
+            for name, spec in specs.items()
+            if spec
+        },
+    }
+    if args.init:
+        fingerprint["init"] = distributed.on_main(env, lambda: _init_id(args.init, model))
+    return fingerprint
+
+
+def plan_steps(recipe: Recipe, env: distributed.Distributed, inputs: Inputs) -> Plan:
+    """The steps of an epoch and of the run, and each step's micro-batches, said once."""
+    steps_per_epoch = max(1, inputs.epoch_samples // recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
-    if env.is_main and epoch_samples < recipe.batch_size:
+    if env.is_main and inputs.epoch_samples < recipe.batch_size:
         say(
-            f"warning: an epoch of {epoch_samples} samples is smaller than one batch of "
+            f"warning: an epoch of {inputs.epoch_samples} samples is smaller than one batch of "
             f"{recipe.batch_size}, so the {recipe.epochs} epochs make {total_steps} steps in "
             "all; for a small set pass a recipe made for it (--config) or --batch-size"
         )
     batch = recipe.batch_size // env.world
-    pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch) if pseudo_urls else 0
+    pseudo_batch = math.ceil(recipe.unlabeled_ratio * batch) if inputs.found["pseudo"] else 0
     # The loaders cut each step in its micro-batches: each comes whole from one loader worker
     # as the step needs it, so none holds a whole step, and the workers share every step.
     splits = micro_splits(batch, pseudo_batch, recipe.micro_batch)
-    preset = train_preset(table, recipe)
-    normal, feed = Normalizer(table.mean, table.std, env.device), DeviceFeed(env.device)
     if env.is_main:
         parts = len(splits)
         size = math.ceil((batch + pseudo_batch) / parts)
@@ -480,41 +546,24 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
             f"in {parts} micro-batch{'es' if parts > 1 else ''} of about {size} "
             f"(micro_batch {recipe.micro_batch}{why})"
         )
-    stream = partial(
-        train_loader,
-        rank=env.rank,
-        world=env.world,
-        seed=recipe.seed,
-        workers=recipe.workers,
-        shuffle_buffer=recipe.shuffle_buffer,
-        pin_memory=feed.pin_memory,
-    )
-    info = run_info(table.name, num_classes, class_names, recipe.eval_size)
-    val_loader = (
-        eval_loader(
-            val_urls,
-            eval_pixels(info),
-            num_classes,
-            recipe.eval_batch_size,
-            rank=env.rank,
-            world=env.world,
-            workers=recipe.workers,
-        )
-        if val_urls
-        else None
-    )
+    return Plan(steps_per_epoch, total_steps, batch, pseudo_batch, splits)
 
-    # Model, with Noisy Student's model noise (dropout, stochastic depth), and its EMA.
+
+def build_model(
+    args: TrainArgs, recipe: Recipe, env: distributed.Distributed, model_name: str
+) -> Model:
+    """The model with Noisy Student's model noise (dropout, stochastic depth), started from
+    --init if given, its frozen layers, its EMA, and SGD with momentum at the peak LR."""
     seed_everything(recipe.seed)
     model = create_model(
-        table.name,
-        num_classes,
+        model_name,
+        recipe.num_classes,
         image_size=recipe.image_size,
         drop_rate=recipe.dropout,
         drop_path_rate=recipe.stochastic_depth,
     )
     if args.init:
-        said = init_from(model, args.init, table.name)
+        said = init_from(model, args.init, model_name)
         if env.is_main and said:
             print(said)
     elif recipe.freeze_through != NOTHING:
@@ -530,73 +579,78 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
     ema = ModelEma(model, recipe.ema_decay)
     if recipe.compile:
         model.compile()  # in place: the state dict, EMA and checkpoints keep their names
-
-    # Optimizer: SGD with momentum, LR per 256 labeled images (the schedule follows resuming).
+    # LR per 256 labeled images (the schedule follows resuming).
     optimizer = torch.optim.SGD(
         param_groups(model, recipe.weight_decay),
         lr=peak_lr(recipe.lr, recipe.batch_size),
         momentum=recipe.momentum,
     )
+    return Model(model, ema, frozen, optimizer)
 
-    start_epoch, log = 0, []
+
+def resume(
+    args: TrainArgs, recipe: Recipe, env: distributed.Distributed, built: Model, model: str
+) -> tuple[int, list[dict]]:
+    """With --resume, the checkpoint's model, EMA and optimizer, and the log up to it:
+    (epochs done, their records); else (0, [])."""
     checkpoint = run_dir.load_checkpoint(args.out) if args.resume else None
-    if checkpoint is not None:
-        if checkpoint["model_name"] != table.name or checkpoint["num_classes"] != num_classes:
-            raise UsageError(
-                f"{args.out} holds a {checkpoint['model_name']} run with "
-                f"{checkpoint['num_classes']} classes, not {table.name} with {num_classes}"
-            )
-        model.load_state_dict(checkpoint["model"])
-        try:
-            ema.load_state_dict(checkpoint["ema"])
-        except RuntimeError:
-            raise UsageError(
-                f"{args.out} holds a checkpoint from an earlier version of the trainer, whose "
-                "EMA it cannot continue; start a new run with another --out"
-            ) from None
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch = checkpoint["epoch"]
-        log = [r for r in run_dir.read_log(args.out) if r["epoch"] <= start_epoch]
-        if env.is_main:
-            print(f"resuming {args.out} after epoch {start_epoch} of {recipe.epochs}")
+    if checkpoint is None:
+        return 0, []
+    if checkpoint["model_name"] != model or checkpoint["num_classes"] != recipe.num_classes:
+        raise UsageError(
+            f"{args.out} holds a {checkpoint['model_name']} run with "
+            f"{checkpoint['num_classes']} classes, not {model} with {recipe.num_classes}"
+        )
+    built.model.load_state_dict(checkpoint["model"])
+    try:
+        built.ema.load_state_dict(checkpoint["ema"])
+    except RuntimeError:
+        raise UsageError(
+            f"{args.out} holds a checkpoint from an earlier version of the trainer, whose "
+            "EMA it cannot continue; start a new run with another --out"
+        ) from None
+    built.optimizer.load_state_dict(checkpoint["optimizer"])
+    start_epoch = checkpoint["epoch"]
+    log = [r for r in run_dir.read_log(args.out) if r["epoch"] <= start_epoch]
+    if env.is_main:
+        print(f"resuming {args.out} after epoch {start_epoch} of {recipe.epochs}")
+    return start_epoch, log
+
+
+def train_epochs(
+    args: TrainArgs,
+    recipe: Recipe,
+    env: distributed.Distributed,
+    inputs: Inputs,
+    plan: Plan,
+    built: Model,
+    table: ModelRow,
+    start_epoch: int,
+    log: list[dict],
+) -> list[dict]:
+    """The epochs from `start_epoch` on, each evaluated on the validation shards (if any),
+    logged and checkpointed; returns the run's log."""
     # Schedule: linear warm-up, then cosine to zero at the last step of this run's epochs,
     # which are the last of `schedule_epochs` when the recipe says so.
     tail = max(recipe.schedule_epochs - recipe.epochs, 0)
     scheduler = lr_schedule(
-        optimizer,
-        round(recipe.warmup_epochs * steps_per_epoch),
-        total_steps + tail * steps_per_epoch,
-        first_step=(tail + start_epoch) * steps_per_epoch,
+        built.optimizer,
+        round(recipe.warmup_epochs * plan.steps_per_epoch),
+        plan.total_steps + tail * plan.steps_per_epoch,
+        first_step=(tail + start_epoch) * plan.steps_per_epoch,
     )
-    if env.is_main:
-        run_dir.write_config(args.out, recipe.to_dict())
+    model = built.model
     if env.enabled:
         model = DistributedDataParallel(
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
         )
-
-    # The loaders, started once for the run: each epoch is one more pass over each.
-    labeled = stream(
-        labeled_urls,
-        LabeledDecoder(preset, num_classes),
-        [lab.stop - lab.start for lab, _ in splits],
-        first_epoch=start_epoch,
-        stream=0,
-    )
-    pseudo = (
-        stream(
-            pseudo_urls,
-            PseudoDecoder(preset, num_classes, recipe.label_smoothing),
-            [pse.stop - pse.start for _, pse in splits],
-            first_epoch=start_epoch,
-            stream=1,
-        )
-        if pseudo_batch
-        else None
-    )
+    normal, feed = Normalizer(table.mean, table.std, env.device), DeviceFeed(env.device)
+    labeled, pseudo = build_loaders(recipe, env, inputs, plan, table, feed, start_epoch)
+    info = run_info(table.name, recipe.num_classes, inputs.class_names, recipe.eval_size)
+    val_loader = _val_loader(recipe, env, inputs, info)
     with progress_bar(
-        total=total_steps,
-        initial=start_epoch * steps_per_epoch,
+        total=plan.total_steps,
+        initial=start_epoch * plan.steps_per_epoch,
         desc="train",
         unit="step",
         disable=not env.is_main,
@@ -605,58 +659,106 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
             seed_everything(recipe.seed, epoch, env.rank)
             stats = train_one_epoch(
                 model,
-                optimizer,
+                built.optimizer,
                 scheduler,
-                ema,
+                built.ema,
                 on_device(mixed_parts(labeled, pseudo), feed),
-                steps_per_epoch,
-                splits,
+                plan.steps_per_epoch,
+                plan.splits,
                 recipe,
                 normal,
                 world=env.world,
                 bar=bar,
-                frozen=frozen,
+                frozen=built.frozen,
             )
             record = {
                 "epoch": epoch + 1,
-                "step": (epoch + 1) * steps_per_epoch,
+                "step": (epoch + 1) * plan.steps_per_epoch,
                 **_mean_over_ranks(stats, env),
             }
             if val_loader is not None:
                 metrics = evaluate(
-                    ema.module, val_loader, env.device, info, env.enabled, source=args.val
+                    built.ema.module, val_loader, env.device, info, env.enabled, source=args.val
                 )
                 record.update({f"val_{key}": value for key, value in metrics.items()})
             log.append(record)
             if env.is_main:
-                # The log first, the checkpoint last: a checkpoint always has its log, and a log
-                # ahead of the checkpoint (a kill in between) is cut back to it on --resume.
-                run_dir.write_log(args.out, log)
-                unwrapped = model.module if env.enabled else model
-                run_dir.save_checkpoint(
-                    args.out,
-                    {
-                        "model": unwrapped.state_dict(),
-                        "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1,
-                        "model_name": table.name,
-                        "num_classes": num_classes,
-                    },
-                )
+                _checkpoint(args.out, log, built, table.name, recipe.num_classes)
                 tqdm.write(_summary(record))
+    return log
 
-    if env.is_main:
-        export_run(
-            args.out,
-            ema.module,
-            table.name,
-            class_names,
-            extra={"recipe": recipe.to_dict()},
-            eval_size=recipe.eval_size,
-        )
-        run_dir.finish_run(args.out, fingerprint, log)
-    return log[-1] if log else {}
+
+def build_loaders(
+    recipe: Recipe,
+    env: distributed.Distributed,
+    inputs: Inputs,
+    plan: Plan,
+    table: ModelRow,
+    feed: DeviceFeed,
+    start_epoch: int,
+) -> tuple[Iterator, Iterator | None]:
+    """The labeled and pseudo-labeled streams, started once for the run: each epoch is one
+    more pass over each, cut at the plan's micro-batch sizes."""
+    stream = partial(
+        train_loader,
+        rank=env.rank,
+        world=env.world,
+        seed=recipe.seed,
+        workers=recipe.workers,
+        shuffle_buffer=recipe.shuffle_buffer,
+        pin_memory=feed.pin_memory,
+    )
+    preset = train_preset(table, recipe)
+    labeled = stream(
+        inputs.urls("labeled"),
+        LabeledDecoder(preset, recipe.num_classes),
+        [lab.stop - lab.start for lab, _ in plan.splits],
+        first_epoch=start_epoch,
+        stream=0,
+    )
+    if not plan.pseudo_batch:
+        return labeled, None
+    pseudo = stream(
+        inputs.urls("pseudo"),
+        PseudoDecoder(preset, recipe.num_classes, recipe.label_smoothing),
+        [pse.stop - pse.start for _, pse in plan.splits],
+        first_epoch=start_epoch,
+        stream=1,
+    )
+    return labeled, pseudo
+
+
+def _val_loader(
+    recipe: Recipe, env: distributed.Distributed, inputs: Inputs, info: TeacherInfo
+) -> Iterable | None:
+    if not inputs.found["val"]:
+        return None
+    return eval_loader(
+        inputs.urls("val"),
+        eval_pixels(info),
+        recipe.num_classes,
+        recipe.eval_batch_size,
+        rank=env.rank,
+        world=env.world,
+        workers=recipe.workers,
+    )
+
+
+def _checkpoint(out: str, log: list[dict], built: Model, model: str, num_classes: int) -> None:
+    """The log first, the checkpoint last: a checkpoint always has its log, and a log ahead
+    of the checkpoint (a kill in between) is cut back to it on --resume."""
+    run_dir.write_log(out, log)
+    run_dir.save_checkpoint(
+        out,
+        {
+            "model": built.model.state_dict(),
+            "ema": built.ema.state_dict(),
+            "optimizer": built.optimizer.state_dict(),
+            "epoch": log[-1]["epoch"],
+            "model_name": model,
+            "num_classes": num_classes,
+        },
+    )
 
 
 def _init_source(init: str, model_name: str) -> tuple[str, str | None]:

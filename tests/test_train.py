@@ -317,17 +317,24 @@ def _rendezvous_store():
 
 
 def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None:
-    """A rank of a 2-process gloo job: a few real DDP steps, then its weights to a file."""
+    """A rank of a 2-process gloo job: the trainer's own steps (inputs, plan, model and
+    optimizer, loaders) and a few DDP steps, then its weights to a file."""
+    from dataclasses import replace
+
     from torch.nn.parallel import DistributedDataParallel
 
     from students import distributed, seeding
-    from students.config import resolve_recipe
-    from students.data import LabeledDecoder, train_loader
-    from students.ema import ModelEma
-    from students.presets import train_preset
-    from students.train import micro_splits, mixed_parts, param_groups, train_one_epoch
-    from teachers import create_model, get_config
-    from teachers.inference import Normalizer
+    from students.config import TrainArgs, resolve_recipe
+    from students.train import (
+        build_loaders,
+        build_model,
+        mixed_parts,
+        plan_steps,
+        read_inputs,
+        train_one_epoch,
+    )
+    from teachers import get_config
+    from teachers.inference import DeviceFeed, Normalizer
 
     torch.set_num_threads(1)
     os.environ |= {
@@ -339,26 +346,19 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
         "LOCAL_RANK": str(rank),
     }
     env = distributed.init_distributed("cpu")
-    recipe = resolve_recipe(DEMO)
-    seeding.seed_everything(0)
-    model = create_model("rs-mini", 10, drop_rate=0.25)
-    ema = ModelEma(model, 0.9999)
-    initial_fc = model.fc.weight.detach().clone()
-    ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(param_groups(model, 4e-5), lr=0.05, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    args = TrainArgs(labeled=labeled, out=out)
+    quick = ["batch_size=32", "epoch_samples=128", "workers=0", "shuffle_buffer=50"]
+    recipe = resolve_recipe(DEMO, quick)
+    inputs = read_inputs(args, recipe)
+    recipe = replace(recipe, num_classes=10, epoch_samples=inputs.epoch_samples)
+    plan = plan_steps(recipe, env, inputs)  # 16 labeled images a step on each rank
+    built = build_model(args, recipe, env, "rs-mini")
+    initial_fc = built.model.fc.weight.detach().clone()
+    table, feed = get_config("rs-mini"), DeviceFeed(env.device)
+    loader, _ = build_loaders(recipe, env, inputs, plan, table, feed, start_epoch=0)
+    ddp = DistributedDataParallel(built.model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, lambda step: 1.0)
     seeding.seed_everything(0, 0, rank)  # each rank its own dropout and augmentation
-    loader = train_loader(
-        expand_shards(labeled),
-        LabeledDecoder(train_preset(get_config("rs-mini"), recipe), 10),
-        16,
-        rank=rank,
-        world=world,
-        first_epoch=0,
-        seed=0,
-        workers=0,
-        shuffle_buffer=50,
-    )
     labels_seen = []
 
     def batches():
@@ -366,9 +366,12 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
             labels_seen.append(batch[1])
             yield batch
 
-    normal = Normalizer((0.5,) * 3, (0.25,) * 3, env.device)
-    splits = micro_splits(16, 0, None)
-    train_one_epoch(ddp, optimizer, scheduler, ema, batches(), 4, splits, recipe, normal)
+    normal = Normalizer(table.mean, table.std, env.device)
+    train_one_epoch(
+        ddp, built.optimizer, scheduler, built.ema, batches(), plan.steps_per_epoch,
+        plan.splits, recipe, normal,
+    )  # fmt: skip
+    model, ema = built.model, built.ema
     torch.save(
         {
             "model": model.state_dict(),
