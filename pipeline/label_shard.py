@@ -3,7 +3,7 @@
 A shard is the unit of work, of resumption and of atomic output. Batches are cut at fixed
 positions within a shard, so a rerun writes the same bytes whatever the number of workers
 or decode processes. Nothing here imports Beam: the Beam job (pipeline/label.py) wraps it,
-and so can a plain script on a GPU machine (bench/gpu_label.py).
+and so does the GPU check on a machine without Beam (bench/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -373,6 +373,120 @@ class Batch:
     ready: torch.cuda.Event | None
 
 
+class ShardInput:
+    """The input thread's side of one shard: read and check each sample (counted once:
+    passed on, or dropped with its reason), hash a chunk's images, decode them, and cut the
+    decoded images into batches of `batch_size`. A key seen twice keeps its first sample (a
+    second label under the same key could never be told apart from the first downstream)."""
+
+    def __init__(self, url: str, teacher: Teacher, batch_size: int) -> None:
+        self.url, self.teacher, self.batch_size = url, teacher, batch_size
+        self.drops: list[Drop] = []  # joined to the report at the end
+        self.samples_in = 0
+        self.read_seconds = 0.0
+        self.tally = InputTally()
+
+    def _read_error(self, drop: Drop) -> None:
+        self.drops.append(drop)
+        if drop.key is not None:  # a sample read from the shard but never yielded (unsafe name)
+            self.samples_in += 1
+
+    def _drop(self, key: str, reason: str, detail: str = "") -> None:
+        self.drops.append(Drop(self.url, key, reason, detail))
+
+    def chunks(self) -> Iterator[list]:
+        """(key, image bytes, content hash) of the usable samples, `batch_size` at a time."""
+        seen: set[str] = set()
+        samples = iter_shard(self.url, self._read_error)
+        while True:
+            tick = time.monotonic()
+            chunk = []
+            for sample in samples:
+                self.samples_in += 1
+                key = sample["__key__"]
+                found = find_image(sample)
+                if key in seen:
+                    self._drop(key, "duplicate_key", "an earlier sample has it")
+                    continue
+                seen.add(key)
+                if found is None:
+                    self._drop(key, "no_image", no_image_detail(sample))
+                elif (refused := self.teacher.admit(key, found[1])) is not None:
+                    self._drop(key, refused)
+                else:
+                    chunk.append((key, found[1]))
+                    if len(chunk) == self.batch_size:
+                        break
+            if not chunk:
+                self.read_seconds += time.monotonic() - tick
+                return
+            hashes = content_hashes([data for _, data in chunk])
+            self.read_seconds += time.monotonic() - tick
+            yield [(key, data, digest) for (key, data), digest in zip(chunk, hashes, strict=True)]
+
+    def batches(self) -> Iterator[Batch]:
+        """Decoded chunks cut into batches of `batch_size` decodable samples."""
+        size, teacher = self.batch_size, self.teacher
+        keys: list[str] = []
+        hashes: list[bytes] = []
+        parts: list[torch.Tensor] = []
+        with teacher.decoder.feed.context(), torch.inference_mode():
+            for decoded in teacher.decoder(self.chunks(), self.tally):
+                self.drops.extend(Drop(self.url, key, reason) for key, reason in decoded.drops)
+                keys += decoded.keys
+                hashes += decoded.hashes
+                parts.append(decoded.pixels)
+                while len(keys) >= size:
+                    pixels = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    yield teacher.prepare(keys[:size], hashes[:size], pixels[:size])
+                    keys, hashes = keys[size:], hashes[size:]
+                    parts = [pixels[size:]]
+            if keys:
+                yield teacher.prepare(keys, hashes, torch.cat(parts))
+
+
+class RecordWriter:
+    """The writer thread's side: each batch's labels as records of the sidecar, counted for
+    the summary and the filter's confidence histograms as the records hold them (float16)."""
+
+    def __init__(self, shard: AtomicShard, embed: bool) -> None:
+        self.shard, self.embed = shard, embed
+        self.summary = LabelSummary()
+        self.by_class: dict[int, Counter] = {}  # the filter's confidence counts, per class
+
+    def __call__(self, labels: Labels) -> None:
+        top_i, top_p, ent, *emb = labels.arrays()
+        conf = top_p[:, 0]
+        for cls, b in zip(top_i[:, 0].tolist(), conf_bins(np.float16(conf)).tolist(), strict=True):
+            self.by_class.setdefault(cls, Counter())[b] += 1
+        for j, key in enumerate(labels.keys):
+            label = PseudoLabel(
+                key=key,
+                indices=top_i[j],
+                probs=top_p[j].astype(np.float16),
+                confidence=float(conf[j]),
+                entropy=float(ent[j]),
+                content_hash=labels.hashes[j],
+                embedding=emb[0][j].astype(np.float16) if self.embed else None,
+            )
+            self.shard.write(pseudo_sample(label))
+            # What the record holds (float16), so a scan of the sidecars agrees exactly.
+            self.summary.add(label.top1, *np.float16([label.confidence, label.entropy]).tolist())
+
+
+class Laps:
+    """The driving thread's time, each moment counted once into one of the report's
+    shares (waiting for input, forward, output)."""
+
+    def __init__(self, report: ShardReport, started: float) -> None:
+        self.report, self.last = report, started
+
+    def add(self, share: str) -> None:
+        now = time.monotonic()
+        setattr(self.report, share, getattr(self.report, share) + now - self.last)
+        self.last = now
+
+
 def label_shard(
     url: str,
     name: str,
@@ -385,134 +499,34 @@ def label_shard(
 ) -> ShardReport:
     """Label one shard into the sidecar `out_dir/name`; returns what went in and out.
 
-    Three threads: one reads, hashes and decodes (`ahead`), this one drives the device (one
-    call per batch, nothing per image), one writes the records (`Behind`). `slot` bounds the
-    forward passes in flight on the device. Every sample read is counted once: labeled, or
-    dropped with a reason. A key seen twice in one shard keeps its first sample (a second
-    label under the same key could never be told apart from the first downstream)."""
+    A chain over three threads: the input thread reads, hashes and decodes (`ShardInput`,
+    run `ahead`), this one drives the device (one call per batch, nothing per image), and
+    the writer thread writes the records (`RecordWriter`, run `Behind`). `slot` bounds the
+    forward passes in flight on the device."""
     started = time.monotonic()
-    out_url = join(out_dir, name)
-    report = ShardReport(source=url, output=out_url)
-    input_drops: list[Drop] = []  # the input thread's; joined to the report at the end
-    tally = InputTally()
-    summary = LabelSummary()
-    by_class: dict[int, Counter] = {}  # the filter's confidence counts, per class
-    feed = teacher.decoder.feed
-
-    def read_error(drop: Drop) -> None:
-        input_drops.append(drop)
-        if drop.key is not None:  # a sample read from the shard but never yielded (unsafe name)
-            report.samples_in += 1
-
-    def chunks() -> Iterator[list]:
-        seen: set[str] = set()
-        samples = iter_shard(url, read_error)
-        while True:
-            tick = time.monotonic()
-            chunk = []
-            for sample in samples:
-                report.samples_in += 1
-                key = sample["__key__"]
-                found = find_image(sample)
-                if key in seen:
-                    input_drops.append(Drop(url, key, "duplicate_key", "an earlier sample has it"))
-                elif found is None:
-                    seen.add(key)
-                    input_drops.append(Drop(url, key, "no_image", no_image_detail(sample)))
-                elif (refused := teacher.admit(key, found[1])) is not None:
-                    seen.add(key)
-                    input_drops.append(Drop(url, key, refused))
-                else:
-                    seen.add(key)
-                    chunk.append((key, found[1]))
-                    if len(chunk) == batch_size:
-                        break
-            if not chunk:
-                report.read_seconds += time.monotonic() - tick
-                return
-            hashes = content_hashes([data for _, data in chunk])
-            report.read_seconds += time.monotonic() - tick
-            yield [(key, data, digest) for (key, data), digest in zip(chunk, hashes, strict=True)]
-
-    def batches() -> Iterator[Batch]:
-        """Decoded chunks cut into batches of `batch_size` decodable samples."""
-        keys: list[str] = []
-        hashes: list[bytes] = []
-        parts: list[torch.Tensor] = []
-        with feed.context(), torch.inference_mode():
-            for decoded in teacher.decoder(chunks(), tally):
-                input_drops.extend(Drop(url, key, reason) for key, reason in decoded.drops)
-                keys += decoded.keys
-                hashes += decoded.hashes
-                parts.append(decoded.pixels)
-                while len(keys) >= batch_size:
-                    pixels = torch.cat(parts) if len(parts) > 1 else parts[0]
-                    yield teacher.prepare(
-                        keys[:batch_size], hashes[:batch_size], pixels[:batch_size]
-                    )
-                    keys, hashes = keys[batch_size:], hashes[batch_size:]
-                    parts = [pixels[batch_size:]]
-            if keys:
-                yield teacher.prepare(keys, hashes, torch.cat(parts))
-
-    def write(labels: Labels) -> None:
-        top_i, top_p, ent, *emb = labels.arrays()
-        conf = top_p[:, 0]
-        # Binned as the record holds the confidence (float16), as the filter reads it.
-        for cls, b in zip(top_i[:, 0].tolist(), conf_bins(np.float16(conf)).tolist(), strict=True):
-            by_class.setdefault(cls, Counter())[b] += 1
-        for j, key in enumerate(labels.keys):
-            label = PseudoLabel(
-                key,
-                top_i[j],
-                top_p[j].astype(np.float16),
-                float(conf[j]),
-                float(ent[j]),
-                labels.hashes[j],
-                emb[0][j].astype(np.float16) if embed else None,
-            )
-            shard.write(pseudo_sample(label))
-            # What the record holds (float16), so a scan of the sidecars agrees exactly.
-            summary.add(label.top1, *np.float16([label.confidence, label.entropy]).tolist())
-
-    def lap() -> float:
-        """Seconds since the last lap: every moment of the driving thread is counted once."""
-        nonlocal last
-        now = time.monotonic()
-        seconds, last = now - last, now
-        return seconds
-
-    last = started
-    shard = AtomicShard(out_url)
-    writer = Behind(write, OUTPUT_BEHIND)
+    report = ShardReport(source=url, output=join(out_dir, name))
+    laps = Laps(report, started)
+    source = ShardInput(url, teacher, batch_size)
+    shard = AtomicShard(report.output)
+    records = RecordWriter(shard, embed)
+    writer = Behind(records, OUTPUT_BEHIND)
     try:
         shard.write(shard_header(teacher=teacher.teacher_id, source=url, topk=topk, embed=embed))
-        inputs = ahead(batches(), INPUT_AHEAD)
-        report.output_seconds += lap()
-        while True:
-            batch = next(inputs, None)
-            report.input_wait_seconds += lap()
-            if batch is None:
-                break
+        batches = ahead(source.batches(), INPUT_AHEAD)
+        laps.add("output_seconds")
+        while (batch := next(batches, None)) is not None:
+            laps.add("input_wait_seconds")
             with slot or nullcontext():
                 labels = teacher.label(batch, topk, embed)
-            report.forward_seconds += lap()
+            laps.add("forward_seconds")
             report.last_forward_at = time.time()
             report.first_forward_at = report.first_forward_at or report.last_forward_at
             writer.put(labels)
-            report.output_seconds += lap()
+            laps.add("output_seconds")
+        laps.add("input_wait_seconds")
         writer.close()
-        report.drops = input_drops
-        report.samples_out = shard.count - 1
-        report.decode_seconds, report.write_seconds = tally.decode_seconds, writer.busy_seconds
-        report.on_device, report.on_cpu = tally.on_device, tally.on_cpu
-        report.decode_calls, report.jpeg = tally.decode_calls, tally.jpeg
-        report.stats = {
-            **summary.to_json(),
-            "bytes": shard.close_tar(),
-            "class_confidences": sparse_to_json(by_class),
-        }
-        report.output_seconds += lap()
+        _fill_report(report, source, records, writer, shard.count - 1, shard.close_tar())
+        laps.add("output_seconds")
         report.seconds = time.monotonic() - started
         write_shard_report(out_dir, report, name)
         shard.commit()
@@ -521,3 +535,26 @@ def label_shard(
         shard.abort()
         raise
     return report
+
+
+def _fill_report(
+    report: ShardReport,
+    source: ShardInput,
+    records: RecordWriter,
+    writer: Behind,
+    samples_out: int,
+    size: int,
+) -> None:
+    """What the threads counted, into the shard's report (`size`: the sidecar's bytes)."""
+    tally = source.tally
+    report.samples_in, report.samples_out = source.samples_in, samples_out
+    report.drops = source.drops
+    report.read_seconds = source.read_seconds
+    report.decode_seconds, report.write_seconds = tally.decode_seconds, writer.busy_seconds
+    report.on_device, report.on_cpu = tally.on_device, tally.on_cpu
+    report.decode_calls, report.jpeg = tally.decode_calls, tally.jpeg
+    report.stats = {
+        **records.summary.to_json(),
+        "bytes": size,
+        "class_confidences": sparse_to_json(records.by_class),
+    }
