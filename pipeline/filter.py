@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import apache_beam as beam
 
@@ -19,7 +20,7 @@ from data.errors import UsageError
 from data.manifest import ErrorLog, StageOutput, finished_manifest, inputs_record, read_manifest
 from data.records import FORMAT_VERSION
 from data.specs import is_pattern, is_shard_name, shard_entries
-from data.storage import absolute, is_dir, join, list_dir, parent, read_json, write_json
+from data.storage import Entry, absolute, is_dir, join, list_dir, parent, read_json, write_json
 from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
 from pipeline.confidence import CLASS_CONFIDENCES, bin_floor, load_histograms, save_histograms
 from pipeline.dedup import EvalIndex
@@ -231,42 +232,46 @@ def _workers(options) -> int:
     return int(values.get("direct_num_workers") or values.get("num_workers") or 1)
 
 
+@dataclass
+class FilterInputs:
+    """What a filter job reads, resolved once before anything is written: the label
+    output (its manifest and sidecars), where its sources are now, the evaluation shards to
+    deduplicate against, and the previous filter whose selection is kept."""
+
+    roots: Roots
+    label_manifest: dict
+    sidecars: list[str]
+    dedup_entries: list[Entry]
+    previous: dict | None  # --keep-selection's finished manifest
+    previous_shards: dict[int, list]  # and its training shards by chunk
+
+    @property
+    def teacher(self) -> str:
+        return self.label_manifest.get("teacher", "")
+
+
+@dataclass
+class Selection:
+    """What the job keeps: the confidence histograms and the rules drawn from them (none
+    for a kept selection), and the training samples expected."""
+
+    hist: dict
+    counted_by: str
+    rules: dict
+    expected: int
+
+
 def run(args: FilterArgs, beam_args: list[str]) -> dict:
-    roots = source_roots(args.source_root)
+    """The filter, as its steps: resolve the inputs, claim the output, index the
+    evaluation set (--dedup-against), select (or keep --keep-selection's choices), write the
+    chunks, and record the manifest."""
     # One local thread by default: the filter's work is pure Python under one GIL, so a
     # second thread adds no speed, only a second chunk's memory (bench_filter.py).
     options = beam_options(args.runner, beam_args, local_workers=1)
-    label_manifest, sidecars = _label_folder(args)
-    _check_roots(roots, label_manifest)
-    teacher = label_manifest.get("teacher", "")
-    if args.dedup_against:
-        _check_dedup_source(args.dedup_against)
-    dedup_entries = shard_entries(args.dedup_against) if args.dedup_against else []
-    dedup = (
-        inputs_record(absolute(args.dedup_against), dedup_entries) if args.dedup_against else None
-    )
-    previous, previous_shards = (
-        _kept_selection(args, sidecars) if args.keep_selection else (None, {})
-    )
-    kept = previous and {
-        "folder": absolute(args.keep_selection),
-        "fingerprint": previous["fingerprint"],
-    }
-    out = StageOutput(
-        args.output,
-        "filter",
-        fingerprint(
-            args,
-            input={"folder": absolute(args.input), "fingerprint": label_manifest["fingerprint"]},
-            dedup_against=dedup,
-            keep_selection=kept,
-        ),
-        inputs=[args.input, *sorted({parent(e.url) for e in dedup_entries})],
-        overwrite=args.overwrite,
-        defaults=fingerprint_defaults(type(args)),
-    )
+    inputs = _resolve_inputs(args)
+    out = _stage_output(args, inputs)
     if is_dry_run(options):
-        return _dry_run(args, options, sidecars, teacher)
+        return _dry_run(args, options, inputs.sidecars, inputs.teacher)
     done = out.open()
     if done is not None:
         return {**done, "already_done": True}
@@ -274,98 +279,174 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     with output_lost(output):  # a storage lost mid-job: one line naming the folder
         with given_back(out):  # a refusal before the first chunk leaves no claim
             started = time.monotonic()
-            eval_dir, dedup_threshold = None, args.dedup_threshold
-            if args.dedup_against:
-                if not label_manifest["fingerprint"].get("embed"):
-                    raise UsageError(
-                        "--dedup-against needs embeddings: run `pipeline label` with --embed"
-                    )
-                eval_dir = _eval_embeddings(args, output, label_manifest, beam_args)
-                embedded = read_manifest(eval_dir) or {}
-                if not embedded.get("samples_out"):
-                    out.abandon()
-                    drops = ", ".join(f"{n} {r}" for r, n in embedded.get("drops", {}).items())
-                    raise UsageError(
-                        f"--dedup-against {args.dedup_against} holds no images the teacher could "
-                        f"read ({embedded.get('samples_in', 0)} samples; dropped: {drops or 'none'}): "
-                        "pass the evaluation set's image shards"
-                    )
-                if dedup_threshold is None:
-                    dedup_threshold = EvalIndex.from_sidecars(
-                        eval_dir, None, args.dedup_fpr
-                    ).threshold
-            strategy = strategy_of(args)
+            eval_dir, dedup_threshold = _dedup_index(args, out, inputs, beam_args)
             plan = FilterPlan(
                 output,
-                strategy,
+                strategy_of(args),
                 eval_dir,
                 dedup_threshold,
-                roots,
-                absolute(args.keep_selection) if previous is not None else None,
+                inputs.roots,
+                absolute(args.keep_selection) if inputs.previous is not None else None,
             )
-            if previous is not None:  # the choices are made: no histograms, no rules
-                hist, counted_by, rules = {}, "kept selection", {}
-                expected = previous["samples_written"]
+            if inputs.previous is not None:  # the choices are made: no histograms, no rules
+                selection = Selection({}, "kept selection", {}, inputs.previous["samples_written"])
             else:
-                hist, counted_by = _histograms(
-                    args.input, sidecars, plan, options, join(output, WORK, HISTOGRAMS)
-                )
-                rules = strategy.rules(hist)
-                if not rules:
-                    out.abandon()
-                    raise UsageError(strategy.nothing_kept(hist))
-                expected = expected_copies(hist, rules)
-            size = expected / max(1, math.ceil(expected / args.shard_size))
-            work = [
-                (i, urls, previous_shards.get(i, []))
-                for i, urls in chunks(
-                    sidecars,
-                    expected,
-                    args.shard_size,
-                    _workers(options),
-                    previous["chunks"] if previous is not None else 0,
-                )
-            ]
-            clear_failures(output)
-            finished = reported(output)
-            todo = [c for c in work if chunk_name(c[0]) not in finished]
-            if todo:
-                with (
-                    WorkList(output, "chunks", todo) as chunk_list,
-                    ReportProgress(
-                        output, len(todo), "filter", done_before=len(finished)
-                    ) as progress,
-                ):
-                    run_pipeline(options, lambda p: _write(p, chunk_list, plan, size, rules))
-                    progress.raise_lost()
-                raise_failures(output)
-        names = [chunk_name(i) for i, *_ in work]
+                selection = _select(args, inputs, plan, options, out)
+            work = _chunk_work(args, inputs, selection, options)
+            _write_chunks(output, work, plan, selection, args.shard_size, options)
         with ErrorLog(output) as log:
-            merged = merge_reports(output, names, log, ahead=2)
+            merged = merge_reports(output, [chunk_name(i) for i, *_ in work], log, ahead=2)
+    return _finish(args, beam_args, out, inputs, plan, selection, merged, len(work), started)
+
+
+def _resolve_inputs(args: FilterArgs) -> FilterInputs:
+    roots = source_roots(args.source_root)
+    label_manifest, sidecars = _label_folder(args)
+    _check_roots(roots, label_manifest)
+    if args.dedup_against:
+        _check_dedup_source(args.dedup_against)
+    dedup_entries = shard_entries(args.dedup_against) if args.dedup_against else []
+    previous, previous_shards = (
+        _kept_selection(args, sidecars) if args.keep_selection else (None, {})
+    )
+    return FilterInputs(roots, label_manifest, sidecars, dedup_entries, previous, previous_shards)
+
+
+def _stage_output(args: FilterArgs, inputs: FilterInputs) -> StageOutput:
+    """The output folder, fingerprinted by the options and by what each input is."""
+    dedup = (
+        inputs_record(absolute(args.dedup_against), inputs.dedup_entries)
+        if args.dedup_against
+        else None
+    )
+    kept = inputs.previous and {
+        "folder": absolute(args.keep_selection),
+        "fingerprint": inputs.previous["fingerprint"],
+    }
+    label = {"folder": absolute(args.input), "fingerprint": inputs.label_manifest["fingerprint"]}
+    return StageOutput(
+        args.output,
+        "filter",
+        fingerprint(args, input=label, dedup_against=dedup, keep_selection=kept),
+        inputs=[args.input, *sorted({parent(e.url) for e in inputs.dedup_entries})],
+        overwrite=args.overwrite,
+        defaults=fingerprint_defaults(type(args)),
+    )
+
+
+def _dedup_index(
+    args: FilterArgs, out: StageOutput, inputs: FilterInputs, beam_args: list[str]
+) -> tuple[str | None, float | None]:
+    """--dedup-against: the evaluation set labeled as the corpus was (its embeddings), and
+    the near-copy threshold (given, or calibrated on it); else (None, the given one)."""
+    if not args.dedup_against:
+        return None, args.dedup_threshold
+    if not inputs.label_manifest["fingerprint"].get("embed"):
+        raise UsageError("--dedup-against needs embeddings: run `pipeline label` with --embed")
+    eval_dir = _eval_embeddings(args, out.out_dir, inputs.label_manifest, beam_args)
+    embedded = read_manifest(eval_dir) or {}
+    if not embedded.get("samples_out"):
+        out.abandon()
+        drops = ", ".join(f"{n} {r}" for r, n in embedded.get("drops", {}).items())
+        raise UsageError(
+            f"--dedup-against {args.dedup_against} holds no images the teacher could "
+            f"read ({embedded.get('samples_in', 0)} samples; dropped: {drops or 'none'}): "
+            "pass the evaluation set's image shards"
+        )
+    if args.dedup_threshold is not None:
+        return eval_dir, args.dedup_threshold
+    return eval_dir, EvalIndex.from_sidecars(eval_dir, None, args.dedup_fpr).threshold
+
+
+def _select(
+    args: FilterArgs, inputs: FilterInputs, plan: FilterPlan, options, out: StageOutput
+) -> Selection:
+    """Pass 1: the confidence histograms per class, and the strategy's rules from them."""
+    hist, counted_by = _histograms(
+        args.input, inputs.sidecars, plan, options, join(out.out_dir, WORK, HISTOGRAMS)
+    )
+    rules = plan.strategy.rules(hist)
+    if not rules:
+        out.abandon()
+        raise UsageError(plan.strategy.nothing_kept(hist))
+    return Selection(hist, counted_by, rules, expected_copies(hist, rules))
+
+
+def _chunk_work(
+    args: FilterArgs, inputs: FilterInputs, selection: Selection, options
+) -> list[tuple[int, list[str], list]]:
+    """(chunk number, its sidecars, the kept selection's shards of that chunk), for all."""
+    previous = inputs.previous
+    return [
+        (i, urls, inputs.previous_shards.get(i, []))
+        for i, urls in chunks(
+            inputs.sidecars,
+            selection.expected,
+            args.shard_size,
+            _workers(options),
+            previous["chunks"] if previous is not None else 0,
+        )
+    ]
+
+
+def _write_chunks(
+    output: str, work: list, plan: FilterPlan, selection: Selection, shard_size: int, options
+) -> None:
+    """Pass 2: the chunks not yet written, as one Beam job."""
+    expected = selection.expected
+    size = expected / max(1, math.ceil(expected / shard_size))
+    clear_failures(output)
+    finished = reported(output)
+    todo = [c for c in work if chunk_name(c[0]) not in finished]
+    if not todo:
+        return
+    with (
+        WorkList(output, "chunks", todo) as chunk_list,
+        ReportProgress(output, len(todo), "filter", done_before=len(finished)) as progress,
+    ):
+        rules = selection.rules
+        run_pipeline(options, lambda p: _write(p, chunk_list, plan, size, rules))
+        progress.raise_lost()
+    raise_failures(output)
+
+
+def _finish(
+    args: FilterArgs,
+    beam_args: list[str],
+    out: StageOutput,
+    inputs: FilterInputs,
+    plan: FilterPlan,
+    selection: Selection,
+    merged,
+    chunk_count: int,
+    started: float,
+) -> dict:
+    """The manifest: what was kept of each class and by which rule, and what was not."""
+    output = out.out_dir
     class_names = read_json(join(args.input, CLASSES_FILE))
     if class_names is not None:
         write_class_names(output, class_names)
     classes = merged.stats.get("classes", {})
-    kept_images = merged.samples_in - merged.drops.total()
+    rules = selection.rules
     return finish_stage(
         out,
         merged,
         manifest_args(args, beam_args),
-        teacher=teacher,
+        teacher=inputs.teacher,
         samples_written=merged.samples_out,
-        images_kept=kept_images,
+        images_kept=merged.samples_in - merged.drops.total(),
         class_counts=dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
         empty_classes=[
             f"{i} ({name})" for i, name in enumerate(class_names or []) if str(i) not in classes
         ],
         class_thresholds={str(c): bin_floor(rule.min_bin) for c, rule in rules.items()},
         class_rates={str(c): round(rule.rate, 4) for c, rule in rules.items()},
-        capped_classes=[str(c) for c in strategy.capped(hist, rules)],
-        dedup_threshold=dedup_threshold,
-        confidences_counted_by=counted_by,
+        capped_classes=[str(c) for c in plan.strategy.capped(selection.hist, rules)],
+        dedup_threshold=plan.dedup_threshold,
+        confidences_counted_by=selection.counted_by,
         output_shards=len([e for e in list_dir(output) if is_shard_name(e.name)]),
-        chunks=len(work),
-        input_sidecars=len(sidecars),
+        chunks=chunk_count,
+        input_sidecars=len(inputs.sidecars),
         seconds=round(time.monotonic() - started, 2),
         summary={k: v for k, v in merged.stats.items() if k != "classes"},
     )
