@@ -86,7 +86,7 @@ def decode_pool(processes: int) -> Pool:
     with _pools_lock:
         if processes not in _pools:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["data.decode"])
+            context.set_forkserver_preload(["data.own_group", "data.decode"])
             with _main_unnamed():
                 pool = context.Pool(processes)
             atexit.register(pool.terminate)  # before the interpreter tears its modules down

@@ -1,6 +1,7 @@
 """`pipeline label` end to end: real shards, a real (random-weight) teacher, a real Beam job."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -333,21 +334,30 @@ def test_the_local_runner_is_named_never_prism_by_whether_a_download_succeeds(
     assert len(ran) == 2
 
 
+@pytest.mark.parametrize("whom", ["process", "group"])
 def test_sigterm_ends_label_in_one_line_and_the_rerun_finishes_the_job(
-    random_teacher: Path, corpus: Path, tmp_path: Path
+    random_teacher: Path, corpus: Path, tmp_path: Path, whom: str
 ):
     """What schedulers and `docker stop` send ends the command as Ctrl-C does: one line,
-    exit 143, no abort of the runner's threads, no leaked semaphores, nothing left running."""
+    exit 143, no abort of the runner's threads, no leaked semaphores, nothing left running.
+    Sent to the whole process group (a terminal's Ctrl-C, `kill -- -PGID`), it reaches the
+    command alone: its decode processes live in a group of their own, since one killed while
+    it waited for a task held the pool's queue lock and the shutdown then waited for ever."""
     out = tmp_path / "out"
     args = ["label", "--teacher", str(random_teacher), "--input", str(corpus), "--batch-size", "8"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args, "--output", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while len(list(out.glob("_reports/*.json"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    if whom == "group":
+        groups = {os.getpgid(int(pid)) for pid in _children(proc.pid)}
+        assert len(groups) > 1 and proc.pid in groups  # the decode processes' is another
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert message_lines(stderr) == [
@@ -355,6 +365,18 @@ def test_sigterm_ends_label_in_one_line_and_the_rerun_finishes_the_job(
     ], stderr
     run_cli(*args, "--output", str(out), check=True)
     assert json.loads((out / "manifest.json").read_text())["samples_out"] == 1300
+
+
+def _children(pid: int) -> list[str]:
+    """The pids of a process's descendants, from /proc."""
+    found, todo = [], [str(pid)]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            kids = task.read_text().split()
+            found += kids
+            todo += kids
+    return found
 
 
 def test_label_run_from_a_script_without_a_main_guard_works(
