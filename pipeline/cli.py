@@ -377,6 +377,14 @@ def _tell_torchrun(line: str) -> None:
         pass
 
 
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """What continues a stopped command: the same command, except a training run, which
+    continues only with --resume (without it, its folder is refused as another run's)."""
+    if args.command == "train-student" and not args.resume:
+        return "rerun it with --resume to continue after its last finished epoch"
+    return "rerun the same command to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Beam logs import-time warnings about optional cloud clients to the root logger; the user
     # sees our summaries and warnings unless they ask for the runner's logs.
@@ -411,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         said = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
-        say(f"pipeline {args.command}: {said}; rerun the same command to resume")
+        say(f"pipeline {args.command}: {said}; {_how_to_continue(args)}")
         return STOPPED[1] if isinstance(exc, Terminated) else STOPPED[0]
     except Exception as exc:
         return _report_bug(args.command, exc, debug)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -496,3 +497,26 @@ def test_classes_without_a_labeled_image_are_named_before_training(
         "warning: 2 of the 10 classes have no labeled image: 3, 7 (learned from pseudo-labels "
         "alone, if any)"
     ], result.stderr
+
+
+def test_a_stopped_training_run_says_how_to_continue_it(digits_dir: Path, tmp_path: Path):
+    """SIGTERM ends training in one line that tells the command which continues it: the
+    trainer continues a run only with --resume (the same command again is refused)."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "pipeline", "train-student", "--labeled",
+               str(digits_dir / "labeled"), "--out", str(run), *QUICK, "--epochs", "30"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "pipeline train-student: stopped by SIGTERM; rerun it with --resume to continue after "
+        "its last finished epoch"
+    )
+    resumed = run_cli(*command[3:], "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["epoch"] for r in _log(run)] == list(range(1, 31))
