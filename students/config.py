@@ -15,6 +15,7 @@ No torch here: `pipeline --help` builds its flags from this module alone.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from functools import cache
@@ -203,6 +204,39 @@ class TrainArgs:
     )
     device: str = _arg("device to train on", "auto", choices=DEVICES)
 
+    def __post_init__(self) -> None:
+        """The Python API checked as the command line is: a Path is taken as its path, a
+        value of another type is refused in one line naming the option, and so are
+        --resume and --overwrite together (one continues the run the other clears)."""
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            kind = scalar_of(field_types(TrainArgs)[spec.name])
+            if isinstance(value, os.PathLike) and kind is str:
+                value = os.fspath(value)
+            elif spec.name == "overrides":  # one KEY=VALUE, or several
+                value = (value,) if isinstance(value, str) else value
+                value = tuple(value) if isinstance(value, list | tuple) else value
+            object.__setattr__(self, spec.name, value)
+            ok = value is None or (
+                isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+                if spec.name == "overrides"
+                else isinstance(value, kind)
+            )
+            if spec.name in ("labeled", "out") and value is None:
+                ok = False
+            if not ok:
+                word = _KIND_WORDS[tuple if spec.name == "overrides" else kind]
+                raise UsageError(f"{spec.name} must be {word}, got {value!r}")
+        if self.device not in DEVICES:
+            raise UsageError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.resume and self.overwrite:
+            raise UsageError(
+                "--resume continues the run in --out and --overwrite clears it: pass one"
+            )
+
+
+_KIND_WORDS = {str: "a path or text", bool: "true or false", tuple: "KEY=VALUE texts"}
+
 
 RECIPE_KEYS = tuple(f.name for f in fields(Recipe))
 
@@ -388,7 +422,7 @@ def resolve(options: Mapping[str, object]) -> tuple[TrainArgs, Recipe]:
     if unknown:
         raise UsageError(f"unknown option {unknown[0]!r}")
     run = {key: value for key, value in options.items() if key in inputs}
-    run["overrides"] = tuple(run.get("overrides") or ())
+    run["overrides"] = run.get("overrides") or ()  # the flag's None: no --set
     args = TrainArgs(**run)
     flags = {key: value for key, value in options.items() if key in RECIPE_KEYS}
     return args, resolve_recipe(args.config, args.overrides, **flags)

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import math
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import configs
-from data.errors import Drop
+from data.errors import Drop, UsageError
 from data.records import PSEUDO_EXT, PseudoLabel, encode_pseudo, shard_header
 from students.config import (
     RECIPE_KEYS,
@@ -345,7 +346,14 @@ def _identity(image):
 
 
 def _pseudo(key: str, indices: list[int], probs: list[float]) -> bytes:
-    label = PseudoLabel(key, np.array(indices), np.array(probs, np.float16), 0.5, 0.5, b"\0" * 8)
+    label = PseudoLabel(
+        key=key,
+        indices=np.array(indices),
+        probs=np.array(probs, np.float16),
+        confidence=0.5,
+        entropy=0.5,
+        content_hash=b"\0" * 8,
+    )
     return encode_pseudo(label)
 
 
@@ -540,3 +548,23 @@ def test_training_loaders_keep_their_workers_and_each_epoch_its_data(tmp_path: P
     assert not all(
         torch.equal(a[0][0], b[0][0]) for a, b in zip(run[0], run[1], strict=True)
     )  # each epoch draws anew
+
+
+def test_the_trainers_python_api_is_checked_as_its_command_line_is(tmp_path: Path):
+    """train(labeled=[...]) was a raw AttributeError, and --resume with --overwrite cleared
+    the run it was asked to continue: both are one line naming the option."""
+    from students.train import train
+
+    assert TrainArgs(labeled=tmp_path, out=tmp_path / "o", overrides="lr=1").labeled == str(
+        tmp_path
+    )
+    for options, said in [
+        ({"labeled": [str(tmp_path)]}, "labeled must be a path or text, got ['"),
+        ({"resume": "yes"}, "resume must be true or false, got 'yes'"),
+        ({"overrides": 3}, "overrides must be KEY=VALUE texts, got 3"),
+        ({"device": "gpu"}, "device must be one of auto, cpu, cuda, got 'gpu'"),
+        ({"resume": True, "overwrite": True}, "--resume continues the run in --out and "),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(said)):
+            train(**{"labeled": str(tmp_path), "out": str(tmp_path / "o"), **options})
+    assert not (tmp_path / "o").exists()
