@@ -81,7 +81,14 @@ def write_labeled_corpus(
             probs = np.concatenate([[conf[i]], np.sort(rest)[::-1]]).astype(np.float16)
             samples.append(
                 pseudo_sample(
-                    PseudoLabel(key, indices, probs, float(conf[i]), 2.0, content_hash(images[i]))
+                    PseudoLabel(
+                        key=key,
+                        indices=indices,
+                        probs=probs,
+                        confidence=float(conf[i]),
+                        entropy=2.0,
+                        content_hash=content_hash(images[i]),
+                    )
                 )
             )
         write_shard(str(root / "labels" / name), samples)

@@ -35,9 +35,10 @@ def content_hash(image: bytes) -> bytes:
     return hashlib.blake2b(image, digest_size=8).digest()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PseudoLabel:
-    """A teacher's soft label for one sample."""
+    """A teacher's soft label for one sample (built by keyword: its fields are many and of
+    like types)."""
 
     key: str
     indices: np.ndarray  # top-k class indices, most probable first
@@ -86,7 +87,15 @@ def decode_pseudo(key: str, payload: bytes, teacher: str = "", source: str = "")
         (dim,) = struct.unpack_from("<H", payload, offset)
         embedding = np.frombuffer(payload, "<f2", dim, offset + 2).astype(np.float16)
     return PseudoLabel(
-        key, indices, probs, float(confidence), float(entropy), digest, embedding, teacher, source
+        key=key,
+        indices=indices,
+        probs=probs,
+        confidence=float(confidence),
+        entropy=float(entropy),
+        content_hash=digest,
+        embedding=embedding,
+        teacher=teacher,
+        source=source,
     )
 
 

@@ -27,6 +27,7 @@ from data.decode import find_image
 from data.errors import Drop, UsageError
 from data.read import iter_shard
 from data.records import (
+    PSEUDO_EXT,
     PseudoLabel,
     content_hash,
     decode_pseudo,
@@ -203,7 +204,7 @@ class KeptSelection:
         for url in previous:
             for sample in iter_shard(url, damaged):
                 key, _, copy = sample["__key__"].rpartition("_c")
-                label = decode_pseudo(key, sample["pl"])
+                label = decode_pseudo(key, sample[PSEUDO_EXT])
                 self.chosen.setdefault((key, label.content_hash), []).append(
                     (int(copy), int(sample["cls"]))
                 )
@@ -398,7 +399,7 @@ class WriteChunkFn(beam.DoFn):
                                 "__image__": key,
                                 ext: image,
                                 "cls": str(cls).encode(),
-                                "pl": encode_pseudo(target),
+                                PSEUDO_EXT: encode_pseudo(target),
                             }
                         )
                         written += 1

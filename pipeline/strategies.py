@@ -73,14 +73,24 @@ def expected_copies(hist: Histograms, rules: Rules) -> float:
 
 def one_hot(label: PseudoLabel, cls: int) -> PseudoLabel:
     return PseudoLabel(
-        label.key, np.array([cls]), np.array([1.0], np.float16), 1.0, 0.0, label.content_hash
+        key=label.key,
+        indices=np.array([cls]),
+        probs=np.array([1.0], np.float16),
+        confidence=1.0,
+        entropy=0.0,
+        content_hash=label.content_hash,
     )
 
 
 def soft(label: PseudoLabel) -> PseudoLabel:
     """The label as a training sample carries it: no embedding, no teacher, no source."""
     return PseudoLabel(
-        label.key, label.indices, label.probs, label.confidence, label.entropy, label.content_hash
+        key=label.key,
+        indices=label.indices,
+        probs=label.probs,
+        confidence=label.confidence,
+        entropy=label.entropy,
+        content_hash=label.content_hash,
     )
 
 

@@ -60,8 +60,8 @@ def evaluate(
             "unreadable; `pipeline stats` counts them by reason): evaluation needs labeled shards"
         )
     return {
-        "top1": top1 / samples if samples else 0.0,
-        "top5": top5 / samples if samples else 0.0,
+        "top1": top1 / samples,
+        "top5": top5 / samples,
         "samples": int(samples),
         "dropped": int(dropped),
     }

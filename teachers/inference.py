@@ -27,17 +27,14 @@ def resolve_device(device: str) -> str:
     """`--device` (auto, cpu, cuda) decided where the model runs (a Beam worker, a training
     process), never on the machine that only launches the job: "auto" is CUDA when this
     process sees a GPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but this worker sees no CUDA device")
-    return device
+    found = worker_devices(device)
+    return found[0].split(":")[0] if device in ("auto", "cuda") else found[0]
 
 
 def worker_devices(device: str, cuda_devices: int | None = None) -> list[str]:
     """The devices a worker spreads its teachers over: every GPU it sees for `auto` and
     `cuda`, the one named by `cuda:N`, or the CPU. `cuda_devices` defaults to what this
-    process sees."""
+    process sees. The one place `--device` is checked against what the process sees."""
     count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
     if device == "auto":
         device = "cuda" if count else "cpu"

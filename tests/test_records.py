@@ -16,13 +16,13 @@ def _label(k: int = 16, classes: int = 1000, embedding: np.ndarray | None = None
     probs = np.sort(rng.dirichlet(np.ones(classes)))[::-1][:k]
     indices = rng.choice(classes, k, replace=False)
     return PseudoLabel(
-        "n01440764_10026",
-        indices,
-        probs.astype(np.float16),
-        float(probs[0]),
-        6.2,
-        content_hash(b"image bytes"),
-        embedding,
+        key="n01440764_10026",
+        indices=indices,
+        probs=probs.astype(np.float16),
+        confidence=float(probs[0]),
+        entropy=6.2,
+        content_hash=content_hash(b"image bytes"),
+        embedding=embedding,
     )
 
 

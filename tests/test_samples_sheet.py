@@ -51,12 +51,12 @@ def _write_labels(source: Path, out: Path) -> Path:
             index = int(sample["__key__"].removeprefix("digit"))
             cls, confidence = int(targets[index]), _confidence(index)
             label = PseudoLabel(
-                sample["__key__"],
-                np.array([cls, (cls + 1) % 10]),
-                np.array([confidence, 1 - confidence], np.float16),
-                confidence,
-                0.5,
-                content_hash(sample["png"]),
+                key=sample["__key__"],
+                indices=np.array([cls, (cls + 1) % 10]),
+                probs=np.array([confidence, 1 - confidence], np.float16),
+                confidence=confidence,
+                entropy=0.5,
+                content_hash=content_hash(sample["png"]),
             )
             records.append(pseudo_sample(label))
         write_shard(str(out / url.rsplit("/", 1)[1]), records)

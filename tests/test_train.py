@@ -186,12 +186,12 @@ def _pseudo_shards(unlabeled: Path, out: Path, per_shard: int = 400) -> None:
     for sample in samples:
         cls = int(targets[int(sample["__key__"].removeprefix("digit"))])
         label = PseudoLabel(
-            sample["__key__"],
-            np.array([cls, (cls + 1) % 10]),
-            np.array([0.8, 0.2], np.float16),
-            0.8,
-            0.5,
-            content_hash(sample["png"]),
+            key=sample["__key__"],
+            indices=np.array([cls, (cls + 1) % 10]),
+            probs=np.array([0.8, 0.2], np.float16),
+            confidence=0.8,
+            entropy=0.5,
+            content_hash=content_hash(sample["png"]),
         )
         records.append(
             {
