@@ -236,23 +236,35 @@ class FilterArgs(JobArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keep_selection is not None:
-            # The selection is kept as it was: options that choose or balance would be ignored.
-            ignored = [
-                flag(spec)
-                for spec in fields(self)
-                if spec.name in _SELECTING and getattr(self, spec.name) != spec.default
-            ]
-            if ignored:
-                raise UsageError(
-                    f"--keep-selection keeps that output's images and copies, so "
-                    f"{' and '.join(ignored)} would be ignored: leave "
-                    f"{'them' if len(ignored) > 1 else 'it'} out"
-                )
+        # An option the job would not apply is refused, never ignored (and never recorded in
+        # the manifest as if it had been applied).
+        if self.keep_selection is not None:  # the selection is kept as it was
+            self._refuse_unused(
+                _SELECTING, "--keep-selection keeps that output's images and copies"
+            )
+        else:
+            unused = tuple(n for n in _SELECTING if n not in _USED_BY[self.strategy])
+            self._refuse_unused(unused, f"--strategy {self.strategy} does not use them")
+        if self.dedup_against is None:
+            self._refuse_unused(("dedup_threshold", "dedup_fpr"), "no --dedup-against is given")
+
+    def _refuse_unused(self, names: tuple[str, ...], why: str) -> None:
+        """One line for the options among `names` given another value than their default."""
+        given = [
+            flag(spec)
+            for spec in fields(self)
+            if spec.name in names and getattr(self, spec.name) != spec.default
+        ]
+        if given:
+            them = "them" if len(given) > 1 else "it"
+            why = why.replace("them", them)
+            raise UsageError(f"{' and '.join(given)} would be ignored ({why}): leave {them} out")
 
 
-# What chooses and balances the images: what --keep-selection replaces.
-_SELECTING = ("threshold", "per_class", "max_copies")
+# What chooses and balances the images: what --keep-selection replaces, and what each
+# strategy reads of it.
+_SELECTING = ("threshold", "per_class", "max_copies", "top_p")
+_USED_BY = {"threshold": ("threshold", "per_class", "max_copies"), "topk": ("per_class", "top_p")}
 
 
 # --- what derives from the fields --------------------------------------------------------

@@ -215,7 +215,7 @@ def test_keep_selection_keeps_the_images_and_copies_with_the_new_teachers_labels
     )
     second = tmp_path / "round2-train"
     # Nothing chooses or balances: an option that would is refused, not ignored.
-    with pytest.raises(UsageError, match="so --threshold would be ignored: leave it out"):
+    with pytest.raises(UsageError, match="--threshold would be ignored .--keep-selection keeps"):
         _filter(relabeled, second, threshold=0.99, keep_selection=str(first))
     assert not second.exists()
     kept = _filter(relabeled, second, keep_selection=str(first))

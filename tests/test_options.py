@@ -13,6 +13,7 @@ from data.errors import UsageError
 from pipeline.cli import build_parser, main
 from pipeline.options import FilterArgs, LabelArgs, fingerprint, flag, from_flags
 from pipeline.strategies import STRATEGIES
+from tests.conftest import message_lines, run_cli
 
 REQUIRED = {
     LabelArgs: ["--teacher", "rs-mini", "--input", "in", "--output", "out"],
@@ -86,6 +87,32 @@ def test_the_fingerprint_takes_only_fingerprint_fields():
     with pytest.raises(TypeError, match="output"):
         fingerprint(args, output="elsewhere")
     assert fingerprint(args, input={"folder": "x"})["labels"] == {"folder": "x"}
+
+
+def test_an_option_the_filter_would_not_apply_is_refused_in_one_line():
+    """Each mode reads some options: the others, given, would change nothing written while
+    the manifest recorded them (--strategy topk --threshold 0.99 wrote the same bytes as
+    without): refused, by flag as by keyword."""
+    cases = [
+        ({"strategy": "topk", "threshold": 0.99}, "--threshold would be ignored (--strategy topk"),
+        ({"strategy": "topk", "max_copies": 4.0}, "--max-copies would be ignored (--strategy topk"),
+        ({"top_p": 3}, "--top-p would be ignored (--strategy threshold does not use it)"),
+        ({"dedup_threshold": 0.9}, "--dedup-threshold would be ignored (no --dedup-against is"),
+        ({"dedup_fpr": 0.3}, "--dedup-fpr would be ignored (no --dedup-against is given)"),
+        ({"keep_selection": "t", "top_p": 2}, "--top-p would be ignored (--keep-selection keeps"),
+    ]
+    for wrong, message in cases:
+        with pytest.raises(UsageError) as raised:
+            FilterArgs(input="i", output="o", **wrong)
+        assert str(raised.value).startswith(message), raised.value
+    FilterArgs(input="i", output="o", strategy="topk", per_class=5, top_p=3)
+    FilterArgs(input="i", output="o", dedup_against="v", dedup_threshold=0.9, dedup_fpr=0.01)
+    result = run_cli("filter", "--input", "i", "--output", "o", "--strategy", "topk",
+                     "--threshold", "0.99")  # fmt: skip
+    assert result.returncode == 2 and message_lines(result.stderr) == [
+        "pipeline filter: error: --threshold would be ignored (--strategy topk does not use "
+        "it): leave it out"
+    ]
 
 
 def test_the_python_api_checks_types_as_the_command_line_does(tmp_path):
