@@ -25,6 +25,7 @@ from data.storage import (
     AtomicFile,
     Entry,
     absolute,
+    exists,
     join,
     read_json,
     remove,
@@ -90,9 +91,20 @@ def read_manifest(out_dir: str) -> dict | None:
 
 def finished_manifest(out_dir: str, stage: str) -> dict:
     """The manifest of a finished stage's output, or one line saying why it is not one."""
-    manifest = read_manifest(out_dir)
-    if manifest is None or manifest.get("stage") != stage:
-        raise UsageError(f"{out_dir} holds no `pipeline {stage}` output (no manifest.json)")
+    found = read_json(join(out_dir, MANIFEST))
+    wanted = f"pass the output folder of `pipeline {stage}`"
+    if found is None:
+        there = "holds no manifest.json" if exists(out_dir) else "does not exist"
+        raise UsageError(f"{out_dir} {there}: {wanted}")
+    if not isinstance(found, dict) or not isinstance(found.get("fingerprint"), dict):
+        raise UsageError(
+            f"{join(out_dir, MANIFEST)} was edited or damaged (not the record a stage writes): "
+            f"rerun `pipeline {stage}` into a new folder"
+        )
+    manifest = found
+    if manifest.get("stage") != stage:
+        other = manifest.get("stage")
+        raise UsageError(f"{out_dir} holds the output of `pipeline {other}`: {wanted}")
     if manifest.get("state") != DONE:
         raise UsageError(
             f"{out_dir}: `pipeline {stage}` has not finished there; rerun it to completion first"

@@ -420,3 +420,32 @@ def test_classes_that_keep_no_image_are_named(labels: Path, tmp_path: Path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["empty_classes"] == ["10 (ghost)"]
     assert "1 class kept no image: 10 (ghost)" in result.stdout
+
+
+def test_an_input_that_is_not_a_finished_label_output_is_said_for_what_it_is(tmp_path: Path):
+    """The reason given is the true one: a folder that is not there, one without a manifest,
+    another stage's output (it said "no manifest.json" of a filter output), and a manifest
+    edited by hand (a null fingerprint was an internal error)."""
+    other = tmp_path / "train"
+    other.mkdir()
+    (other / "manifest.json").write_text(
+        json.dumps({"stage": "filter", "state": "done", "fingerprint": {}})
+    )
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "manifest.json").write_text(
+        json.dumps({"stage": "label", "state": "done", "fingerprint": None})
+    )
+    (tmp_path / "bare").mkdir()
+    wanted = "pass the output folder of `pipeline label`"
+    for folder, said in [
+        ("nope", f"{tmp_path / 'nope'} does not exist: {wanted}"),
+        ("bare", f"{tmp_path / 'bare'} holds no manifest.json: {wanted}"),
+        ("train", f"{other} holds the output of `pipeline filter`: {wanted}"),
+        ("edited", f"{edited / 'manifest.json'} was edited or damaged (not the record a stage "),
+    ]:
+        result = run_cli("filter", "--input", str(tmp_path / folder), "--output",
+                         str(tmp_path / f"out-{folder}"))  # fmt: skip
+        lines = message_lines(result.stderr)
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+        assert lines[0].startswith(f"pipeline filter: error: {said}"), lines[0]
