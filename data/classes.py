@@ -26,4 +26,10 @@ def read_class_names(urls: Sequence[str]) -> list[str] | None:
         return None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise UsageError(f"{url} should hold a list of class names")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # two class ids under one name could never be told apart downstream
+        raise UsageError(
+            f"{url} names {len(twice)} class{'es' if len(twice) > 1 else ''} twice "
+            f"({', '.join(map(repr, twice[:5]))}): each class needs a name of its own"
+        )
     return names

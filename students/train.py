@@ -798,10 +798,20 @@ def _warn_if_dwarfed(epoch_samples: int, labeled: int) -> None:
 
 def _warn_of_unlabeled_classes(classes: list[str] | int | None, counted: Counted) -> None:
     """One line naming the classes (of classes.json, or indices below num_classes) that no
-    labeled image has: the run can learn them only from pseudo-labels, if any."""
+    labeled image has: the run can learn them only from pseudo-labels, if any. Class ids
+    beyond them are refused: the loaders would drop every such sample (unknown_class)."""
     if not counted.samples or classes is None:
         return
     names = classes if isinstance(classes, list) else [str(i) for i in range(classes)]
+    beyond = sorted(c for c in counted.classes if c >= len(names))
+    if beyond:
+        lost = sum(counted.classes[c] for c in beyond)
+        source = "classes.json names" if isinstance(classes, list) else "num_classes is"
+        raise UsageError(
+            f"{lost:,} of the {counted.samples:,} labeled samples have class ids up to "
+            f"{beyond[-1]}, but {source} {len(names)} classes (0 to {len(names) - 1}): "
+            "give the classes.json (or num_classes) these shards were written with"
+        )
     missing = [name for i, name in enumerate(names) if not counted.classes[i]]
     if missing:
         shown = ", ".join(missing[:10]) + (

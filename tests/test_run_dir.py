@@ -520,3 +520,20 @@ def test_a_stopped_training_run_says_how_to_continue_it(digits_dir: Path, tmp_pa
     resumed = run_cli(*command[3:], "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["epoch"] for r in _log(run)] == list(range(1, 31))
+
+
+def test_a_classes_json_that_contradicts_the_labels_is_refused(digits_dir: Path, tmp_path: Path):
+    """Three class names over digits 0-9 dropped 70% of the labeled set with exit 0, and a
+    name given twice merged two classes without a word: both are one line before training."""
+    labeled = tmp_path / "labeled"
+    shutil.copytree(digits_dir / "labeled", labeled)
+    for names, said in [
+        (["a", "b", "c"], "labeled samples have class ids up to 9, but classes.json names 3 "),
+        ([*"012345678", "8"], "classes.json names 1 class twice ('8'): each class needs a name"),
+    ]:
+        (labeled / "classes.json").write_text(json.dumps(names))
+        result = run_cli("train-student", "--labeled", str(labeled), "--out",
+                         str(tmp_path / "run"), *QUICK, "--epochs", "1")  # fmt: skip
+        lines = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert result.returncode == 2 and len(lines) == 1 and said in lines[0], result.stderr
+        assert not (tmp_path / "run").exists()
