@@ -285,7 +285,11 @@ class AtomicFile:
                 self.file.flush()
                 os.fsync(self.file.fileno())
                 self.file.close()
-                os.replace(self.tmp_path, self.path)
+                try:
+                    os.replace(self.tmp_path, self.path)
+                except OSError as exc:  # a folder in its place: said of the file, none left
+                    os.unlink(self.tmp_path)
+                    raise OSError(exc.errno, exc.strerror, self.path) from exc
                 _fsync_dir(os.path.dirname(self.path) or ".")
             else:
                 self._upload()

@@ -90,6 +90,7 @@ def _cmd_stats(args: argparse.Namespace) -> None:
     from pipeline.source_roots import source_roots
     from pipeline.stats import run
 
+    _output_files(args, {"json": None, "plot": ".png", "samples": ".png"})
     if args.source_root and not args.samples:
         raise UsageError("--source-root says where --samples finds images: pass --samples too")
     source_roots(args.source_root)  # a typo is said before the statistics are made
@@ -115,9 +116,26 @@ def _cmd_train(args: argparse.Namespace) -> None:
     train(**flag_values(args))
 
 
+def _output_files(args: argparse.Namespace, flags: dict[str, str | None]) -> None:
+    """The files a command will write, checked before its work (an evaluation, a scan) and
+    not after: a folder in a file's place, or a PNG under another suffix, is one line."""
+    from data.storage import is_dir
+
+    for name, suffix in flags.items():
+        path = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if path is None:
+            continue
+        if is_dir(path):
+            raise UsageError(f"{flag} {path} is a folder: give the name of a file to write")
+        if suffix and not path.lower().endswith(suffix):
+            raise UsageError(f"{flag} writes a PNG: give a name ending in {suffix}, not {path}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from students.eval import evaluate_run
 
+    _output_files(args, {"json": None})
     scores = evaluate_run(
         args.checkpoint, args.data, batch_size=args.batch_size, device=args.device
     )

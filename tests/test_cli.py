@@ -169,3 +169,32 @@ def test_a_path_of_the_wrong_kind_is_said_in_one_line(
         assert result.returncode == 2 and len(lines) == 1, (args, result.stderr[-1500:])
         assert message in lines[0] and "Errno" not in lines[0], (args, lines)
     assert not (tmp_path / "run").exists()  # refused before it claimed its output
+
+
+def test_files_a_command_writes_are_checked_before_its_work(digits_dir: Path, tmp_path: Path):
+    """A folder where --json, --plot or --samples names a file, and a PNG asked under another
+    suffix, are one line naming the flag before the evaluation or the scan runs (the error
+    came after it, named a temporary file, and left that file behind)."""
+    from data.storage import AtomicFile
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    val = str(digits_dir / "val")
+    cases = [
+        (["stats", val, "--plot", str(folder)], f"--plot {folder} is a folder: give the name"),
+        (["stats", val, "--json", str(folder)], f"--json {folder} is a folder: give the name"),
+        (["stats", val, "--samples", str(tmp_path / "s.jpg")], "--samples writes a PNG: give"),
+        (["eval", "--checkpoint", str(tmp_path / "none"), "--data", val, "--json", str(folder)],
+         f"--json {folder} is a folder"),
+    ]  # fmt: skip
+    for args, said in cases:
+        result = run_cli(*args)
+        lines = message_lines(result.stderr)
+        assert result.returncode == 2 and len(lines) == 1 and said in lines[0], result.stderr
+    assert not (tmp_path / "s.jpg").exists()
+    # Found only when the file is committed (the API, a race): named as the file itself,
+    # and no temporary file is left beside it.
+    with pytest.raises(IsADirectoryError) as raised, AtomicFile(str(folder)) as f:
+        f.write(b"x")
+    assert raised.value.filename == str(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
