@@ -286,6 +286,13 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
         fresh = {n for _, n in todo}
         with ErrorLog(output) as log:
             merged = merge_reports(output, names, log, fresh)
+    if not merged.samples_in and merged.shard_faults:  # not an empty corpus: a lost one
+        faults = ", ".join(f"{n} {r}" for r, n in sorted(merged.shard_faults.items()))
+        out.abandon()  # nothing of it is worth keeping: the rerun starts afresh
+        raise UsageError(
+            f"no sample of {args.input} could be read: its shards are damaged ({faults}): "
+            "restore them and rerun"
+        )
     if class_names is not None:
         write_class_names(output, class_names)
     counted = sparse_from_json(merged.stats.pop("class_confidences", {}))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -397,3 +398,28 @@ def test_label_run_from_a_script_without_a_main_guard_works(
     assert result.returncode == 0, result.stderr[-2000:]
     assert "labeled 1300" in result.stdout
     assert "Traceback" not in result.stderr and "leaked" not in result.stderr
+
+
+def test_a_corpus_of_damaged_shards_alone_is_refused_not_labeled_as_empty(
+    random_teacher: Path, corpus: Path, tmp_path: Path
+):
+    """Every shard damaged (empty, or random bytes): exit 0 with an empty label output lost
+    the whole input without a failure; it is one line, and the folder is given back so that
+    the rerun over the restored shards starts afresh."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a-000000.tar").write_bytes(b"")
+    (src / "a-000001.tar").write_bytes(os.urandom(3000))
+    out = tmp_path / "out"
+    result = run_cli("label", "--teacher", str(random_teacher), "--input", str(src),
+                     "--output", str(out))  # fmt: skip
+    assert result.returncode == 2 and message_lines(result.stderr) == [
+        f"pipeline label: error: no sample of {src} could be read: its shards are damaged "
+        "(1 not_a_tar, 1 truncated_shard): restore them and rerun"
+    ], result.stderr[-2000:]
+    assert not out.exists()
+    for i in range(2):  # restored
+        shutil.copy(corpus / "unlabeled-000000.tar", src / f"a-00000{i}.tar")
+    result = run_cli("label", "--teacher", str(random_teacher), "--input", str(src),
+                     "--output", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
