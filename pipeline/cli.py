@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -358,9 +359,17 @@ def _stop_on_sigterm() -> None:
     def handler(signum: int, frame: object) -> None:
         if os.getpid() != here:
             os._exit(128 + signum)
+        _quiet()  # the runner's threads log and raise as the stop cuts them off
         raise Terminated
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def _quiet() -> None:
+    """A command being stopped says so in its own line: what the runner's threads log or
+    raise as the stop cuts them off is expected, and not shown."""
+    logging.disable(logging.CRITICAL)
+    threading.excepthook = lambda args: None
 
 
 def _leave_now(code: int) -> None:
@@ -370,6 +379,13 @@ def _leave_now(code: int) -> None:
     ended, their semaphores released), then the streams flushed, then out."""
     import multiprocessing.util
 
+    _quiet()
+    # A decode pool still starting its processes is let finish first: its semaphores,
+    # released by the steps below, would vanish under a process being started, which then
+    # prints a traceback of its own.
+    decode = sys.modules.get("pipeline.label_decode")
+    if decode is not None:
+        decode.settle_pools(timeout=30)
     # A pool stopped with tasks in flight may find its result thread gone and say so with
     # a traceback from its finalizer; its processes are ended by the steps after it.
     with contextlib.redirect_stderr(io.StringIO()):

@@ -94,12 +94,29 @@ def decode_pool(processes: int) -> Pool:
         return _pools[processes]
 
 
+def settle_pools(timeout: float) -> None:
+    """Wait (up to `timeout` s) for a decode pool being started on another thread to be
+    whole, so that a command stopped meanwhile ends every process of it in order."""
+    if _pools_lock.acquire(timeout=timeout):
+        _pools_lock.release()
+
+
 def warm_pool(processes: int) -> None:
     """Start `decode_pool(processes)` on a thread: where the workers are threads of this
     process, the pool (a fork server importing Pillow, then its forks) comes up on another
     core while Beam starts, instead of after it."""
     if processes > 0:
-        threading.Thread(target=decode_pool, args=(processes,), daemon=True).start()
+        threading.Thread(target=_warm, args=(processes,), daemon=True).start()
+
+
+def _warm(processes: int) -> None:
+    """A pool that could not start here is started again, and its error said, by the job's
+    own first call; one whose fork server a stop (SIGTERM or Ctrl-C to the whole process
+    group, before the server left it) killed mid-start says nothing either."""
+    try:
+        decode_pool(processes)
+    except Exception:  # noqa: BLE001 - said by the job's own call, or the stop's line
+        pass
 
 
 def _hash_all(images: list[bytes]) -> list[bytes]:
