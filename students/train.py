@@ -783,6 +783,9 @@ def _init_id(init: str, model_name: str) -> str:
 # no labeled image.
 SMALL_SET_SHARDS = 64
 DWARFED = 100  # epoch_samples this many times the labeled set: a recipe for another set
+# This share of the labeled samples or more with class ids beyond the classes: the classes
+# given are not those the shards were written with (below it, damaged samples: dropped).
+CONTRADICTED = 0.25
 
 
 def _warn_if_dwarfed(epoch_samples: int, labeled: int) -> None:
@@ -807,11 +810,15 @@ def _warn_of_unlabeled_classes(classes: list[str] | int | None, counted: Counted
     if beyond:
         lost = sum(counted.classes[c] for c in beyond)
         source = "classes.json names" if isinstance(classes, list) else "num_classes is"
-        raise UsageError(
+        said = (
             f"{lost:,} of the {counted.samples:,} labeled samples have class ids up to "
-            f"{beyond[-1]}, but {source} {len(names)} classes (0 to {len(names) - 1}): "
-            "give the classes.json (or num_classes) these shards were written with"
+            f"{beyond[-1]}, but {source} {len(names)} classes (0 to {len(names) - 1})"
         )
+        if lost >= CONTRADICTED * counted.samples:  # not a few damaged samples: other classes
+            raise UsageError(
+                f"{said}: give the classes.json (or num_classes) these shards were written with"
+            )
+        say(f"warning: {said}: they are dropped (unknown_class) and counted every epoch")
     missing = [name for i, name in enumerate(names) if not counted.classes[i]]
     if missing:
         shown = ", ".join(missing[:10]) + (

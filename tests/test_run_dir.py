@@ -122,6 +122,10 @@ def test_samples_dropped_in_training_are_counted_and_shown(digits_dir: Path, tmp
         "train-student", "--labeled", str(labeled), "--out", str(run), *QUICK, "--epochs", "2"
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "warning: 20 of the 200 labeled samples have class ids up to 12, but classes.json "
+        "names 10 classes (0 to 9): they are dropped (unknown_class) and counted every epoch"
+    ) in result.stderr
     records = _log(run)
     for record in records:
         dropped = record["dropped"]
@@ -524,7 +528,8 @@ def test_a_stopped_training_run_says_how_to_continue_it(digits_dir: Path, tmp_pa
 
 def test_a_classes_json_that_contradicts_the_labels_is_refused(digits_dir: Path, tmp_path: Path):
     """Three class names over digits 0-9 dropped 70% of the labeled set with exit 0, and a
-    name given twice merged two classes without a word: both are one line before training."""
+    name given twice merged two classes without a word: both are one line before training.
+    (A few samples beyond the classes are damaged ones: dropped, counted and warned of.)"""
     labeled = tmp_path / "labeled"
     shutil.copytree(digits_dir / "labeled", labeled)
     for names, said in [
