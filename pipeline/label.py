@@ -231,30 +231,23 @@ def _unmatched(predicted: frozenset[str], output: str, names: list[str]) -> dict
 
 
 def run(args: LabelArgs, beam_args: list[str]) -> dict:
+    """The label job, as its steps: what labels (teachers or imported predictions), the
+    shards, the output claimed, the shards not yet labeled labeled, the manifest."""
     options = beam_options(args.runner, beam_args)
     made = _by_predictions(args) if args.from_predictions else _by_teachers(args)
-    teacher_id, class_names, resolved = made.teacher_id, made.class_names, made.args
     entries = shard_entries(args.input)
     shards = [e.url for e in entries]
     names = sidecar_names(shards)
-    threads = _threads_per_worker(options)
-
-    def build(work: WorkList):
-        return lambda p: (
-            p
-            | "ListShards" >> beam.Create(work.spans)
-            | "SpreadShards" >> beam.Reshuffle()
-            | "LabelShards" >> beam.ParDo(LabelShardFn(resolved, teacher_id, threads, work.url))
-        )
-
+    build = partial(_job, made.args, made.teacher_id, _threads_per_worker(options))
     if is_dry_run(options):
-        every = WorkList(resolved.output, "label", list(zip(shards, names, strict=True)))
+        every = WorkList(made.args.output, "label", list(zip(shards, names, strict=True)))
         return _dry_run(args, run_pipeline(options, build(every)), options, len(shards))
-
     out = StageOutput(
         args.output,
         "label",
-        fingerprint(args, input=inputs_record(absolute(args.input), entries), teacher=teacher_id),
+        fingerprint(
+            args, input=inputs_record(absolute(args.input), entries), teacher=made.teacher_id
+        ),
         inputs=sorted({parent(u) for u in shards}) + made.reads,
         overwrite=args.overwrite,
         defaults=fingerprint_defaults(type(args)),
@@ -262,30 +255,10 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     done = out.open()
     if done is not None:
         return {**done, "already_done": True}
-    output = out.out_dir
-    with output_lost(output):  # a storage lost mid-job: one line naming the folder
-        clear_failures(output)
-        finished = done_outputs(output)
-        todo = [(u, n) for u, n in zip(shards, names, strict=True) if n not in finished]
-        started = time.monotonic()
-        if todo:
-            if workers_in_process(options):
-                warm_pool(default_processes(args.decode_processes))
-            before = len(reported(output))
-            with given_back(out):
-                with (
-                    WorkList(output, "label", todo) as work,
-                    ReportProgress(
-                        output, len(todo), "label", done_before=before, rates=True
-                    ) as progress,
-                ):
-                    run_pipeline(options, build(work))
-                    progress.raise_lost()
-                raise_failures(output)
-        seconds = time.monotonic() - started
-        fresh = {n for _, n in todo}
-        with ErrorLog(output) as log:
-            merged = merge_reports(output, names, log, fresh)
+    with output_lost(out.out_dir):  # a storage lost mid-job: one line naming the folder
+        todo = _label_shards(args, out, options, list(zip(shards, names, strict=True)), build)
+        with ErrorLog(out.out_dir) as log:
+            merged = merge_reports(out.out_dir, names, log, {n for _, n in todo.shards})
     if not merged.samples_in and merged.shard_faults:  # not an empty corpus: a lost one
         faults = ", ".join(f"{n} {r}" for r, n in sorted(merged.shard_faults.items()))
         out.abandon()  # nothing of it is worth keeping: the rerun starts afresh
@@ -293,17 +266,76 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
             f"no sample of {args.input} could be read: its shards are damaged ({faults}): "
             "restore them and rerun"
         )
-    if class_names is not None:
-        write_class_names(output, class_names)
+    return _finish(args, beam_args, out, made, merged, names, todo)
+
+
+def _job(resolved: LabelArgs, teacher_id: str, threads: int, work: WorkList):
+    """The Beam job over the shards of `work`: spread over the workers, each labeled."""
+    return lambda p: (
+        p
+        | "ListShards" >> beam.Create(work.spans)
+        | "SpreadShards" >> beam.Reshuffle()
+        | "LabelShards" >> beam.ParDo(LabelShardFn(resolved, teacher_id, threads, work.url))
+    )
+
+
+@dataclass
+class Todo:
+    """The (shard, sidecar name) pairs this run labeled, and the seconds it took."""
+
+    shards: list[tuple[str, str]]
+    seconds: float
+
+
+def _label_shards(
+    args: LabelArgs, out: StageOutput, options, every: list[tuple[str, str]], build
+) -> Todo:
+    """The shards whose sidecars are not yet written, labeled as one job."""
+    output = out.out_dir
+    clear_failures(output)
+    finished = done_outputs(output)
+    todo = [(u, n) for u, n in every if n not in finished]
+    started = time.monotonic()
+    if todo:
+        if workers_in_process(options):
+            warm_pool(default_processes(args.decode_processes))
+        before = len(reported(output))
+        with given_back(out):
+            with (
+                WorkList(output, "label", todo) as work,
+                ReportProgress(
+                    output, len(todo), "label", done_before=before, rates=True
+                ) as progress,
+            ):
+                run_pipeline(options, build(work))
+                progress.raise_lost()
+            raise_failures(output)
+    return Todo(todo, time.monotonic() - started)
+
+
+def _finish(
+    args: LabelArgs,
+    beam_args: list[str],
+    out: StageOutput,
+    made: MadeBy,
+    merged,
+    names: list[str],
+    todo: Todo,
+) -> dict:
+    """classes.json, the class confidence histograms, and the manifest written last."""
+    output = out.out_dir
+    if made.class_names is not None:
+        write_class_names(output, made.class_names)
     counted = sparse_from_json(merged.stats.pop("class_confidences", {}))
     save_histograms(join(output, CLASS_CONFIDENCES), counted)
+    seconds, fresh = todo.seconds, len(todo.shards)
     return finish_stage(
         out,
         merged,
         manifest_args(args, beam_args),
-        teacher=teacher_id,
+        teacher=made.teacher_id,
         shards=merged.shards,
-        shards_done_before=len(names) - len(fresh),
+        shards_done_before=len(names) - fresh,
         seconds=round(seconds, 2),
         images_per_second=round(merged.fresh_samples_out / max(seconds, 1e-9), 2) if fresh else 0.0,
         time_split={k: round(v, 3) for k, v in merged.time_split.items()},
