@@ -278,7 +278,9 @@ def test_a_bucket_that_stops_answering_mid_label_is_one_line(
             env={**os.environ, "STORAGE_EMULATOR_HOST": relay.url, "PIPELINE_STORAGE_TIMEOUT": "1"},
         )
         deadline = time.monotonic() + 120
-        while not files("_reports/*.json"):
+        # A shard's report is written just before its sidecar: wait for both, or the
+        # silence could fall between them and leave no sidecar to count.
+        while not (files("_reports/*.json") and files("*.tar")):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)
         relay.silence()
