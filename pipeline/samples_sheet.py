@@ -282,7 +282,7 @@ def _shortfall(found: Found, drawn: int) -> str | None:
         parts.append(f"{found.undecodable} cannot be decoded")
     if drawn > len(found.tiles) and not parts:
         parts.append(f"{drawn - len(found.tiles)} are no longer in their shards")
-    return f"{'; '.join(parts)}" if parts else None
+    return "; ".join(parts) or None
 
 
 def render(sheet: Sheet, path: str) -> int:
