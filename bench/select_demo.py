@@ -26,6 +26,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,35 @@ def _reuse_teacher(work: Path, seed: int, recipe: dict, out: Path) -> None:
             return
 
 
+def _one_world(work: Path, seed: int, base: dict, args: argparse.Namespace) -> dict[str, dict]:
+    """Every candidate's report on seed's world, the candidates one after another so that
+    those after the first share its teacher."""
+    world = work / f"world{seed}"
+    if not world.exists():
+        carve_world(str(world), seed, base["data"]["labeled"])
+    reports = {}
+    for name, recipe in candidates(base, args.vary):
+        slug = name.replace(" ", "_").replace("=", "-")
+        path = work / f"{slug}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        out = work / f"seed{seed}-{slug}"
+        if not (out / "report.json").exists():
+            _reuse_teacher(work, seed, recipe, out)
+            code = (
+                "import sys; from pipeline.demo import run; run(sys.argv[1], "
+                "seed=int(sys.argv[2]), recipe_path=sys.argv[3], data_dir=sys.argv[4], "
+                "rounds=int(sys.argv[5]))"
+            )
+            timed(
+                [sys.executable, "-c", code, str(out), str(seed), str(path), str(world)]
+                + [str(args.rounds)]
+            )
+        reports[name] = json.loads((out / "report.json").read_text())
+        gain = 100 * reports[name]["rounds"][-1]["gain"]
+        print(f"seed {seed} {name}: {gain:+.1f}", flush=True)
+    return reports
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,6 +151,7 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--rounds", type=int, default=1, help="graded on the last round")
     parser.add_argument("--keep", help="keep the worlds and runs under this directory")
+    parser.add_argument("--jobs", type=int, default=1, help="worlds run at a time")
     args = parser.parse_args()
     if set(args.seeds) & {*REPORT_SEEDS, *SPENT_SEEDS}:
         parser.error(
@@ -129,32 +160,13 @@ def main() -> None:
         )
     work = Path(args.keep or tempfile.mkdtemp(prefix="select-demo-"))
     base = yaml.safe_load(Path(args.recipe).read_text())
-    labeled = base["data"]["labeled"]
 
+    with ThreadPoolExecutor(args.jobs) as pool:
+        per_seed = list(pool.map(lambda seed: _one_world(work, seed, base, args), args.seeds))
     results: dict[str, list[dict]] = {}
-    for seed in args.seeds:
-        world = work / f"world{seed}"
-        if not world.exists():
-            carve_world(str(world), seed, labeled)
-        for name, recipe in candidates(base, args.vary):
-            slug = name.replace(" ", "_").replace("=", "-")
-            path = work / f"{slug}.yaml"
-            path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-            out = work / f"seed{seed}-{slug}"
-            if not (out / "report.json").exists():
-                _reuse_teacher(work, seed, recipe, out)
-                code = (
-                    "import sys; from pipeline.demo import run; run(sys.argv[1], "
-                    "seed=int(sys.argv[2]), recipe_path=sys.argv[3], data_dir=sys.argv[4], "
-                    "rounds=int(sys.argv[5]))"
-                )
-                timed(
-                    [sys.executable, "-c", code, str(out), str(seed), str(path), str(world)]
-                    + [str(args.rounds)]
-                )
-            report = json.loads((out / "report.json").read_text())
+    for reports in per_seed:
+        for name, report in reports.items():
             results.setdefault(name, []).append(report)
-            print(f"seed {seed} {name}: {100 * report['rounds'][-1]['gain']:+.1f}", flush=True)
 
     # Graded on the last round: its student against its own teacher (the round before).
     rows = [
