@@ -6,6 +6,7 @@
 FROM apache/beam_python3.11_sdk:2.77.0 AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY rs_pseudolabel ./rs_pseudolabel
 COPY pipeline ./pipeline
 COPY teachers ./teachers
 COPY students ./students

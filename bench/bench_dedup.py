@@ -31,12 +31,12 @@ from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.fixtures import write_shard  # noqa: E402
 from bench.record import append  # noqa: E402
-from data.digits import digit_png, write_digits  # noqa: E402
-from data.records import content_hash, read_pseudo_shard  # noqa: E402
-from data.write import write_shard  # noqa: E402
-from pipeline import dedup  # noqa: E402
-from pipeline.label_shard import Teacher, label_shard  # noqa: E402
+from rs_pseudolabel.data.digits import digit_png, write_digits  # noqa: E402
+from rs_pseudolabel.data.records import content_hash, read_pseudo_shard  # noqa: E402
+from rs_pseudolabel.pipeline import dedup  # noqa: E402
+from rs_pseudolabel.pipeline.label_shard import Teacher, label_shard  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FPR = 0.005  # pipeline filter's default --dedup-fpr
@@ -104,7 +104,7 @@ def nearest_other_threshold(index, fpr: float) -> float:
 
 
 def train_teacher(out: Path) -> Path:
-    from students.train import train
+    from rs_pseudolabel.students.train import train
 
     write_digits(str(out / "digits"), labeled=200, seed=0)
     train(

@@ -4,7 +4,7 @@
 
 Each seed is a whole `pipeline demo` process in a fresh folder (data split, teacher, label,
 filter, student(s), eval). Three controls then train beside it, each the round-1 student's
-model, recipe and trainer seed with one thing changed (`pipeline.demo.CONTROLS`):
+model, recipe and trainer seed with one thing changed (`bench/controls.py`):
 
 - supervised: the labeled digits alone, at the student's compute (its steps, LR at every
   step and images per step, all drawn from the labeled split);
@@ -35,12 +35,12 @@ from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.record import append, timed  # noqa: E402
+from bench.controls import CONTROLS  # noqa: E402
+from bench.fixtures import write_shard  # noqa: E402
+from bench.record import ROOT, append, timed  # noqa: E402
 from bench.select_demo import REPORT_SEEDS  # noqa: E402
-from data.read import iter_shard  # noqa: E402
-from data.records import PSEUDO_EXT, decode_pseudo, labeled_sample  # noqa: E402
-from data.write import write_shard  # noqa: E402
-from pipeline.demo import CONTROLS  # noqa: E402
+from rs_pseudolabel.data.read import iter_shard  # noqa: E402
+from rs_pseudolabel.data.records import PSEUDO_EXT, decode_pseudo, labeled_sample  # noqa: E402
 
 PRIMARY = "round 1 student - supervised control (matched compute)"
 
@@ -95,7 +95,16 @@ def _quiet_round1(work: Path, config: str | None) -> float:
     out = work / "quiet-seed0"
     if out.exists():
         shutil.rmtree(out)
-    command = [sys.executable, "-m", "pipeline", "demo", "--out", str(out), "--seed", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "rs_pseudolabel.pipeline",
+        "demo",
+        "--out",
+        str(out),
+        "--seed",
+        "0",
+    ]
     timed(command + (["--config", config] if config else []))
     return _seconds_to_round(json.loads((out / "report.json").read_text()), 1)
 
@@ -112,7 +121,16 @@ def _one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict:
         return json.loads((out / "bench.json").read_text())
     config = ["--config", args.config] if args.config else []
     wall = timed(
-        [sys.executable, "-m", "pipeline", "demo", "--out", str(out), "--seed", str(seed)]
+        [
+            sys.executable,
+            "-m",
+            "rs_pseudolabel.pipeline",
+            "demo",
+            "--out",
+            str(out),
+            "--seed",
+            str(seed),
+        ]
         + ["--rounds", str(rounds), *config]
     )[0]
     report = json.loads((out / "report.json").read_text())
@@ -153,11 +171,12 @@ def _control(out: Path, seed: int, kind: str, config: str | None) -> dict:
     """A control trained beside a finished demo, in a process of its own like the demo."""
     scores = out / f"control-{kind}.json"
     code = (
-        "import json, sys; from pipeline.demo import run_control; from pathlib import Path; "
-        "Path(sys.argv[4]).write_text(json.dumps(run_control(sys.argv[1], int(sys.argv[2]), "
-        "sys.argv[3], sys.argv[5] or None)))"
+        "import json, sys; sys.path.insert(0, sys.argv[6]); from bench.controls import run_control; "
+        "from pathlib import Path; Path(sys.argv[4]).write_text(json.dumps(run_control("
+        "sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5] or None)))"
     )
-    timed([sys.executable, "-c", code, str(out), str(seed), kind, str(scores), config or ""])
+    args = [str(out), str(seed), kind, str(scores), config or "", str(ROOT)]
+    timed([sys.executable, "-c", code, *args])
     return json.loads(scores.read_text())
 
 

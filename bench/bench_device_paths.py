@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.record import append  # noqa: E402
-from students.config import resolve_recipe  # noqa: E402
-from students.ema import ModelEma, decay_at  # noqa: E402
-from students.train import micro_splits, param_groups, train_step  # noqa: E402
-from teachers import create_model  # noqa: E402
-from teachers.inference import Normalizer  # noqa: E402
+from rs_pseudolabel.data.device import Normalizer  # noqa: E402
+from rs_pseudolabel.students.config import resolve_recipe  # noqa: E402
+from rs_pseudolabel.students.ema import ModelEma, decay_at  # noqa: E402
+from rs_pseudolabel.students.train import micro_splits, param_groups, train_step  # noqa: E402
+from rs_pseudolabel.teachers import create_model  # noqa: E402
 
 READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy"}
 
@@ -103,9 +103,9 @@ def decode_calls(n: int, refused_at: int) -> dict:
     import numpy as np
 
     from bench.corpus import web_image
-    from data.decode import EvalCrop
-    from pipeline.label_decode import CpuDecoder, DeviceDecoder, InputTally
-    from teachers.inference import DeviceFeed
+    from rs_pseudolabel.data.decode import EvalCrop
+    from rs_pseudolabel.data.device import DeviceFeed
+    from rs_pseudolabel.pipeline.label_decode import CpuDecoder, DeviceDecoder, InputTally
 
     rng = np.random.default_rng(0)
     jpegs = [web_image(rng, "baseline", 64 + i % 7, 48)[1] for i in range(n)]

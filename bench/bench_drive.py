@@ -17,6 +17,7 @@ the same run, as the baseline. Goal: <= 30 us per image.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
 import statistics
@@ -35,9 +36,14 @@ def measure(images: int, repeats: int, work: Path) -> dict:
     import torch
 
     from bench.corpus import write_corpus
-    from pipeline.label_decode import default_processes
-    from pipeline.label_shard import Teacher, label_shard
-    from teachers import create_model, export_run
+
+    # A revision before the one-namespace layout (--before) names its modules bare.
+    prefix = "rs_pseudolabel." if (ROOT / "rs_pseudolabel").is_dir() else ""
+    default_processes = importlib.import_module(f"{prefix}pipeline.label_decode").default_processes
+    shard = importlib.import_module(f"{prefix}pipeline.label_shard")
+    Teacher, label_shard = shard.Teacher, shard.label_shard
+    teachers = importlib.import_module(f"{prefix}teachers")
+    create_model, export_run = teachers.create_model, teachers.export_run
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -29,11 +29,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import photo_jpeg  # noqa: E402
+from bench.fixtures import write_shard  # noqa: E402
 from bench.record import append, timed  # noqa: E402
-from data.records import PseudoLabel, content_hash, pseudo_sample, shard_header  # noqa: E402
-from data.storage import write_json  # noqa: E402
-from data.write import write_shard  # noqa: E402
-from pipeline.confidence import CLASS_CONFIDENCES, conf_bins, save_histograms  # noqa: E402
+from rs_pseudolabel.data.records import PseudoLabel, content_hash, pseudo_sample, shard_header  # noqa: E402
+from rs_pseudolabel.data.storage import write_json  # noqa: E402
+from rs_pseudolabel.pipeline.confidence import CLASS_CONFIDENCES, conf_bins, save_histograms  # noqa: E402
 
 
 def long_tailed(rng: np.random.Generator, classes: int, n: int) -> np.ndarray:
@@ -111,7 +111,7 @@ def write_labeled_corpus(
 
 def _filter(root: Path, out: Path, per_class: int) -> list[str]:
     return [
-        sys.executable, "-m", "pipeline", "filter", "--input", str(root / "labels"),
+        sys.executable, "-m", "rs_pseudolabel.pipeline", "filter", "--input", str(root / "labels"),
         "--output", str(out), "--threshold", "0", "--per-class", str(per_class),
     ]  # fmt: skip
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import write_corpus  # noqa: E402
 from bench.record import ROOT, append, timed  # noqa: E402
-from teachers import create_model, export_run, get_config  # noqa: E402
+from rs_pseudolabel.teachers import create_model, export_run, get_config  # noqa: E402
 
 CASES = {  # name: (model, images, batch size, target plain / label)
     "decode-bound": ("rs-mini", 8192, 64, 1.3),
@@ -50,9 +50,12 @@ CASES = {  # name: (model, images, batch size, target plain / label)
 }
 
 
-def _label(teacher: Path, src: Path, out: Path, batch: int) -> list[str]:
+def _label(teacher: Path, src: Path, out: Path, batch: int, checkout: Path = ROOT) -> list[str]:
+    """The label command of the code in `checkout` (run with it as the working directory);
+    a revision before the one-namespace layout (--before) names its modules bare."""
+    module = "rs_pseudolabel.pipeline" if (checkout / "rs_pseudolabel").is_dir() else "pipeline"
     return [
-        sys.executable, "-m", "pipeline", "label", "--teacher", str(teacher),
+        sys.executable, "-m", module, "label", "--teacher", str(teacher),
         "--input", str(src), "--output", str(out), "--batch-size", str(batch),
     ]  # fmt: skip
 
@@ -94,7 +97,7 @@ def run_case(work: Path, name: str, repeats: int, old: Path | None = None) -> di
         bound.append(plain_s[-1] / (startup + (plain_s[-1] - startup) / cores))
         if old is not None:
             old_out = work / f"{name}-before{i}"
-            before_s.append(timed(_label(teacher, corpus, old_out, batch), cwd=old)[0])
+            before_s.append(timed(_label(teacher, corpus, old_out, batch, old), cwd=old)[0])
             shutil.rmtree(old_out)
         out = work / f"{name}-out{i}"
         launched = time.time()

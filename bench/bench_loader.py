@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import write_corpus  # noqa: E402
 from bench.record import append  # noqa: E402
-from data.decode import decode_image, find_image  # noqa: E402
-from data.read import iter_samples  # noqa: E402
-from students.config import resolve_recipe  # noqa: E402
-from students.data import LabeledDecoder, train_loader  # noqa: E402
-from students.presets import train_preset  # noqa: E402
-from teachers import get_config  # noqa: E402
+from rs_pseudolabel.data.decode import decode_image, find_image  # noqa: E402
+from rs_pseudolabel.data.read import iter_samples  # noqa: E402
+from rs_pseudolabel.students.config import resolve_recipe  # noqa: E402
+from rs_pseudolabel.students.data import LabeledDecoder, train_loader  # noqa: E402
+from rs_pseudolabel.students.presets import train_preset  # noqa: E402
+from rs_pseudolabel.teachers import get_config  # noqa: E402
 
 CASES = (("rs-50", 160), ("rs-152", 256))  # the table's training sizes
 BATCH = 64

@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.record import append  # noqa: E402
-from teachers import create_model, get_config  # noqa: E402
-from teachers.micro import fits, saved_bytes_per_image  # noqa: E402
+from rs_pseudolabel.teachers import create_model, get_config  # noqa: E402
+from rs_pseudolabel.teachers.micro import fits, saved_bytes_per_image  # noqa: E402
 
 PAPER = ("rs-50", "rs-101", "rs-152", "rs-200", "rs-270", "rs-350", "rs-420")
 

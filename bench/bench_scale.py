@@ -38,11 +38,13 @@ os.environ.update(
     GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
 )
 
+from bench.fixtures import (
+    SPEC_KEYS,  # noqa: E402
+    write_shard,  # noqa: E402
+)
 from bench.record import append  # noqa: E402
-from data.storage import walk_files, write_bytes  # noqa: E402
-from data.write import write_shard  # noqa: E402
-from pipeline.stats import SPEC_KEYS  # noqa: E402
-from teachers import create_model, export_run  # noqa: E402
+from rs_pseudolabel.data.storage import walk_files, write_bytes  # noqa: E402
+from rs_pseudolabel.teachers import create_model, export_run  # noqa: E402
 from tests.conftest import image_bytes  # noqa: E402
 from tests.servers import start_gcs  # noqa: E402
 
@@ -65,7 +67,7 @@ def launcher(args: list[str]) -> tuple[float, int, int]:
     workers excluded."""
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

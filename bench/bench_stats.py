@@ -29,7 +29,7 @@ def stats(folder: Path) -> tuple[float, int, dict]:
     """Wall seconds, peak RSS (KiB) and the JSON report of `pipeline stats FOLDER`."""
     out = folder.with_suffix(".stats.json")
     seconds, peak = timed(
-        [sys.executable, "-m", "pipeline", "stats", str(folder), "--json", str(out)]
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", "stats", str(folder), "--json", str(out)]
     )
     return seconds, peak, json.loads(out.read_text())
 
@@ -49,7 +49,9 @@ def main() -> None:
         write_labeled_corpus(root, images, args.classes, shard_size=200, photo_size=224)
         filter_cmd = ["filter", "--input", str(root / "labels"), "--output", str(root / "train")]
         per_class = str(images // args.classes)
-        timed([sys.executable, "-m", "pipeline", *filter_cmd, "--per-class", per_class])
+        timed(
+            [sys.executable, "-m", "rs_pseudolabel.pipeline", *filter_cmd, "--per-class", per_class]
+        )
         runs[scale] = {stage: stats(root / stage) for stage in STAGES}
         shutil.rmtree(root)
     shutil.rmtree(work)

@@ -53,7 +53,7 @@ def main() -> None:
 
     def label(out: Path) -> list[str]:
         return [
-            sys.executable, "-m", "pipeline", "label", "--teacher", f"timm:{args.model}",
+            sys.executable, "-m", "rs_pseudolabel.pipeline", "label", "--teacher", f"timm:{args.model}",
             "--weights", str(weights), "--input", str(corpus), "--output", str(out),
             "--batch-size", str(BATCH), "--device", "cpu",
         ]  # fmt: skip

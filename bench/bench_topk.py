@@ -32,15 +32,15 @@ from sklearn.datasets import load_digits
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.record import append  # noqa: E402
-from data.decode import decode_image, find_image  # noqa: E402
-from data.digits import digit_png  # noqa: E402
-from data.read import iter_samples  # noqa: E402
-from data.records import labeled_sample  # noqa: E402
-from data.specs import expand_shards  # noqa: E402
-from data.storage import write_json  # noqa: E402
-from data.write import ShardSequence  # noqa: E402
-from pipeline.label_shard import Teacher  # noqa: E402
-from students.data import count_samples, soft_target  # noqa: E402
+from rs_pseudolabel.data.decode import decode_image, find_image  # noqa: E402
+from rs_pseudolabel.data.digits import digit_png  # noqa: E402
+from rs_pseudolabel.data.read import iter_samples  # noqa: E402
+from rs_pseudolabel.data.records import labeled_sample  # noqa: E402
+from rs_pseudolabel.data.specs import expand_shards  # noqa: E402
+from rs_pseudolabel.data.storage import write_json  # noqa: E402
+from rs_pseudolabel.data.write import ShardSequence  # noqa: E402
+from rs_pseudolabel.pipeline.label_shard import Teacher  # noqa: E402
+from rs_pseudolabel.students.data import count_samples, soft_target  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KS = (1, 4, 16)
@@ -120,7 +120,7 @@ def write_numbers(out: Path, count: int, scans: np.ndarray, seed: int) -> list[i
 
 
 def train_numbers_teacher(work: Path, images: int, epochs: int) -> Path:
-    from students.train import train
+    from rs_pseudolabel.students.train import train
 
     scans = np.arange(len(load_digits().target))
     write_numbers(work / "train", images, scans[:TRAIN_TILES], seed=0)

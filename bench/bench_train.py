@@ -24,19 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corpus import write_corpus  # noqa: E402
 from bench.record import append  # noqa: E402
-from students.config import resolve_recipe  # noqa: E402
-from students.data import LabeledDecoder, train_loader  # noqa: E402
-from students.ema import ModelEma  # noqa: E402
-from students.presets import train_preset  # noqa: E402
-from students.train import (  # noqa: E402
+from rs_pseudolabel.data.device import Normalizer  # noqa: E402
+from rs_pseudolabel.students.config import resolve_recipe  # noqa: E402
+from rs_pseudolabel.students.data import LabeledDecoder, train_loader  # noqa: E402
+from rs_pseudolabel.students.ema import ModelEma  # noqa: E402
+from rs_pseudolabel.students.presets import train_preset  # noqa: E402
+from rs_pseudolabel.students.train import (  # noqa: E402
     lr_schedule,
     micro_splits,
     mixed_parts,
     param_groups,
     train_one_epoch,
 )
-from teachers import create_model, get_config  # noqa: E402
-from teachers.inference import Normalizer  # noqa: E402
+from rs_pseudolabel.teachers import create_model, get_config  # noqa: E402
 
 CLASSES = 1000
 

@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from data.write import ShardSequence
+from rs_pseudolabel.data.write import ShardSequence
 
 
 def photo_jpeg(rng: np.random.Generator, size: int = 224, quality: int = 90) -> bytes:

@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.record import ROOT, append  # noqa: E402
-from students.config import resolve_recipe  # noqa: E402
-from teachers.table import models_table  # noqa: E402
+from rs_pseudolabel.students.config import resolve_recipe  # noqa: E402
+from rs_pseudolabel.teachers.table import models_table  # noqa: E402
 
 IMAGENET = 1_281_167  # labeled training images per epoch
 

@@ -21,10 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data.records import content_hash, decode_pseudo, encode_pseudo  # noqa: E402
-from pipeline.confidence import BINS, conf_bin  # noqa: E402
-from pipeline.options import FilterArgs  # noqa: E402
-from pipeline.strategies import Threshold  # noqa: E402
+from rs_pseudolabel.data.records import content_hash, decode_pseudo, encode_pseudo  # noqa: E402
+from rs_pseudolabel.pipeline.confidence import BINS, conf_bin  # noqa: E402
+from rs_pseudolabel.pipeline.options import FilterArgs  # noqa: E402
+from rs_pseudolabel.pipeline.strategies import Threshold  # noqa: E402
 
 BUFFER = 64
 

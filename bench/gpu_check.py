@@ -92,7 +92,7 @@ def cores() -> int:
 
 def _write_web_shard(root: Path, per_shard: int, sizes: tuple[int, int], index: int) -> str:
     from bench.corpus import web_samples
-    from data.write import write_shard
+    from bench.fixtures import write_shard
 
     url = str(root / f"web-{index:06d}.tar")
     samples = web_samples(per_shard, seed=index, sizes=sizes)
@@ -112,7 +112,7 @@ def web_corpus(root: Path, images: int, per_shard: int, sizes: tuple[int, int]) 
 
 def _write_photo_shard(root: Path, per_shard: int, index: int) -> str:
     from bench.corpus import photo_jpeg
-    from data.write import write_shard
+    from bench.fixtures import write_shard
 
     rng = __import__("numpy").random.default_rng(index)
     url = str(root / f"photos-{index:06d}.tar")
@@ -163,9 +163,14 @@ def decode_section(args: argparse.Namespace, work: Path) -> dict:
     import numpy as np
 
     from bench.corpus import web_image
-    from data.decode import EvalCrop
-    from pipeline.label_decode import CpuDecoder, DeviceDecoder, InputTally, device_takes
-    from teachers.inference import DeviceFeed
+    from rs_pseudolabel.data.decode import EvalCrop
+    from rs_pseudolabel.data.device import DeviceFeed
+    from rs_pseudolabel.pipeline.label_decode import (
+        CpuDecoder,
+        DeviceDecoder,
+        InputTally,
+        device_takes,
+    )
 
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
@@ -289,7 +294,7 @@ def bare_forward(body, device: torch.device, batch: int, size: int, steps: int) 
 def label_rate(teacher, urls: list[str], out: Path, batch: int, threads: int) -> dict:
     """The label stage's per-shard work over all shards on `threads` threads sharing the
     teacher (one forward pass in flight on a GPU, as a worker runs), after one warm-up shard."""
-    from pipeline.label_shard import forward_slot, label_shard
+    from rs_pseudolabel.pipeline.label_shard import forward_slot, label_shard
 
     slot = forward_slot(str(teacher.device), None)
     label_shard(urls[0], "warm.tar", str(out / "warm"), teacher, batch, 16, False, slot)
@@ -323,8 +328,8 @@ def images_per_s(images: int, seconds: float) -> float:
 
 
 def top1_of(out: Path) -> dict[str, int]:
-    from data.read import iter_samples
-    from data.records import PSEUDO_EXT, decode_pseudo
+    from rs_pseudolabel.data.read import iter_samples
+    from rs_pseudolabel.data.records import PSEUDO_EXT, decode_pseudo
 
     shards = [str(p) for p in sorted(out.glob("s*.tar"))]
     return {
@@ -335,8 +340,8 @@ def top1_of(out: Path) -> dict[str, int]:
 
 
 def label_section(args: argparse.Namespace, work: Path) -> dict:
-    from pipeline.label_shard import Teacher
-    from teachers import create_model, export_run
+    from rs_pseudolabel.pipeline.label_shard import Teacher
+    from rs_pseudolabel.teachers import create_model, export_run
 
     device = torch.device(args.device)
     low, high = (int(v) for v in args.sizes.split("-"))
@@ -386,11 +391,11 @@ def label_section(args: argparse.Namespace, work: Path) -> dict:
 def _student(name: str, size: int, device: torch.device, compile: bool):
     """A student as the trainer builds it (the table's dropout and stochastic depth), its
     EMA, optimizer, recipe (ImageNet's, at `size` px) and normaliser."""
-    from students.config import resolve_recipe
-    from students.ema import ModelEma
-    from students.train import param_groups
-    from teachers import create_model, get_config
-    from teachers.inference import Normalizer, memory_format
+    from rs_pseudolabel.data.device import Normalizer, memory_format
+    from rs_pseudolabel.students.config import resolve_recipe
+    from rs_pseudolabel.students.ema import ModelEma
+    from rs_pseudolabel.students.train import param_groups
+    from rs_pseudolabel.teachers import create_model, get_config
 
     table = get_config(name)
     recipe = resolve_recipe("imagenet", model=name, image_size=size)
@@ -411,8 +416,7 @@ def synthetic_step_rate(
     """Images/s and peak device memory of the trainer's step (`train_step`: uint8 images
     normalised on the device, bf16 autocast, channels-last, backward, SGD, EMA) on one
     micro-batch of random pixels already on the device, after warm-up steps."""
-    from students.train import micro_splits, train_step
-    from teachers.inference import DeviceFeed
+    from rs_pseudolabel.students.train import micro_splits, train_step
 
     model, ema, optimizer, recipe, normal = _student(name, size, device, compile)
     gen = torch.Generator().manual_seed(0)
@@ -427,8 +431,9 @@ def synthetic_step_rate(
         train_step(model, optimizer, parts, splits, recipe, normal)
         ema.update_parameters(model)
     _sync(device)
-    feed = DeviceFeed(device)
-    feed.reset_peak()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     tick = time.perf_counter()
     for _ in range(steps):
         train_step(model, optimizer, parts, splits, recipe, normal)
@@ -437,7 +442,8 @@ def synthetic_step_rate(
     seconds = time.perf_counter() - tick
     return {
         "img_s": images_per_s(micro * steps, seconds),
-        "peak_mib": feed.peak_mib(),
+        # the device memory's peak over the timed steps, MiB; none counted on the CPU
+        "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None,
         "host_syncs_per_step": host_syncs(
             lambda: (train_step(model, optimizer, parts, splits, recipe, normal),
                      ema.update_parameters(model)),
@@ -471,11 +477,17 @@ def loader_step_rate(
     the ImageNet recipe's input noise (RandAugment on) in `workers` loader processes, pinned
     uint8 micro-batches copied ahead on a side stream; img/s and the share of time the loop
     waited for data, after a warm-up epoch of a few steps."""
-    from students.data import LabeledDecoder, train_loader
-    from students.presets import train_preset
-    from students.train import lr_schedule, micro_splits, mixed_parts, on_device, train_one_epoch
-    from teachers import get_config
-    from teachers.inference import DeviceFeed
+    from rs_pseudolabel.data.device import DeviceFeed
+    from rs_pseudolabel.students.data import LabeledDecoder, train_loader
+    from rs_pseudolabel.students.presets import train_preset
+    from rs_pseudolabel.students.train import (
+        lr_schedule,
+        micro_splits,
+        mixed_parts,
+        on_device,
+        train_one_epoch,
+    )
+    from rs_pseudolabel.teachers import get_config
 
     model, ema, optimizer, recipe, normal = _student(name, size, device, False)
     feed = DeviceFeed(device)
@@ -496,7 +508,7 @@ def loader_step_rate(
 
 
 def train_section(args: argparse.Namespace, work: Path) -> dict:
-    from teachers import get_config
+    from rs_pseudolabel.teachers import get_config
 
     device = torch.device(args.device)
     figures: dict = {}

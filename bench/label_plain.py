@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from tar_batches import jpeg_batches  # a sibling: run as python bench/label_plain.py
 
-from teachers import Predictor, eval_transform, load_teacher
+from rs_pseudolabel.data.device import normalize
+from rs_pseudolabel.teachers import Predictor, load_teacher
+from rs_pseudolabel.teachers.inference import eval_pixels
 
 
 def main() -> None:
@@ -26,10 +28,13 @@ def main() -> None:
     args = parser.parse_args()
 
     model, info = load_teacher(args.teacher, args.weights)
-    predictor, transform = Predictor(model), eval_transform(info)
+    predictor, pixels = Predictor(model), eval_pixels(info)
     count, forwards = 0, []  # (wall clock at the end of each forward, images so far)
     for images in jpeg_batches(args.input, args.batch_size):
-        batch = [transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
+        batch = [
+            normalize(pixels(Image.open(io.BytesIO(b)).convert("RGB")), info.mean, info.std)
+            for b in images
+        ]
         probs, _ = predictor.predict(torch.stack(batch))
         probs.topk(args.topk, dim=1)
         count += len(batch)

@@ -37,10 +37,10 @@ from sklearn.model_selection import train_test_split
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.record import append, timed  # noqa: E402
-from data.digits import CLASS_NAMES, VAL_SIZE, digit_png, split_digits  # noqa: E402
-from data.records import labeled_sample  # noqa: E402
-from data.storage import join, write_json  # noqa: E402
-from data.write import ShardSequence  # noqa: E402
+from rs_pseudolabel.data.digits import CLASS_NAMES, VAL_SIZE, digit_png, split_digits  # noqa: E402
+from rs_pseudolabel.data.records import labeled_sample  # noqa: E402
+from rs_pseudolabel.data.storage import join, write_json  # noqa: E402
+from rs_pseudolabel.data.write import ShardSequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_SEEDS = range(100, 115)  # bench/bench_demo.py's: nothing is chosen on them
@@ -128,7 +128,7 @@ def _one_world(work: Path, seed: int, base: dict, args: argparse.Namespace) -> d
         if not (out / "report.json").exists():
             _reuse_teacher(work, seed, recipe, out)
             code = (
-                "import sys; from pipeline.demo import run; run(sys.argv[1], "
+                "import sys; from rs_pseudolabel.pipeline.demo import run; run(sys.argv[1], "
                 "seed=int(sys.argv[2]), recipe_path=sys.argv[3], data_dir=sys.argv[4], "
                 "rounds=int(sys.argv[5]))"
             )

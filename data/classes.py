@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from data.errors import UsageError
-from data.storage import join, parent, read_json, write_json
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.storage import join, parent, read_json, write_json
 
 CLASSES_FILE = "classes.json"
 

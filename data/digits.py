@@ -13,11 +13,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from data.classes import write_class_names
-from data.errors import UsageError
-from data.records import labeled_sample
-from data.storage import join
-from data.write import ShardSequence
+from rs_pseudolabel.data.classes import write_class_names
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.records import labeled_sample
+from rs_pseudolabel.data.storage import join
+from rs_pseudolabel.data.write import ShardSequence
 
 VAL_SIZE = 297
 IMAGE_SIZE = 32

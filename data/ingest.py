@@ -16,15 +16,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from data.classes import write_class_names
-from data.decode import IMAGE_EXTS, decode_image, find_image, no_image_detail
-from data.errors import Drop
-from data.progress import progress_bar
-from data.read import iter_samples
-from data.records import read_cls
-from data.specs import ShardSpecError, expand_shards, is_shard_name
-from data.storage import Entry, absolute, is_dir, read_bytes, walk_entries
-from data.write import ShardSequence
+from rs_pseudolabel.data.classes import write_class_names
+from rs_pseudolabel.data.decode import IMAGE_EXTS, decode_image, find_image, no_image_detail
+from rs_pseudolabel.data.errors import Drop
+from rs_pseudolabel.data.progress import progress_bar
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import read_cls
+from rs_pseudolabel.data.specs import ShardSpecError, expand_shards, is_shard_name
+from rs_pseudolabel.data.storage import Entry, absolute, is_dir, read_bytes, walk_entries
+from rs_pseudolabel.data.write import ShardSequence
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 

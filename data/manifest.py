@@ -20,8 +20,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 
-from data.errors import Drop, UsageError
-from data.storage import (
+from rs_pseudolabel.data.errors import Drop, UsageError
+from rs_pseudolabel.data.storage import (
     AtomicFile,
     Entry,
     absolute,

@@ -22,8 +22,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
-from data.errors import Drop
-from data.storage import TIMEOUT_VARIABLE, open_read, request_timeout
+from rs_pseudolabel.data.errors import Drop
+from rs_pseudolabel.data.storage import TIMEOUT_VARIABLE, open_read, request_timeout
 
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.errors import Drop
-from data.read import iter_shard
+from rs_pseudolabel.data.errors import Drop
+from rs_pseudolabel.data.read import iter_shard
 
 PSEUDO_EXT = "pl"
 MAX_TOPK = 255  # classes one record holds: k is one byte

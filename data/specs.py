@@ -11,8 +11,17 @@ from collections.abc import Sequence
 
 import braceexpand
 
-from data.errors import UsageError
-from data.storage import Entry, absolute, basename, exists, glob, is_dir, list_dir, parent
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.storage import (
+    Entry,
+    absolute,
+    basename,
+    exists,
+    glob,
+    is_dir,
+    list_dir,
+    parent,
+)
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 

@@ -28,7 +28,7 @@ from typing import BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from data.errors import UsageError
+from rs_pseudolabel.data.errors import UsageError
 
 TEMP_MARK = ".tmp-"  # local temporary files: NAME.tmp-<12 hex>
 SPOOL_BYTES = 64 << 20  # an object-store write is held in memory up to this size, then on disk

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Iterable
 from typing import BinaryIO
 
-from data.errors import UsageError
-from data.storage import AtomicFile, exists, join, naming, size
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.storage import AtomicFile, exists, join, naming, size
 
 FIXED_MTIME = 0  # a fixed whole-second time: reruns are byte-identical and no PAX header is needed
 RECORD = 20 * 512  # tar's record size: an archive ends on a multiple of it, as tar(1) writes
@@ -123,14 +122,6 @@ class AtomicShard:
 def open_shard(url: str) -> AtomicShard | FinishedShard:
     """A shard to fill: a real one, or a stand-in when a previous run already committed it."""
     return FinishedShard(url) if exists(url) else AtomicShard(url)
-
-
-def write_shard(url: str, samples: Iterable[dict]) -> int:
-    """Write one whole shard atomically; returns the number of samples written."""
-    with AtomicShard(url) as shard:
-        for sample in samples:
-            shard.write(sample)
-    return shard.count
 
 
 class FinishedShard:

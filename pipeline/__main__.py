@@ -1,3 +1,3 @@
-from pipeline.cli import entry
+from rs_pseudolabel.pipeline.cli import entry
 
 entry()

@@ -17,7 +17,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult
 
-from data.errors import UsageError
+from rs_pseudolabel.data.errors import UsageError
 
 DEFAULT_RUNNER = "DirectRunner"
 DIRECT_RUNNERS = ("DirectRunner", "direct")  # Beam's names for its local runner

@@ -19,10 +19,10 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from data.errors import USER_ERRORS, PeerFailed, UsageError, WorkerBug, in_words
-from data.progress import say
-from pipeline.options import FilterArgs, LabelArgs, add_flags, from_flags
-from students.config import DEVICES, add_arguments, flag_values
+from rs_pseudolabel.data.errors import USER_ERRORS, PeerFailed, UsageError, WorkerBug, in_words
+from rs_pseudolabel.data.progress import say
+from rs_pseudolabel.pipeline.options import FilterArgs, LabelArgs, add_flags, from_flags
+from rs_pseudolabel.students.config import DEVICES, add_arguments, flag_values
 
 EXIT_USAGE = 2  # a mistake the user can fix
 EXIT_BUG = 1  # a bug in this project
@@ -46,7 +46,7 @@ def _positive(text: str) -> int:
 
 
 def _cmd_data_digits(args: argparse.Namespace) -> None:
-    from pipeline.data_commands import run_digits
+    from rs_pseudolabel.pipeline.data_commands import run_digits
 
     run_digits(
         args.out,
@@ -58,7 +58,7 @@ def _cmd_data_digits(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_ingest(args: argparse.Namespace) -> None:
-    from pipeline.data_commands import run_ingest
+    from rs_pseudolabel.pipeline.data_commands import run_ingest
 
     run_ingest(
         args.src, args.out, shard_size=args.shard_size, prefix=args.prefix, overwrite=args.overwrite
@@ -66,13 +66,13 @@ def _cmd_data_ingest(args: argparse.Namespace) -> None:
 
 
 def _cmd_label(args: argparse.Namespace) -> None:
-    from pipeline.label import run, summary
+    from rs_pseudolabel.pipeline.label import run, summary
 
     print(summary(run(from_flags(LabelArgs, args), args.beam_args)))
 
 
 def _cmd_filter(args: argparse.Namespace) -> None:
-    from pipeline.filter import run, summary
+    from rs_pseudolabel.pipeline.filter import run, summary
 
     print(summary(run(from_flags(FilterArgs, args), args.beam_args)))
 
@@ -88,8 +88,8 @@ def _fraction(text: str) -> float:
 
 
 def _cmd_stats(args: argparse.Namespace) -> None:
-    from pipeline.source_roots import source_roots
-    from pipeline.stats import run
+    from rs_pseudolabel.pipeline.source_roots import source_roots
+    from rs_pseudolabel.pipeline.stats import run
 
     _output_files(args, {"json": None, "plot": ".png", "samples": ".png"})
     if args.source_root and not args.samples:
@@ -105,14 +105,14 @@ def _cmd_stats(args: argparse.Namespace) -> None:
         scan=args.scan,
     )
     if args.samples:
-        from pipeline.samples_sheet import write_samples
+        from rs_pseudolabel.pipeline.samples_sheet import write_samples
 
         drawn = write_samples(args.shards, args.samples, source_roots=args.source_root)
         print(f"{drawn} sample images in {args.samples}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from students.train import train
+    from rs_pseudolabel.students.train import train
 
     train(**flag_values(args))
 
@@ -120,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _output_files(args: argparse.Namespace, flags: dict[str, str | None]) -> None:
     """The files a command will write, checked before its work (an evaluation, a scan) and
     not after: a folder in a file's place, or a PNG under another suffix, is one line."""
-    from data.storage import is_dir
+    from rs_pseudolabel.data.storage import is_dir
 
     for name, suffix in flags.items():
         path = getattr(args, name)
@@ -134,14 +134,14 @@ def _output_files(args: argparse.Namespace, flags: dict[str, str | None]) -> Non
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from students.eval import evaluate_run
+    from rs_pseudolabel.students.eval import evaluate_run
 
     _output_files(args, {"json": None})
     scores = evaluate_run(
         args.checkpoint, args.data, batch_size=args.batch_size, device=args.device
     )
     if args.json:
-        from data.storage import write_json
+        from rs_pseudolabel.data.storage import write_json
 
         write_json(args.json, scores)
     print(
@@ -152,14 +152,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from pipeline.demo import run, table
+    from rs_pseudolabel.pipeline.demo import run, table
 
     print(table(run(args.out, seed=args.seed, rounds=args.rounds, recipe_path=args.config)))
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from teachers import format_table, models_table
-    from teachers.table import TIMM_NOTE
+    from rs_pseudolabel.teachers import format_table, models_table
+    from rs_pseudolabel.teachers.table import TIMM_NOTE
 
     print(format_table(models_table(args.name or None)))
     if not args.name:
@@ -175,12 +175,27 @@ def _add_overwrite(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and its flags, a function per group of commands."""
     parser = _Parser(
         prog="pipeline",
         description="Pseudo-labeling with a ResNet-RS teacher, Apache Beam and WebDataset.",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_data_commands(commands)
+    _add_beam_stages(commands)
+    _add_training(commands)
+    _add_demo(commands)
+    _add_stats(commands)
+    _add_models(commands)
+    _add_debug(parser)
+    return parser
 
+
+Commands = argparse._SubParsersAction
+
+
+def _add_data_commands(commands: Commands) -> None:
+    """`data digits` and `data ingest`: shards made or brought in."""
     data = commands.add_parser("data", help="make or bring in image shards")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     digits = data_commands.add_parser(
@@ -203,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(ingest)
     ingest.set_defaults(func=_cmd_data_ingest)
 
+
+def _add_beam_stages(commands: Commands) -> None:
+    """`label` and `filter`, whose flags the option declarations give."""
     label = commands.add_parser(
         "label",
         help="label unlabeled shards with a teacher (Beam job)",
@@ -219,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(filt, FilterArgs)
     filt.set_defaults(func=_cmd_filter, beam=True)
 
+
+def _add_training(commands: Commands) -> None:
+    """`train-student` (the recipe's flags) and `eval`."""
     train = commands.add_parser(
         "train-student",
         help="train a (noised) student on labeled + pseudo-labeled shards; torchrun for DDP",
@@ -237,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
     evaluate.set_defaults(func=_cmd_eval)
 
+
+def _add_demo(commands: Commands) -> None:
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded digits")
     demo.add_argument("--out", default="demo-out", help="output folder (demo-out)")
     demo.add_argument("--seed", type=int, default=0, help="data split and training seed (0)")
@@ -249,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="demo recipe: a path, or a bundled one by name (demo)")
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_stats(commands: Commands) -> None:
     stats = commands.add_parser(
         "stats",
         help="shard statistics: a table, --json, a --plot PNG and --samples images",
@@ -285,11 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--runner", help="Beam runner for a scan (DirectRunner, workers = cores)")
     stats.set_defaults(func=_cmd_stats, beam=True)
 
+
+def _add_models(commands: Commands) -> None:
     models = commands.add_parser(
         "models", help="the model table (ResNet-RS rows; timm:NAME for any timm model)"
     )
     models.add_argument("name", nargs="*", help="only these models")
     models.set_defaults(func=_cmd_models)
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
     # Before the command or after it: `pipeline --debug stats ...` and `pipeline stats
     # --debug ...` (two names: a subcommand's default would overwrite the first's value).
     debug_help = (
@@ -298,7 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", dest="debug_first", action="store_true", help=debug_help)
     for command in _leaf_parsers(parser):
         command.add_argument("--debug", action="store_true", help=debug_help)
-    return parser
 
 
 def env_flag(name: str) -> bool:
@@ -383,7 +412,7 @@ def _leave_now(code: int) -> None:
     # A decode pool still starting its processes is let finish first: its semaphores,
     # released by the steps below, would vanish under a process being started, which then
     # prints a traceback of its own.
-    decode = sys.modules.get("pipeline.label_decode")
+    decode = sys.modules.get("rs_pseudolabel.pipeline.label_decode")
     if decode is not None:
         decode.settle_pools(timeout=30)
     # A pool stopped with tasks in flight may find its result thread gone and say so with

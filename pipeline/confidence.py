@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from data.storage import read_bytes, write_bytes
+from rs_pseudolabel.data.storage import read_bytes, write_bytes
 
 BINS = 1000
 COARSE_STEP = 50  # fine bins per coarse bin: 20 bins of 0.05

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from data.digits import write_digits
-from data.ingest import ingest, source_entries
-from data.manifest import StageOutput, inputs_record, write_drops
-from data.specs import shard_entries
-from data.storage import absolute, is_dir, join, parent
+from rs_pseudolabel.data.digits import write_digits
+from rs_pseudolabel.data.ingest import ingest, source_entries
+from rs_pseudolabel.data.manifest import StageOutput, inputs_record, write_drops
+from rs_pseudolabel.data.specs import shard_entries
+from rs_pseudolabel.data.storage import absolute, is_dir, join, parent
 
 
 def run_digits(out: str, labeled: int, seed: int, shard_size: int, overwrite: bool = False) -> dict:

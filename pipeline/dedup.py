@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from data.read import iter_samples
-from data.records import PSEUDO_EXT, decode_pseudo
-from data.specs import expand_shards
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import PSEUDO_EXT, decode_pseudo
+from rs_pseudolabel.data.specs import expand_shards
 
 FALLBACK_THRESHOLD = 0.95  # one evaluation image: nothing to calibrate on
 NEIGHBOURS = 8  # the crowd an image's nearest neighbours are compared with

@@ -14,20 +14,21 @@ is skipped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from data.errors import UsageError
-from data.storage import join, write_json
-from pipeline.data_commands import run_digits
-from pipeline.filter import FilterArgs
-from pipeline.filter import run as filter_run
-from pipeline.label import LabelArgs
-from pipeline.label import run as label_run
-from students.config import load_yaml, resolve_recipe
-from students.eval import evaluate_run
-from students.run_dir import has_checkpoint
-from students.train import train
+from rs_pseudolabel.data.storage import join, write_json
+from rs_pseudolabel.pipeline.data_commands import run_digits
+from rs_pseudolabel.pipeline.filter import FilterArgs
+from rs_pseudolabel.pipeline.filter import run as filter_run
+from rs_pseudolabel.pipeline.label import LabelArgs
+from rs_pseudolabel.pipeline.label import run as label_run
+from rs_pseudolabel.students.config import load_yaml
+from rs_pseudolabel.students.eval import evaluate_run
+from rs_pseudolabel.students.run_dir import has_checkpoint
+from rs_pseudolabel.students.train import train
 
 DEFAULT_RECIPE = "demo"  # configs/demo.yaml, bundled with the package
 
@@ -53,7 +54,7 @@ def round_parts(recipe: dict, round_: int) -> tuple[dict, dict]:
     return student, {**recipe["filter"], **later.get("filter", {})}
 
 
-def _train(
+def train_part(
     run_dir: str,
     labeled: str,
     val: str,
@@ -92,85 +93,22 @@ def run(
     alone); None writes the digits split by `seed`."""
     recipe = load_yaml(recipe_path or DEFAULT_RECIPE)
     torch.set_num_threads(int(recipe.get("threads", torch.get_num_threads())))
-    trainer_recipe = recipe["recipe"]  # a bundled recipe's name, or a path
-    started, timings = time.monotonic(), {}
-
-    def timed(name: str, step, *args, **kwargs):
-        tick = time.monotonic()
-        result = step(*args, **kwargs)
-        timings[name] = round(time.monotonic() - tick, 1)
-        return result
-
+    started, timed = time.monotonic(), Timings()
     data = data_dir or join(out, "data")
     if data_dir is None:
-        timed(
-            "data",
-            run_digits,
-            data,
-            labeled=recipe["data"]["labeled"],
-            seed=seed,
-            shard_size=recipe["data"]["shard_size"],
-        )
-    labeled, unlabeled, val = (join(data, s) for s in ("labeled", "unlabeled", "val"))
+        digits = recipe["data"]
+        timed("data", run_digits, data, labeled=digits["labeled"], seed=seed,
+              shard_size=digits["shard_size"])  # fmt: skip
+    splits = Splits(*(join(data, s) for s in ("labeled", "unlabeled", "val")))
     teacher = join(out, "round0-teacher")
-    timed(
-        "train teacher",
-        _train,
-        teacher,
-        labeled,
-        val,
-        recipe["teacher"],
-        trainer_recipe,
-        trainer_seed(seed, 0),
-    )
+    timed("train teacher", train_part, teacher, splits.labeled, splits.val, recipe["teacher"],
+          recipe["recipe"], trainer_seed(seed, 0))  # fmt: skip
     rounds_report, first_selection = [], None
     for r in range(1, rounds + 1):
-        labels, training, student = (
-            join(out, f"round{r}-{s}") for s in ("labels", "train", "student")
-        )
-        student_part, filter_part = round_parts(recipe, r)
-        timed(
-            f"round {r} label",
-            label_run,
-            LabelArgs(teacher=teacher, input=unlabeled, output=labels, **recipe["label"]),
-            [],
-        )
-        keep = filter_part.pop("keep_selection", False) and first_selection
-        if keep:  # round 1's images and copies as they are: nothing chooses or balances
-            filter_part = {k: v for k, v in filter_part.items() if k not in KEPT_AS_IS}
-        filtered = timed(
-            f"round {r} filter",
-            filter_run,
-            FilterArgs(input=labels, output=training, keep_selection=keep or None, **filter_part),
-            [],
-        )
-        first_selection = first_selection or training
-        timed(
-            f"round {r} train student",
-            _train,
-            student,
-            labeled,
-            val,
-            student_part,
-            trainer_recipe,
-            trainer_seed(seed, r),
-            pseudo=training,
-        )
-        scores = {
-            name: timed(f"round {r} eval {name}", evaluate_run, path, val, progress=False)
-            for name, path in (("teacher", teacher), ("student", student))
-        }
-        rounds_report.append(
-            {
-                "round": r,
-                "model": student_part["model"],
-                "kept_selection": bool(keep),
-                **scores,
-                "pseudo_labels": filtered["samples_written"],
-                "gain": scores["student"]["top1"] - scores["teacher"]["top1"],
-            }
-        )
-        teacher = student
+        done = _round(r, recipe, out, seed, teacher, splits, first_selection, timed)
+        rounds_report.append(done)
+        first_selection = first_selection or join(out, f"round{r}-train")
+        teacher = join(out, f"round{r}-student")
     report = {
         "teacher": rounds_report[0]["teacher"],
         "student": rounds_report[-1]["student"],
@@ -178,66 +116,67 @@ def run(
         "seed": seed,
         "labeled": recipe["data"]["labeled"],
         "seconds": round(time.monotonic() - started, 1),
-        "timings": timings,
+        "timings": dict(timed),
     }
     write_json(join(out, "report.json"), report)
     _plot(report, join(out, "report.png"))
     return report
 
 
-# What each control changes in the round-1 student's run: the same model, recipe and
-# trainer seed (so the same initial weights), one ingredient taken away or replaced.
-CONTROLS: dict[str, dict] = {
-    # The labeled digits alone, at the student's compute: its steps, LR schedule and images
-    # per step (labeled + pseudo-labeled), every one of them drawn from the labeled split.
-    "supervised": {"pseudo": None, "set": {}, "matched": True},
-    # Its pseudo-labels, with no input or model noise (the crop stays).
-    "noise-free": {
-        "pseudo": "round1-train",
-        "set": {"randaugment_ops": 0, "dropout": 0.0, "stochastic_depth": 0.0},
-    },
-    # Its selection with the classes the unlabeled split hides in place of the teacher's
-    # labels: the headroom of a perfect teacher. The pipeline never sees those classes;
-    # `bench/bench_demo.py` writes round1-oracle from them, for scoring only.
-    "oracle": {"pseudo": "round1-oracle", "set": {}},
-}
+class Splits(NamedTuple):
+    labeled: str
+    unlabeled: str
+    val: str
 
 
-def matched_compute(trainer_recipe: str, part: dict) -> dict[str, object]:
-    """Recipe keys that give a run on labeled images alone the compute of `part`'s run on
-    labeled + pseudo-labeled ones: (1 + unlabeled_ratio) times the labeled batch and the
-    epoch's samples (so the same steps, each of as many images), and the LR per 256 divided
-    by as much (so the same LR at every step: the trainer scales it by the labeled batch)."""
-    overrides = [f"{k}={v}" for k, v in part.get("set", {}).items()]
-    resolved = resolve_recipe(trainer_recipe, overrides, model=part["model"])
-    if resolved.epoch_samples is None:
-        raise UsageError("a matched control needs the student's epoch_samples in the recipe")
-    grow = 1 + resolved.unlabeled_ratio
-    return {
-        "batch_size": round(resolved.batch_size * grow),
-        "epoch_samples": round(resolved.epoch_samples * grow),
-        "lr": resolved.lr / grow,
-        "unlabeled_ratio": 0,
+class Timings(dict):
+    """Stage seconds by name, each filled by calling this with the stage to run."""
+
+    def __call__(self, name: str, step: Callable, *args: object, **kwargs: object) -> object:
+        tick = time.monotonic()
+        result = step(*args, **kwargs)
+        self[name] = round(time.monotonic() - tick, 1)
+        return result
+
+
+def _round(
+    r: int,
+    recipe: dict,
+    out: str,
+    seed: int,
+    teacher: str,
+    splits: Splits,
+    first_selection: str | None,
+    timed: Timings,
+) -> dict:
+    """Round r: `teacher` labels the unlabeled split, the filter selects (or keeps round 1's
+    selection), a student trains, both are scored; its line of the report."""
+    labels, training, student = (join(out, f"round{r}-{s}") for s in ("labels", "train", "student"))
+    student_part, filter_part = round_parts(recipe, r)
+    label_args = LabelArgs(
+        teacher=teacher, input=splits.unlabeled, output=labels, **recipe["label"]
+    )
+    timed(f"round {r} label", label_run, label_args, [])
+    keep = filter_part.pop("keep_selection", False) and first_selection
+    if keep:  # round 1's images and copies as they are: nothing chooses or balances
+        filter_part = {k: v for k, v in filter_part.items() if k not in KEPT_AS_IS}
+    filter_args = FilterArgs(input=labels, output=training, keep_selection=keep or None,
+                             **filter_part)  # fmt: skip
+    filtered = timed(f"round {r} filter", filter_run, filter_args, [])
+    timed(f"round {r} train student", train_part, student, splits.labeled, splits.val,
+          student_part, recipe["recipe"], trainer_seed(seed, r), pseudo=training)  # fmt: skip
+    scores = {
+        name: timed(f"round {r} eval {name}", evaluate_run, path, splits.val, progress=False)
+        for name, path in (("teacher", teacher), ("student", student))
     }
-
-
-def run_control(out: str, seed: int, kind: str, recipe_path: str | None = None) -> dict:
-    """Train and evaluate control `kind` beside a finished demo in `out` (its data and its
-    round-1 selection): what the round-1 student scores without the pseudo-labels, without
-    the noise, or with true labels in their place, so its gain can be put down to each."""
-    recipe = load_yaml(recipe_path or DEFAULT_RECIPE)
-    torch.set_num_threads(int(recipe.get("threads", torch.get_num_threads())))
-    control = CONTROLS[kind]
-    part, _ = round_parts(recipe, 1)
-    changes = dict(control["set"])
-    if control.get("matched"):
-        changes |= matched_compute(recipe["recipe"], part)
-    part = {**part, "set": {**part.get("set", {}), **changes}}
-    data, run_dir = join(out, "data"), join(out, f"control-{kind}")
-    labeled, val = join(data, "labeled"), join(data, "val")
-    pseudo = join(out, control["pseudo"]) if control["pseudo"] else None
-    _train(run_dir, labeled, val, part, recipe["recipe"], trainer_seed(seed, 1), pseudo=pseudo)
-    return evaluate_run(run_dir, val, progress=False)
+    return {
+        "round": r,
+        "model": student_part["model"],
+        "kept_selection": bool(keep),
+        **scores,
+        "pseudo_labels": filtered["samples_written"],
+        "gain": scores["student"]["top1"] - scores["teacher"]["top1"],
+    }
 
 
 def _plot(report: dict, path: str) -> None:

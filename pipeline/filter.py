@@ -15,23 +15,48 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 
-from data.classes import CLASSES_FILE, write_class_names
-from data.errors import UsageError
-from data.manifest import ErrorLog, StageOutput, finished_manifest, inputs_record, read_manifest
-from data.records import FORMAT_VERSION
-from data.specs import is_pattern, is_shard_name, shard_entries
-from data.storage import Entry, absolute, is_dir, join, list_dir, parent, read_json, write_json
-from pipeline.beam_options import beam_options, describe_job, is_dry_run, run_pipeline
-from pipeline.confidence import CLASS_CONFIDENCES, bin_floor, load_histograms, save_histograms
-from pipeline.dedup import EvalIndex
-from pipeline.filter_shard import (
+from rs_pseudolabel.data.classes import CLASSES_FILE, write_class_names
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.manifest import (
+    ErrorLog,
+    StageOutput,
+    finished_manifest,
+    inputs_record,
+    read_manifest,
+)
+from rs_pseudolabel.data.records import FORMAT_VERSION
+from rs_pseudolabel.data.specs import is_pattern, is_shard_name, shard_entries
+from rs_pseudolabel.data.storage import (
+    Entry,
+    absolute,
+    is_dir,
+    join,
+    list_dir,
+    parent,
+    read_json,
+    write_json,
+)
+from rs_pseudolabel.pipeline.beam_options import (
+    beam_options,
+    describe_job,
+    is_dry_run,
+    run_pipeline,
+)
+from rs_pseudolabel.pipeline.confidence import (
+    CLASS_CONFIDENCES,
+    bin_floor,
+    load_histograms,
+    save_histograms,
+)
+from rs_pseudolabel.pipeline.dedup import EvalIndex
+from rs_pseudolabel.pipeline.filter_shard import (
     FilterPlan,
     HistogramFn,
     WriteChunkFn,
     chunk_name,
     merge_sparse,
 )
-from pipeline.options import (
+from rs_pseudolabel.pipeline.options import (
     RECORD_FORMAT,
     FilterArgs,
     LabelArgs,
@@ -39,7 +64,7 @@ from pipeline.options import (
     fingerprint_defaults,
     manifest_args,
 )
-from pipeline.reports import (
+from rs_pseudolabel.pipeline.reports import (
     ReportProgress,
     clear_failures,
     finish_stage,
@@ -49,9 +74,9 @@ from pipeline.reports import (
     raise_failures,
     reported,
 )
-from pipeline.source_roots import Roots, source_roots
-from pipeline.strategies import expected_copies, strategy_of
-from pipeline.worklist import WORK, WorkList
+from rs_pseudolabel.pipeline.source_roots import Roots, source_roots
+from rs_pseudolabel.pipeline.strategies import expected_copies, strategy_of
+from rs_pseudolabel.pipeline.worklist import WORK, WorkList
 
 SHARDS_PER_CHUNK = 16  # training shards one chunk writes: copies of an image spread over them
 # Sidecars one chunk reads at most: a worker holds a chunk's kept labels and drops, so this
@@ -117,7 +142,7 @@ def _eval_embeddings(args: FilterArgs, output: str, label_manifest: dict, beam_a
     """Label the evaluation shards as the corpus was labeled (its manifest's arguments), with
     embeddings (resumable). The label stage (and with it torch, seconds of start-up) is
     imported only here: a filter without --dedup-against runs no model."""
-    from pipeline.label import run as label
+    from rs_pseudolabel.pipeline.label import run as label
 
     eval_dir = join(output, WORK, "eval")
     label(

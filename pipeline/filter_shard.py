@@ -23,10 +23,10 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.utils.shared import Shared
 
-from data.decode import find_image
-from data.errors import Drop, UsageError
-from data.read import iter_shard
-from data.records import (
+from rs_pseudolabel.data.decode import find_image
+from rs_pseudolabel.data.errors import Drop, UsageError
+from rs_pseudolabel.data.read import iter_shard
+from rs_pseudolabel.data.records import (
     PSEUDO_EXT,
     PseudoLabel,
     content_hash,
@@ -34,16 +34,16 @@ from data.records import (
     encode_pseudo,
     read_pseudo_shard,
 )
-from data.stages import batched
-from data.storage import exists, join, parent
-from data.write import open_shard
-from pipeline.confidence import conf_bin
-from pipeline.dedup import EvalIndex
-from pipeline.reports import ShardReport, unit_of_work, write_shard_report
-from pipeline.source_roots import Roots, relocated
-from pipeline.strategies import Rules, Strategy, unit_draw
-from pipeline.summaries import LabelSummary
-from pipeline.worklist import units
+from rs_pseudolabel.data.stages import batched
+from rs_pseudolabel.data.storage import exists, join, parent
+from rs_pseudolabel.data.write import open_shard
+from rs_pseudolabel.pipeline.confidence import conf_bin
+from rs_pseudolabel.pipeline.dedup import EvalIndex
+from rs_pseudolabel.pipeline.reports import ShardReport, unit_of_work, write_shard_report
+from rs_pseudolabel.pipeline.source_roots import Roots, relocated
+from rs_pseudolabel.pipeline.strategies import Rules, Strategy, unit_draw
+from rs_pseudolabel.pipeline.summaries import LabelSummary
+from rs_pseudolabel.pipeline.worklist import units
 
 SHUFFLE_BUFFER = 64
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.decode import EvalCrop
-from data.errors import UsageError
-from data.storage import open_read, read_bytes
-from pipeline.label_decode import make_decoder
-from pipeline.label_shard import Batch, Labels
+from rs_pseudolabel.data.decode import EvalCrop
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.storage import open_read, read_bytes
+from rs_pseudolabel.pipeline.label_decode import make_decoder
+from rs_pseudolabel.pipeline.label_shard import Batch, Labels
 
 FORMATS = (".jsonl", ".parquet")
 PREDICTION_KINDS = ("probs", "logits", "topk_indices")

@@ -22,14 +22,15 @@ import apache_beam as beam
 import torch
 from apache_beam.utils.shared import Shared
 
-from data.classes import write_class_names
-from data.errors import UsageError
-from data.manifest import ERRORS, ErrorLog, StageOutput, inputs_record
-from data.read import iter_samples
-from data.records import SHARD_HEADER_KEY
-from data.specs import shard_entries
-from data.storage import absolute, exists, join, open_read, parent, write_json
-from pipeline.beam_options import (
+from rs_pseudolabel.data.classes import write_class_names
+from rs_pseudolabel.data.device import worker_devices
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.manifest import ERRORS, ErrorLog, StageOutput, inputs_record
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import SHARD_HEADER_KEY
+from rs_pseudolabel.data.specs import shard_entries
+from rs_pseudolabel.data.storage import absolute, exists, join, open_read, parent, write_json
+from rs_pseudolabel.pipeline.beam_options import (
     beam_options,
     describe_job,
     is_direct,
@@ -37,16 +38,16 @@ from pipeline.beam_options import (
     run_pipeline,
     workers_in_process,
 )
-from pipeline.confidence import CLASS_CONFIDENCES, save_histograms, sparse_from_json
-from pipeline.imported import (
+from rs_pseudolabel.pipeline.confidence import CLASS_CONFIDENCES, save_histograms, sparse_from_json
+from rs_pseudolabel.pipeline.imported import (
     LISTED,
     ImportedLabels,
     common_topk,
     predictions_id,
     read_predictions,
 )
-from pipeline.label_decode import default_processes, warm_pool
-from pipeline.label_shard import (
+from rs_pseudolabel.pipeline.label_decode import default_processes, warm_pool
+from rs_pseudolabel.pipeline.label_shard import (
     Teacher,
     Teachers,
     default_batch,
@@ -56,14 +57,14 @@ from pipeline.label_shard import (
     teacher_shares,
     teacher_sources,
 )
-from pipeline.options import (
+from rs_pseudolabel.pipeline.options import (
     LabelArgs,
     fingerprint,
     fingerprint_defaults,
     manifest_args,
     worker_spec,
 )
-from pipeline.reports import (
+from rs_pseudolabel.pipeline.reports import (
     ReportProgress,
     clear_failures,
     done_outputs,
@@ -75,9 +76,8 @@ from pipeline.reports import (
     reported,
     unit_of_work,
 )
-from pipeline.worklist import WorkList, units
-from teachers import describe_teacher, is_run_dir
-from teachers.inference import worker_devices
+from rs_pseudolabel.pipeline.worklist import WorkList, units
+from rs_pseudolabel.teachers import describe_teacher, is_run_dir
 
 
 class LabelShardFn(beam.DoFn):

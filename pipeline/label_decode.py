@@ -36,11 +36,18 @@ from multiprocessing.pool import Pool
 import numpy as np
 import torch
 
-from data.decode import DECODERS, JPEG_START, MAX_PIXELS, EvalCrop, eval_stack, jpeg_header
-from data.errors import UsageError
-from data.progress import say
-from data.records import content_hash
-from teachers.inference import DeviceFeed
+from rs_pseudolabel.data.decode import (
+    DECODERS,
+    JPEG_START,
+    MAX_PIXELS,
+    EvalCrop,
+    eval_stack,
+    jpeg_header,
+)
+from rs_pseudolabel.data.device import DeviceFeed
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.progress import say
+from rs_pseudolabel.data.records import content_hash
 
 AHEAD_PER_PROCESS = 2  # chunks queued per decode process: enough to never leave one idle
 AHEAD_CHUNKS = 2  # chunks whose CPU share is queued while the device decodes the one before
@@ -86,7 +93,9 @@ def decode_pool(processes: int) -> Pool:
     with _pools_lock:
         if processes not in _pools:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["data.own_group", "data.decode"])
+            context.set_forkserver_preload(
+                ["rs_pseudolabel.data.own_group", "rs_pseudolabel.data.decode"]
+            )
             with _main_unnamed():
                 pool = context.Pool(processes)
             atexit.register(pool.terminate)  # before the interpreter tears its modules down

@@ -20,21 +20,22 @@ from functools import partial
 import numpy as np
 import torch
 
-from data.decode import find_image, no_image_detail
-from data.errors import Drop, UsageError
-from data.read import iter_shard
-from data.records import PseudoLabel, pseudo_sample, shard_header
-from data.stages import Behind, ahead
-from data.storage import basename, join
-from data.write import AtomicShard
-from pipeline.confidence import conf_bins, sparse_to_json
-from pipeline.label_decode import InputTally, content_hashes, make_decoder
-from pipeline.options import LABEL_BATCH
-from pipeline.reports import ShardReport, write_shard_report
-from pipeline.summaries import LabelSummary
-from teachers import Predictor, TeacherInfo, load_teacher, resolve_device
-from teachers.inference import DeviceFeed, eval_crop, normalize
-from teachers.registry import is_model_name
+from rs_pseudolabel.data.decode import find_image, no_image_detail
+from rs_pseudolabel.data.device import DeviceFeed, normalize, resolve_device
+from rs_pseudolabel.data.errors import Drop, UsageError
+from rs_pseudolabel.data.read import iter_shard
+from rs_pseudolabel.data.records import PseudoLabel, pseudo_sample, shard_header
+from rs_pseudolabel.data.stages import Behind, ahead
+from rs_pseudolabel.data.storage import basename, join
+from rs_pseudolabel.data.write import AtomicShard
+from rs_pseudolabel.pipeline.confidence import conf_bins, sparse_to_json
+from rs_pseudolabel.pipeline.label_decode import InputTally, content_hashes, make_decoder
+from rs_pseudolabel.pipeline.options import LABEL_BATCH
+from rs_pseudolabel.pipeline.reports import ShardReport, write_shard_report
+from rs_pseudolabel.pipeline.summaries import LabelSummary
+from rs_pseudolabel.teachers import Predictor, TeacherInfo, load_teacher
+from rs_pseudolabel.teachers.inference import eval_crop
+from rs_pseudolabel.teachers.registry import is_model_name
 
 EMBED_DIM = 256
 

@@ -13,11 +13,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 
-from data.decode import DECODERS
-from data.errors import UsageError
-from data.records import FORMAT_VERSION, MAX_TOPK
-from pipeline.strategies import STRATEGIES
-from students.config import DEVICES, field_types, scalar_of
+from rs_pseudolabel.data.decode import DECODERS
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.records import FORMAT_VERSION, MAX_TOPK
+from rs_pseudolabel.pipeline.strategies import STRATEGIES
+from rs_pseudolabel.students.config import DEVICES, field_types, scalar_of
 
 # Images per forward pass by the device's kind when --batch-size is not given: an H100 is
 # launch-bound at 32, a CPU gains nothing past it.

@@ -26,11 +26,19 @@ from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import TypeVar
 
-from data.errors import USER_ERRORS, Drop, UsageError, WorkerBug
-from data.manifest import ErrorLog, StageOutput
-from data.progress import progress_bar
-from data.read import StorageError
-from data.storage import is_local, join, list_dir, read_bytes, read_json, remove, write_bytes
+from rs_pseudolabel.data.errors import USER_ERRORS, Drop, UsageError, WorkerBug
+from rs_pseudolabel.data.manifest import ErrorLog, StageOutput
+from rs_pseudolabel.data.progress import progress_bar
+from rs_pseudolabel.data.read import StorageError
+from rs_pseudolabel.data.storage import (
+    is_local,
+    join,
+    list_dir,
+    read_bytes,
+    read_json,
+    remove,
+    write_bytes,
+)
 
 REPORTS = "_reports"
 FAILURES = "_failures"

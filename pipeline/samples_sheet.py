@@ -26,17 +26,23 @@ from functools import cache
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from data.classes import read_class_names
-from data.decode import decode_image, find_image
-from data.errors import UsageError
-from data.manifest import read_manifest
-from data.progress import say
-from data.read import iter_shard
-from data.records import PSEUDO_EXT, content_hash, decode_pseudo, read_cls, read_header
-from data.specs import expand_shards
-from data.storage import AtomicFile, exists, join, open_read, parent
-from pipeline.source_roots import Roots, relocated
-from pipeline.source_roots import source_roots as parse_roots
+from rs_pseudolabel.data.classes import read_class_names
+from rs_pseudolabel.data.decode import decode_image, find_image
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.manifest import read_manifest
+from rs_pseudolabel.data.progress import say
+from rs_pseudolabel.data.read import iter_shard
+from rs_pseudolabel.data.records import (
+    PSEUDO_EXT,
+    content_hash,
+    decode_pseudo,
+    read_cls,
+    read_header,
+)
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.data.storage import AtomicFile, exists, join, open_read, parent
+from rs_pseudolabel.pipeline.source_roots import Roots, relocated
+from rs_pseudolabel.pipeline.source_roots import source_roots as parse_roots
 
 MAX_SHARDS = 32  # shards read, drawn at random
 MAX_CLASSES = 10  # rows: the most frequent classes

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from data.errors import UsageError
-from data.storage import absolute, is_dir
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.storage import absolute, is_dir
 
 Roots = tuple[tuple[str, str], ...]
 

@@ -25,32 +25,21 @@ import numpy as np
 from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions
 from PIL import Image
 
-from data.classes import read_class_names
-from data.decode import find_image
-from data.errors import Drop, UsageError
-from data.manifest import DONE, read_manifest
-from data.read import iter_shard
-from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
-from data.specs import is_pattern, shard_entries
-from data.storage import AtomicFile, absolute, join, parent, read_json, write_json
-from pipeline.beam_options import DIRECT_RUNNERS, beam_options, run_pipeline
-from pipeline.confidence import COARSE_BINS, coarse_edges, share_at_least
-from pipeline.options import FilterArgs, default
-from pipeline.reports import add_into
-from pipeline.summaries import ENTROPY_STEP, LabelSummary
+from rs_pseudolabel.data.classes import read_class_names
+from rs_pseudolabel.data.decode import find_image
+from rs_pseudolabel.data.errors import Drop, UsageError
+from rs_pseudolabel.data.manifest import DONE, read_manifest
+from rs_pseudolabel.data.read import iter_shard
+from rs_pseudolabel.data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
+from rs_pseudolabel.data.specs import is_pattern, shard_entries
+from rs_pseudolabel.data.storage import AtomicFile, absolute, join, parent, read_json, write_json
+from rs_pseudolabel.pipeline.beam_options import DIRECT_RUNNERS, beam_options, run_pipeline
+from rs_pseudolabel.pipeline.confidence import COARSE_BINS, coarse_edges, share_at_least
+from rs_pseudolabel.pipeline.options import FilterArgs, default
+from rs_pseudolabel.pipeline.reports import add_into
+from rs_pseudolabel.pipeline.summaries import ENTROPY_STEP, LabelSummary
 
 SAMPLE_SEED = 0
-# What `--json` always holds (SPEC section 5), whichever way the answer was found.
-SPEC_KEYS = (
-    "samples",
-    "shards",
-    "bytes",
-    "class_counts",
-    "confidence_hist",
-    "entropy_hist",
-    "copies_hist",
-    "drops",
-)
 
 
 def _image_size(data: bytes) -> tuple[int, int] | None:

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from data.records import PseudoLabel
-from pipeline.confidence import BINS, Histograms, bin_floor, conf_bin
+from rs_pseudolabel.data.records import PseudoLabel
+from rs_pseudolabel.pipeline.confidence import BINS, Histograms, bin_floor, conf_bin
 
 if TYPE_CHECKING:
-    from pipeline.options import FilterArgs
+    from rs_pseudolabel.pipeline.options import FilterArgs
 
 
 def unit_draw(key: str, salt: str = "") -> float:

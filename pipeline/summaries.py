@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.confidence import COARSE_BINS, coarse_bin
+from rs_pseudolabel.pipeline.confidence import COARSE_BINS, coarse_bin
 
 ENTROPY_STEP = 0.1
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 import threading
 
-from data.storage import join, read_bytes, remove, write_bytes
+from rs_pseudolabel.data.storage import join, read_bytes, remove, write_bytes
 
 WORK = "_work"  # a stage's working files under its output folder
 SPANS = 4096  # Beam elements of a job at most: enough to spread over any number of workers

@@ -24,8 +24,8 @@ from typing import get_type_hints
 
 import yaml
 
-import configs
-from data.errors import UsageError
+from rs_pseudolabel import configs
+from rs_pseudolabel.data.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")  # --device of every command; "auto" is resolved where it runs
 
@@ -365,7 +365,7 @@ def resolve_recipe(
     if values.get("model") is None:
         raise UsageError("no model: pass --model or use a config that names one")
     recipe = Recipe(**{f.name: _checked(f, values.get(f.name, f.default)) for f in fields(Recipe)})
-    from teachers.registry import get_config  # torch: only now
+    from rs_pseudolabel.teachers.registry import get_config  # torch: only now
 
     table = get_config(recipe.model)
     recipe = replace(
@@ -436,7 +436,7 @@ def _flag(spec: Field, override: str | None = None) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `pipeline train-student` and `python -m students.train`: every field of
+    """The flags of `pipeline train-student`: every field of
     TrainArgs, and the recipe keys marked `flag`."""
     run = parser.add_argument_group("run")
     for spec in fields(TrainArgs):

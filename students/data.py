@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, default_collate
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
-from data.decode import IMAGE_EXTS, decode_image, find_image, no_image_detail
-from data.errors import USER_ERRORS, Drop, UsageError
-from data.read import ShardFault, iter_shard, member_names, small_members
-from data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
-from students.seeding import seed_everything
+from rs_pseudolabel.data.decode import IMAGE_EXTS, decode_image, find_image, no_image_detail
+from rs_pseudolabel.data.errors import USER_ERRORS, Drop, UsageError
+from rs_pseudolabel.data.read import ShardFault, iter_shard, member_names, small_members
+from rs_pseudolabel.data.records import PSEUDO_EXT, SHARD_HEADER_KEY, decode_pseudo, read_cls
+from rs_pseudolabel.students.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 

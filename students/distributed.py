@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from data.errors import USER_ERRORS, UsageError, in_words
-from teachers.inference import resolve_device
+from rs_pseudolabel.data.device import resolve_device
+from rs_pseudolabel.data.errors import USER_ERRORS, UsageError, in_words
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from data.classes import read_class_names
-from data.errors import UsageError
-from data.progress import progress_bar
-from data.specs import expand_shards
-from students.data import eval_loader
-from students.distributed import all_reduce_sum
-from teachers import Predictor, TeacherInfo, load_teacher, resolve_device
-from teachers.inference import Normalizer, eval_pixels
+from rs_pseudolabel.data.classes import read_class_names
+from rs_pseudolabel.data.device import Normalizer, resolve_device
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.progress import progress_bar
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.students.data import eval_loader
+from rs_pseudolabel.students.distributed import all_reduce_sum
+from rs_pseudolabel.teachers import Predictor, TeacherInfo, load_teacher
+from rs_pseudolabel.teachers.inference import eval_pixels
 
 
 def evaluate(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from data.errors import UsageError
+from rs_pseudolabel.data.errors import UsageError
 
 NOTHING = "none"  # the recipe's freeze_through when no layer is frozen
 

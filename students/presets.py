@@ -18,11 +18,11 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from students.config import Recipe
-from students.randaugment import tf_randaugment
-from teachers.checkpoint import run_info
-from teachers.inference import eval_pixels
-from teachers.registry import ModelConfig
+from rs_pseudolabel.students.config import Recipe
+from rs_pseudolabel.students.randaugment import tf_randaugment
+from rs_pseudolabel.teachers.checkpoint import run_info
+from rs_pseudolabel.teachers.inference import eval_pixels
+from rs_pseudolabel.teachers.registry import ModelConfig
 
 
 class TrainPreset:

@@ -22,9 +22,9 @@ from collections import Counter
 import torch
 import yaml
 
-from data.errors import UsageError
-from data.manifest import DONE, MANIFEST, StageOutput, difference
-from data.storage import (
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.manifest import DONE, MANIFEST, StageOutput, difference
+from rs_pseudolabel.data.storage import (
     absolute,
     exists,
     join,
@@ -36,9 +36,13 @@ from data.storage import (
     write_bytes,
     write_json,
 )
-from students.config import Recipe
-from teachers.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
-from teachers.weights import unpickler_reason
+from rs_pseudolabel.students.config import Recipe
+from rs_pseudolabel.teachers.weights import unpickler_reason
+
+# The trainer's own files in a run directory, beside the exported model (teachers/checkpoint.py)
+CHECKPOINT_FILE = "checkpoint.pt"  # weights, EMA, optimizer and epoch, to resume from
+LOG_FILE = "log.jsonl"  # a line per finished epoch
+CONFIG_FILE = "config.yaml"  # the resolved recipe
 
 
 def save_checkpoint(run_dir: str, state: dict) -> None:

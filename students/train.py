@@ -1,21 +1,19 @@
 """`pipeline train-student`: a Noisy Student trains on labeled plus pseudo-labeled shards.
 
-Read `main` top to bottom: data, model, optimizer, schedule, then a loop of
+Read `main` top to bottom: inputs, plan, model, resume, then a loop of
 `train_one_epoch` and `evaluate`. Every step takes a labeled batch B and a pseudo-labeled
 batch ceil(ratio * B), in micro-batches whose gradients accumulate, each concatenating its
 share of both kinds into one forward pass. Without pseudo-labeled shards
 it is plain supervised training, which is how the round-0 teacher is made. Under torchrun it
 trains data-parallel (DDP: nccl on GPUs, gloo on CPUs).
 
-    python -m students.train --model rs-mini --labeled D/labeled --val D/val --out RUN
-    torchrun --nproc_per_node 8 -m students.train --model rs-152 --config imagenet ...
+    pipeline train-student --model rs-mini --labeled D/labeled --val D/val --out RUN
+    torchrun --nproc_per_node 8 -m rs_pseudolabel.pipeline train-student --config imagenet ...
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,22 +26,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.classes import read_class_names
-from data.errors import USER_ERRORS, PeerFailed, UsageError, in_words
-from data.manifest import inputs_record
-from data.progress import progress_bar, say
-from data.specs import shard_entries
-from data.storage import Entry, absolute, is_dir, parent
-from students import distributed, run_dir
-from students.config import (
+from rs_pseudolabel.data.classes import read_class_names
+from rs_pseudolabel.data.device import DeviceFeed, Normalizer, memory_format
+from rs_pseudolabel.data.errors import PeerFailed, UsageError
+from rs_pseudolabel.data.manifest import inputs_record
+from rs_pseudolabel.data.progress import progress_bar, say
+from rs_pseudolabel.data.specs import shard_entries
+from rs_pseudolabel.data.storage import Entry, absolute, is_dir, parent
+from rs_pseudolabel.students import distributed, run_dir
+from rs_pseudolabel.students.config import (
     Recipe,
     TrainArgs,
-    add_arguments,
-    flag_values,
     other_model_note,
     resolve,
 )
-from students.data import (
+from rs_pseudolabel.students.data import (
     Counted,
     LabeledDecoder,
     PseudoDecoder,
@@ -53,13 +50,13 @@ from students.data import (
     has_samples,
     train_loader,
 )
-from students.ema import ModelEma
-from students.eval import evaluate
-from students.freeze import NOTHING, freeze_through, keep_frozen
-from students.losses import student_loss
-from students.presets import train_preset
-from students.seeding import seed_everything
-from teachers import (
+from rs_pseudolabel.students.ema import ModelEma
+from rs_pseudolabel.students.eval import evaluate
+from rs_pseudolabel.students.freeze import NOTHING, freeze_through, keep_frozen
+from rs_pseudolabel.students.losses import student_loss
+from rs_pseudolabel.students.presets import train_preset
+from rs_pseudolabel.students.seeding import seed_everything
+from rs_pseudolabel.teachers import (
     create_model,
     describe_teacher,
     export_run,
@@ -67,9 +64,9 @@ from teachers import (
     is_run_dir,
     load_teacher,
 )
-from teachers.checkpoint import TeacherInfo, run_info
-from teachers.inference import DeviceFeed, Normalizer, eval_pixels, memory_format
-from teachers.registry import ModelRow
+from rs_pseudolabel.teachers.checkpoint import TeacherInfo, run_info
+from rs_pseudolabel.teachers.inference import eval_pixels
+from rs_pseudolabel.teachers.registry import ModelRow
 
 SHOW_EVERY = 10  # steps between two readings of the losses for the progress bar
 # A micro-batch: (labeled uint8 images, labels, pseudo images or None, pseudo soft targets
@@ -191,19 +188,6 @@ def micro_splits(labeled: int, pseudo: int, micro_batch: int | None) -> Splits:
         return slice(round(i * n / parts), round((i + 1) * n / parts))
 
     return [(piece(labeled, i), piece(pseudo, i)) for i in range(parts)]
-
-
-def split_batch(batch: Part, micro_batch: int | None) -> tuple[list[Part], Splits]:
-    """A whole step's batch (held in memory) as the loaders would give it, in micro-batches."""
-    images, labels, pseudo_images, targets = batch
-    m = 0 if pseudo_images is None else len(pseudo_images)
-    splits = micro_splits(len(labels), m, micro_batch)
-    parts = [
-        (images[lab], labels[lab], None if not m else pseudo_images[pse],
-         None if not m else targets[pse])
-        for lab, pse in splits
-    ]  # fmt: skip
-    return parts, splits
 
 
 def train_step(
@@ -916,21 +900,3 @@ def train(**options: object) -> dict:
     if created:
         distributed.close_distributed()
     return result
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m students.train", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        train(**flag_values(args))
-    except USER_ERRORS as exc:
-        say(f"{parser.prog}: error: {in_words(exc)}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -1,16 +1,16 @@
 """The model table (ResNet-RS rows, any timm model), weights, run directories, inference."""
 
-from teachers.checkpoint import (
+from rs_pseudolabel.teachers.checkpoint import (
     TeacherInfo,
     describe_teacher,
     export_run,
     is_run_dir,
     load_teacher,
 )
-from teachers.inference import Predictor, eval_transform, resolve_device
-from teachers.registry import ModelConfig, create_model, get_config, list_models
-from teachers.table import format_table, models_table
-from teachers.weights import WeightsError, read_weights
+from rs_pseudolabel.teachers.inference import Predictor
+from rs_pseudolabel.teachers.registry import ModelConfig, create_model, get_config, list_models
+from rs_pseudolabel.teachers.table import format_table, models_table
+from rs_pseudolabel.teachers.weights import WeightsError, read_weights
 
 __all__ = [
     "ModelConfig",
@@ -19,7 +19,6 @@ __all__ = [
     "WeightsError",
     "create_model",
     "describe_teacher",
-    "eval_transform",
     "export_run",
     "format_table",
     "get_config",
@@ -28,5 +27,4 @@ __all__ = [
     "load_teacher",
     "models_table",
     "read_weights",
-    "resolve_device",
 ]

@@ -17,11 +17,11 @@ from pathlib import Path
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from data.decode import RESAMPLING
-from data.errors import UsageError
-from data.storage import exists, join, open_read, read_json, write_bytes, write_json
-from teachers.registry import MODELS, create_model, get_config, is_model_name
-from teachers.weights import (
+from rs_pseudolabel.data.decode import RESAMPLING
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.storage import exists, join, open_read, read_json, write_bytes, write_json
+from rs_pseudolabel.teachers.registry import MODELS, create_model, get_config, is_model_name
+from rs_pseudolabel.teachers.weights import (
     WeightsError,
     classifier_classes,
     clean_state_dict,
@@ -29,13 +29,10 @@ from teachers.weights import (
     read_bytes,
 )
 
-# The files of a run directory, named here only: the exported model, which every later stage
-# reads, and the trainer's own record (students/run_dir.py), which `--resume` reads.
+# The exported model's files in a run directory, which every later stage reads (the trainer's
+# own files, which `--resume` reads, are named in students/run_dir.py).
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "log.jsonl"
-CONFIG_FILE = "config.yaml"
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from functools import cache
 
 from torch import nn
 
-from data.errors import UsageError
-from teachers.resnet_rs import ResNetRS, scale_depth
-from teachers.weights import WeightsSource, apply_weights, read_weights
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.teachers.resnet_rs import ResNetRS, scale_depth
+from rs_pseudolabel.teachers.weights import WeightsSource, apply_weights, read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -231,7 +231,7 @@ def timm_config(name: str) -> TimmConfig:
 
 @cache
 def _timm_micro_batch(name: str) -> int:
-    from teachers.micro import measured_micro_batch
+    from rs_pseudolabel.teachers.micro import measured_micro_batch
 
     cfg = timm_config(name)
     return measured_micro_batch(cfg.build(1000), cfg.train_size)

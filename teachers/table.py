@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from teachers.registry import create_model, get_config, list_models
+from rs_pseudolabel.teachers.registry import create_model, get_config, list_models
 
 
 def _measure(name: str) -> tuple[float, float]:

@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from data import storage
-from data.errors import UsageError
+from rs_pseudolabel.data import storage
+from rs_pseudolabel.data.errors import UsageError
 
 StateDict = dict[str, torch.Tensor]
 WeightsSource = str | Path | Mapping[str, torch.Tensor]

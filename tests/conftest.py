@@ -32,7 +32,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.digits import write_digits
+from rs_pseudolabel.data.digits import write_digits
 
 DIGITS_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
@@ -67,7 +67,10 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """Run `pipeline ARGS...` as a user would: a separate process, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, check=check
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", *args],
+        capture_output=True,
+        text=True,
+        check=check,
     )
 
 
@@ -81,7 +84,7 @@ def message_lines(stderr: str) -> list[str]:
 def kill_midway(args: list[str], ready: Callable[[], bool], timeout: float = 120) -> None:
     """Start `pipeline ARGS`, and SIGKILL it the moment `ready()` holds."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -134,7 +137,7 @@ def hostile_samples() -> list[dict]:
 def random_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """rs-mini with random weights as a run directory: labels as fast as a trained teacher,
     for every test of the stages' mechanics rather than of accuracy."""
-    from teachers import create_model, export_run
+    from rs_pseudolabel.teachers import create_model, export_run
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("random-teacher")

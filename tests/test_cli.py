@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import build_parser
+from rs_pseudolabel.pipeline.cli import build_parser
 from tests.conftest import message_lines, run_cli
 
 
@@ -65,7 +65,7 @@ def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...]):
 
 def test_the_flags_are_built_without_importing_torch_or_beam():
     """`pipeline --help` and argument errors answer at once: torch and Beam load later."""
-    probe = "import sys; from pipeline.cli import build_parser; build_parser(); "
+    probe = "import sys; from rs_pseudolabel.pipeline.cli import build_parser; build_parser(); "
     probe += "print(sorted({'torch', 'apache_beam'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
@@ -75,11 +75,11 @@ def test_the_flags_are_built_without_importing_torch_or_beam():
 # labeling; the DirectRunner's workers are threads of this process) or in the launcher.
 INJECT = """
 import sys
-import pipeline.label as label
+import rs_pseudolabel.pipeline.label as label
 def broken(*args, **kwargs):
     raise ValueError("an injected bug")
 setattr(label, sys.argv.pop(1), broken)
-from pipeline.cli import main
+from rs_pseudolabel.pipeline.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -175,7 +175,7 @@ def test_files_a_command_writes_are_checked_before_its_work(digits_dir: Path, tm
     """A folder where --json, --plot or --samples names a file, and a PNG asked under another
     suffix, are one line naming the flag before the evaluation or the scan runs (the error
     came after it, named a temporary file, and left that file behind)."""
-    from data.storage import AtomicFile
+    from rs_pseudolabel.data.storage import AtomicFile
 
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from data.read import iter_samples
-from data.records import read_header
-from data.specs import expand_shards
-from data.storage import read_bytes, read_json, walk_files, write_bytes
-from data.write import write_shard
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import read_header
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.data.storage import read_bytes, read_json, walk_files, write_bytes
 from tests.conftest import DIGITS_RECIPE, image_bytes, kill_midway, message_lines, run_cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -177,8 +177,9 @@ def test_readme_dataflow_dry_run_builds_the_real_job_offline(
         )
     command = _readme_command("dataflow-dry-run")
     assert command[0] == "pipeline" and "--dry_run=True" in command
+    script = Path(sys.executable).with_name(command[0])  # the installed `pipeline` command
     result = subprocess.run(
-        [sys.executable, "-m", *command], capture_output=True, text=True, cwd=tmp_path
+        [str(script), *command[1:]], capture_output=True, text=True, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Dry run" in result.stdout
@@ -237,7 +238,14 @@ def test_label_runs_on_a_portable_runner_in_worker_processes(
         assert address.startswith("localhost:"), address
         args = ["label", "--teacher", str(random_teacher), "--input", str(corpus)]
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *args, "--output", str(tmp_path / "portable")]
+            [
+                sys.executable,
+                "-m",
+                "rs_pseudolabel.pipeline",
+                *args,
+                "--output",
+                str(tmp_path / "portable"),
+            ]
             + ["--runner", "PortableRunner", "--job_endpoint", "embed"]
             + ["--environment_type", "EXTERNAL", "--environment_config", address],
             env=env,
@@ -281,7 +289,7 @@ def test_s3_without_credentials_is_one_line(
         "stats": [f"{bucket}/labels"],  # its manifest.json was said to be "not valid JSON"
     }[command]  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", command, *args],
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", command, *args],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     lines = result.stderr.strip().splitlines()

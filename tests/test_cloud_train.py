@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from data.storage import read_bytes, read_json, walk_files
+from rs_pseudolabel.data.storage import read_bytes, read_json, walk_files
 from tests.conftest import message_lines, run_cli
 from tests.servers import SilentRelay
 
@@ -42,7 +42,7 @@ def buckets(request: pytest.FixtureRequest) -> dict[str, str]:
 
 def _train(bucket: str, out: str, *extra: str) -> list[str]:
     return [
-        "-m", "pipeline", "train-student", "--model", "rs-mini", "--labeled",
+        "-m", "rs_pseudolabel.pipeline", "train-student", "--model", "rs-mini", "--labeled",
         f"{bucket}/d/labeled", "--val", f"{bucket}/d/val", "--out", out, *extra,
     ]  # fmt: skip
 
@@ -264,7 +264,7 @@ def test_a_bucket_that_stops_answering_mid_label_is_one_line(
     def files(pattern: str) -> list[str]:  # asked of the server itself, not of the relay
         return [u for u in walk_files(out) if fnmatch.fnmatch(u, f"*/{pattern}")]
 
-    command = [sys.executable, "-m", "pipeline", "label", "--teacher", str(random_teacher),
+    command = [sys.executable, "-m", "rs_pseudolabel.pipeline", "label", "--teacher", str(random_teacher),
                "--input", f"{buckets['gcs_server']}/d/unlabeled", "--output", out,
                "--batch-size", "8"]  # fmt: skip
     proc = None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.decode import decode_image
+from rs_pseudolabel.data.decode import decode_image
 from tests.conftest import image_bytes
 
 

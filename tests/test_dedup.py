@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from bench.bench_dedup import COPIES, EVAL_SCANS, OTHER_SCANS, mosaics
-from data.write import write_shard
-from pipeline.dedup import calibrated_threshold
-from pipeline.filter import FilterArgs, run
-from pipeline.label import LabelArgs
-from pipeline.label import run as label
+from bench.fixtures import write_shard
+from rs_pseudolabel.pipeline.dedup import calibrated_threshold
+from rs_pseudolabel.pipeline.filter import FilterArgs, run
+from rs_pseudolabel.pipeline.label import LabelArgs
+from rs_pseudolabel.pipeline.label import run as label
 
 # 1% of the evaluation images are in near-twin pairs: the last TWINS are copies of the first.
 EVALS, TWINS, PLANTED, OTHERS = 2000, 10, 40, 2000

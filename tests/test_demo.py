@@ -49,7 +49,7 @@ def test_demo_runs_all_stages_resumably_and_reports_both_models(tmp_path: Path):
 def test_later_rounds_grow_the_student_and_its_selection_and_seed_each_model(tmp_path: Path):
     """configs/demo.yaml's own later_rounds: a larger student, from weights of its own, on a
     selection made anew by the round-1 student, larger than round 1's."""
-    from pipeline.demo import CONTROLS, run_control
+    from bench.controls import CONTROLS, run_control
 
     recipe = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     for part in ("teacher", "student"):
@@ -110,7 +110,7 @@ def test_later_rounds_grow_the_student_and_its_selection_and_seed_each_model(tmp
     # The oracle trains on the same images, each with its true class as a hard label.
     from sklearn.datasets import load_digits
 
-    from data.read import iter_samples
+    from rs_pseudolabel.data.read import iter_samples
 
     truth = load_digits().target
     taught = {

@@ -3,10 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data.decode import decode_image, find_image
-from data.read import iter_samples
-from data.records import read_cls
-from data.specs import expand_shards
+from rs_pseudolabel.data.decode import decode_image, find_image
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import read_cls
+from rs_pseudolabel.data.specs import expand_shards
 
 
 def _split(root: Path, name: str) -> list[dict]:
@@ -38,7 +38,7 @@ def test_validation_split_is_fixed_by_the_seed_alone(tmp_path: Path, digits_dir:
     cmd = [
         sys.executable,
         "-m",
-        "pipeline",
+        "rs_pseudolabel.pipeline",
         "data",
         "digits",
         "--out",

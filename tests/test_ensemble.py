@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.read import iter_samples
-from data.records import PSEUDO_EXT, decode_pseudo
-from data.write import write_shard
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import PSEUDO_EXT, decode_pseudo
 from tests.conftest import message_lines, run_cli
 
 FP16 = 2e-3  # relative precision of the float16 the records store probabilities in

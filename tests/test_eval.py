@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.digits import write_digits
-from data.read import iter_samples
-from data.specs import expand_shards
-from data.write import write_shard
-from students.eval import evaluate_run
-from teachers import create_model, export_run
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.digits import write_digits
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.students.eval import evaluate_run
+from rs_pseudolabel.teachers import create_model, export_run
 from tests.conftest import DIGITS_RECIPE, message_lines, run_cli
 
 
@@ -69,7 +69,7 @@ def test_broken_shards_are_counted_as_unusable_in_eval_and_in_training(tmp_path:
 
     out = tmp_path / "student"
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train-student", "--model", "rs-mini",
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", "train-student", "--model", "rs-mini",
          "--labeled", str(labeled), "--out", str(out), "--config", "digits", "--epochs", "4",
          "--batch-size", "64", "--set", "workers=2", "--set", "epoch_samples=128"],
         capture_output=True, text=True, timeout=300,

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from data.read import iter_samples
-from data.records import decode_pseudo
-from data.specs import ShardSpecError, expand_shards
-from data.write import write_shard
-from pipeline.filter import FilterArgs
-from pipeline.filter import run as filter_run
-from pipeline.label import LabelArgs
-from pipeline.label import run as label_run
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import decode_pseudo
+from rs_pseudolabel.data.specs import ShardSpecError, expand_shards
+from rs_pseudolabel.pipeline.filter import FilterArgs
+from rs_pseudolabel.pipeline.filter import run as filter_run
+from rs_pseudolabel.pipeline.label import LabelArgs
+from rs_pseudolabel.pipeline.label import run as label_run
 from tests.conftest import DIGITS_RECIPE, assert_same_shards, hostile_samples, image_bytes
 
 # A whole temporary name as AtomicShard and write_atomic make it: hidden from every reader,
@@ -51,7 +51,7 @@ def _pipeline(*args: str, max_file_bytes: int | None = None) -> subprocess.Compl
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", *args],
         capture_output=True,
         text=True,
         preexec_fn=limit if max_file_bytes else None,
@@ -287,7 +287,7 @@ def _kill_at_random(args: list[str], out: Path, seed: int, window: float) -> Non
     rng = random.Random(seed)
     for _ in range(6):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *args],
+            [sys.executable, "-m", "rs_pseudolabel.pipeline", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data.errors import UsageError
-from data.read import iter_samples
-from data.records import FORMAT_VERSION, decode_pseudo, read_cls, read_pseudo_shard
-from data.specs import expand_shards
-from data.write import write_shard
-from pipeline.confidence import CLASS_CONFIDENCES, load_histograms
-from pipeline.filter import HISTOGRAMS, SIDECARS_PER_CHUNK, FilterArgs, chunks, run
-from pipeline.label import LabelArgs
-from pipeline.label import run as label
-from pipeline.options import RECORD_FORMAT, fingerprint_keys
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import FORMAT_VERSION, decode_pseudo, read_cls, read_pseudo_shard
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.pipeline.confidence import CLASS_CONFIDENCES, load_histograms
+from rs_pseudolabel.pipeline.filter import HISTOGRAMS, SIDECARS_PER_CHUNK, FilterArgs, chunks, run
+from rs_pseudolabel.pipeline.label import LabelArgs
+from rs_pseudolabel.pipeline.label import run as label
+from rs_pseudolabel.pipeline.options import RECORD_FORMAT, fingerprint_keys
 from tests.conftest import assert_same_shards, kill_midway, message_lines, run_cli
 
 

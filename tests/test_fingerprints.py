@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from data.read import iter_samples
-from data.records import content_hash, decode_pseudo, read_cls
-from data.specs import expand_shards
-from data.write import write_shard
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import content_hash, decode_pseudo, read_cls
+from rs_pseudolabel.data.specs import expand_shards
 from tests.conftest import image_bytes, run_cli
 
 SHARDS, PER_SHARD = 4, 10
@@ -105,7 +105,7 @@ def test_label_rerun_with_other_settings_is_refused_then_overwritten(
 def test_label_rerun_with_another_teacher_is_refused(
     random_teacher: Path, corpus: Path, tmp_path: Path
 ):
-    from teachers import create_model, export_run
+    from rs_pseudolabel.teachers import create_model, export_run
 
     other = tmp_path / "other-teacher"
     export_run(str(other), create_model("rs-mini", num_classes=10), "rs-mini", None)
@@ -284,13 +284,13 @@ def test_relative_brace_input_then_filter_from_another_folder(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     relative = subprocess.run(
-        [sys.executable, "-m", "pipeline", "label", "--teacher", str(random_teacher),
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", "label", "--teacher", str(random_teacher),
          "--input", "src/part-{000000..000003}.tar", "--output", "labels-rel"],
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert relative.returncode == 0, relative.stderr
     moved = subprocess.run(
-        [sys.executable, "-m", "pipeline", "filter", "--input", "../labels-rel",
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", "filter", "--input", "../labels-rel",
          "--output", "../train-rel", "--threshold", "0", "--per-class", "20",
          "--shard-size", "16"],
         cwd=elsewhere, capture_output=True, text=True,

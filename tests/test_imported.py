@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.decode import find_image
-from data.read import iter_samples
-from data.records import PSEUDO_EXT, decode_pseudo
+from rs_pseudolabel.data.decode import find_image
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import PSEUDO_EXT, decode_pseudo
 from tests.conftest import assert_same_shards, message_lines, run_cli
 
 FILTER = ["--threshold", "0", "--per-class", "30", "--shard-size", "50"]

@@ -4,7 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from teachers import Predictor, TeacherInfo, create_model, eval_transform, get_config
+from rs_pseudolabel.data.device import normalize
+from rs_pseudolabel.teachers import Predictor, TeacherInfo, create_model, get_config
+from rs_pseudolabel.teachers.inference import eval_pixels
 
 
 def _info(name: str) -> TeacherInfo:
@@ -20,6 +22,11 @@ def _info(name: str) -> TeacherInfo:
         mean=cfg.mean,
         std=cfg.std,
     )
+
+
+def eval_transform(info: TeacherInfo):
+    """The teacher's eval pixels, normalised on the CPU: float CHW."""
+    return lambda image: normalize(eval_pixels(info)(image), info.mean, info.std)
 
 
 def test_eval_transform_resizes_center_crops_and_normalises():

@@ -3,11 +3,11 @@
 import json
 from pathlib import Path
 
-from data.ingest import ingest
-from data.read import iter_samples
-from data.records import read_cls
-from data.specs import expand_shards
-from data.write import write_shard
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.ingest import ingest
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import read_cls
+from rs_pseudolabel.data.specs import expand_shards
 from tests.conftest import image_bytes
 
 

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from apache_beam.options.pipeline_options import GoogleCloudOptions, WorkerOptions
 
-from data.digits import write_digits
-from data.errors import UsageError
-from data.read import iter_samples
-from data.records import PSEUDO_EXT, decode_pseudo, read_header
-from data.specs import expand_shards
-from data.write import write_shard
-from pipeline import worklist
-from pipeline.beam_options import beam_options, workers_in_process
-from pipeline.label import LabelArgs, run
-from pipeline.worklist import WORK
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.digits import write_digits
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import PSEUDO_EXT, decode_pseudo, read_header
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.pipeline import worklist
+from rs_pseudolabel.pipeline.beam_options import beam_options, workers_in_process
+from rs_pseudolabel.pipeline.label import LabelArgs, run
+from rs_pseudolabel.pipeline.worklist import WORK
 from tests.conftest import (
     assert_same_shards,
     hostile_samples,
@@ -347,7 +347,7 @@ def test_sigterm_ends_label_in_one_line_and_the_rerun_finishes_the_job(
     out = tmp_path / "out"
     args = ["label", "--teacher", str(random_teacher), "--input", str(corpus), "--batch-size", "8"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args, "--output", str(out)],
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", *args, "--output", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -387,7 +387,7 @@ def test_label_run_from_a_script_without_a_main_guard_works(
     the job again inside each of them without end: they import nothing of it."""
     script = tmp_path / "label_it.py"
     script.write_text(
-        "from pipeline.label import LabelArgs, run\n"
+        "from rs_pseudolabel.pipeline.label import LabelArgs, run\n"
         f"args = LabelArgs(teacher={str(random_teacher)!r}, input={str(corpus)!r}, "
         f"output={str(tmp_path / 'out')!r}, decode_processes=2)\n"
         "print('labeled', run(args, [])['samples_out'])\n"

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from bench.corpus import web_image
-from data.read import iter_samples, iter_shard
-from data.records import PSEUDO_EXT, decode_pseudo
-from data.write import write_shard
-from pipeline.label import LabelArgs, run
-from pipeline.label_shard import Teacher, Teachers, label_shard
-from pipeline.stats import collect, format_report, time_rows
-from teachers.inference import worker_devices
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.device import worker_devices
+from rs_pseudolabel.data.read import iter_samples, iter_shard
+from rs_pseudolabel.data.records import PSEUDO_EXT, decode_pseudo
+from rs_pseudolabel.pipeline.label import LabelArgs, run
+from rs_pseudolabel.pipeline.label_shard import Teacher, Teachers, label_shard
+from rs_pseudolabel.pipeline.stats import collect, format_report, time_rows
 from tests.conftest import run_cli
 
 
@@ -302,8 +302,8 @@ def test_one_gpu_of_a_process_keeps_the_nvjpeg_decoder_and_the_others_decode_on_
 ):
     """torchvision's one nvJPEG decoder per process is rebuilt (and the old one leaked) at
     every call that names another GPU: threads on several GPUs must never alternate it."""
-    from pipeline import label_decode
-    from pipeline.label_decode import decode_path
+    from rs_pseudolabel.pipeline import label_decode
+    from rs_pseudolabel.pipeline.label_decode import decode_path
 
     monkeypatch.setattr(label_decode, "_nvjpeg_owner", [])
     gpu = [torch.device(f"cuda:{i}") for i in range(3)]
@@ -325,7 +325,7 @@ def test_each_thread_feeding_a_device_has_a_side_stream_of_its_own():
     queued (and freed), and the decoder could be handed that block."""
     import threading
 
-    from teachers.inference import DeviceFeed
+    from rs_pseudolabel.data.device import DeviceFeed
 
     feed = DeviceFeed(torch.device("cpu"))
     assert feed.stream is None  # the CPU has no streams

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from teachers import (
+from rs_pseudolabel.teachers import (
     WeightsError,
     create_model,
     format_table,
@@ -20,7 +20,7 @@ from teachers import (
     list_models,
     models_table,
 )
-from teachers.resnet_rs import Bottleneck, DropPath
+from rs_pseudolabel.teachers.resnet_rs import Bottleneck, DropPath
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,10 @@ from dataclasses import MISSING, fields
 
 import pytest
 
-from data.errors import UsageError
-from pipeline.cli import build_parser, main
-from pipeline.options import FilterArgs, LabelArgs, fingerprint, flag, from_flags
-from pipeline.strategies import STRATEGIES
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.pipeline.cli import build_parser, main
+from rs_pseudolabel.pipeline.options import FilterArgs, LabelArgs, fingerprint, flag, from_flags
+from rs_pseudolabel.pipeline.strategies import STRATEGIES
 from tests.conftest import message_lines, run_cli
 
 REQUIRED = {

@@ -2,7 +2,7 @@
 
 import io
 
-from data.progress import LOG_INTERVAL_S, progress_bar
+from rs_pseudolabel.data.progress import LOG_INTERVAL_S, progress_bar
 
 
 class _Terminal(io.StringIO):

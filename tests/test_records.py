@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data.records import (
+from rs_pseudolabel.data.records import (
     PseudoLabel,
     content_hash,
     decode_pseudo,

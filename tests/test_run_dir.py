@@ -18,14 +18,14 @@ import pytest
 import torch
 import yaml
 
-from data.classes import write_class_names
-from data.errors import UsageError
-from data.read import iter_samples
-from data.specs import expand_shards
-from data.storage import write_json
-from data.write import write_shard
-from students import run_dir
-from students.run_dir import CLAIM_FILE, STALE_SECONDS, live_claim
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.classes import write_class_names
+from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.data.storage import write_json
+from rs_pseudolabel.students import run_dir
+from rs_pseudolabel.students.run_dir import CLAIM_FILE, STALE_SECONDS, live_claim
 from tests.conftest import DIGITS_RECIPE, run_cli
 
 QUICK = ["--model", "rs-mini", "--config", str(DIGITS_RECIPE), "--batch-size", "16"] + [
@@ -174,7 +174,7 @@ def _refused_while_running(digits_dir: Path, run: Path, *extra: str) -> None:
     args = ["train-student", "--labeled", str(digits_dir / "labeled"), "--out", str(run)]
     epochs = len(_log(run)) if (run / "log.jsonl").exists() else 0
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args, *QUICK, "--epochs", "500", *extra],
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", *args, *QUICK, "--epochs", "500", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -228,8 +228,8 @@ def test_an_epoch_smaller_than_a_batch_warns_in_one_line(digits_dir: Path, tmp_p
 def test_the_training_size_reaches_model_json_eval_and_label(digits_dir: Path, tmp_path: Path):
     """Weights trained at 48 px are validated, evaluated and label at 48 px (the table's
     rs-mini size is 32), or at the eval_size asked for."""
-    from teachers import get_config, load_teacher
-    from teachers.inference import eval_crop
+    from rs_pseudolabel.teachers import get_config, load_teacher
+    from rs_pseudolabel.teachers.inference import eval_crop
 
     run, larger = tmp_path / "run", tmp_path / "larger"
     assert _train(digits_dir, run, "--epochs", "1", "--set", "image_size=48").returncode == 0
@@ -252,8 +252,8 @@ def test_the_training_size_reaches_model_json_eval_and_label(digits_dir: Path, t
 def test_init_starts_from_another_runs_weights_with_a_new_head_for_other_classes(
     digits_dir: Path, tmp_path: Path
 ):
-    from students.train import init_from
-    from teachers import create_model, export_run
+    from rs_pseudolabel.students.train import init_from
+    from rs_pseudolabel.teachers import create_model, export_run
 
     torch.manual_seed(3)
     source = create_model("rs-mini", num_classes=10)
@@ -306,13 +306,13 @@ def test_the_finetune_recipe_trains_on_eval_crops_with_its_first_layers_frozen(
 
     from PIL import Image
 
-    from students.config import resolve_recipe
-    from students.presets import train_preset
-    from students.train import peak_lr, warmup_cosine
-    from teachers import create_model, export_run, get_config
-    from teachers.checkpoint import run_info
-    from teachers.inference import eval_pixels
-    from teachers.weights import read_weights
+    from rs_pseudolabel.students.config import resolve_recipe
+    from rs_pseudolabel.students.presets import train_preset
+    from rs_pseudolabel.students.train import peak_lr, warmup_cosine
+    from rs_pseudolabel.teachers import create_model, export_run, get_config
+    from rs_pseudolabel.teachers.checkpoint import run_info
+    from rs_pseudolabel.teachers.inference import eval_pixels
+    from rs_pseudolabel.teachers.weights import read_weights
     from tests.conftest import image_bytes
 
     sets = ["image_size=40", "num_classes=10", "epoch_samples=64", "batch_size=32"]
@@ -477,7 +477,7 @@ def test_classes_without_a_labeled_image_are_named_before_training(
     """classes.json names ten digits; a labeled set with no 3 and no 7 (and one sample whose
     class is unreadable, which the loaders drop) is said in one line before the first step,
     read from each sample's `.cls` while the images are seeked past."""
-    from students.data import count_samples
+    from rs_pseudolabel.students.data import count_samples
 
     labeled = tmp_path / "labeled"
     labeled.mkdir()
@@ -507,7 +507,7 @@ def test_a_stopped_training_run_says_how_to_continue_it(digits_dir: Path, tmp_pa
     """SIGTERM ends training in one line that tells the command which continues it: the
     trainer continues a run only with --resume (the same command again is refused)."""
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "pipeline", "train-student", "--labeled",
+    command = [sys.executable, "-m", "rs_pseudolabel.pipeline", "train-student", "--labeled",
                str(digits_dir / "labeled"), "--out", str(run), *QUICK, "--epochs", "30"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

@@ -11,15 +11,21 @@ import pytest
 from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 
-from data.decode import decode_image, find_image
-from data.manifest import StageOutput
-from data.read import iter_shard
-from data.records import PseudoLabel, content_hash, pseudo_sample, read_pseudo_shard, shard_header
-from data.specs import expand_shards
-from data.write import write_shard
-from pipeline.filter import FilterArgs
-from pipeline.filter import run as filter_run
-from pipeline.samples_sheet import (
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.decode import decode_image, find_image
+from rs_pseudolabel.data.manifest import StageOutput
+from rs_pseudolabel.data.read import iter_shard
+from rs_pseudolabel.data.records import (
+    PseudoLabel,
+    content_hash,
+    pseudo_sample,
+    read_pseudo_shard,
+    shard_header,
+)
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.pipeline.filter import FilterArgs
+from rs_pseudolabel.pipeline.filter import run as filter_run
+from rs_pseudolabel.pipeline.samples_sheet import (
     BACKGROUND,
     BANDS,
     KEPT,

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from data.storage import walk_files
-from data.write import write_shard
-from pipeline import worklist
-from pipeline.filter import FilterArgs
-from pipeline.filter import run as filter_run
-from pipeline.label import LabelArgs
-from pipeline.label import run as label_run
-from pipeline.stats import SPEC_KEYS, collect
-from pipeline.worklist import WorkList, units
+from bench.fixtures import SPEC_KEYS, write_shard
+from rs_pseudolabel.data.storage import walk_files
+from rs_pseudolabel.pipeline import worklist
+from rs_pseudolabel.pipeline.filter import FilterArgs
+from rs_pseudolabel.pipeline.filter import run as filter_run
+from rs_pseudolabel.pipeline.label import LabelArgs
+from rs_pseudolabel.pipeline.label import run as label_run
+from rs_pseudolabel.pipeline.stats import collect
+from rs_pseudolabel.pipeline.worklist import WorkList, units
 from tests.conftest import image_bytes, run_cli
 
 SHARDS = 200

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.read import iter_samples
-from data.records import decode_pseudo
-from data.specs import expand_shards
-from teachers import create_model, export_run
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import decode_pseudo
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.teachers import create_model, export_run
 from tests.conftest import DIGITS_RECIPE, image_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ class _CreatesFile:
 def _pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` from `cwd`, so a payload using a relative path lands there."""
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

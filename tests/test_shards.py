@@ -7,9 +7,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from data.read import iter_samples
-from data.specs import expand_shards
-from data.write import AtomicShard, ShardSequence, write_shard
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.data.write import AtomicShard, ShardSequence
 
 
 def _samples(n: int, size: int = 3000) -> list[dict]:
@@ -80,7 +81,7 @@ def test_failed_write_leaves_no_visible_shard(tmp_path: Path):
 def test_killed_writer_leaves_only_whole_shards(tmp_path: Path):
     script = textwrap.dedent(f"""
         import time
-        from data.write import ShardSequence
+        from rs_pseudolabel.data.write import ShardSequence
         with ShardSequence({str(tmp_path)!r}, "part", 20) as seq:
             for i in range(10**6):
                 seq.write({{"__key__": "k%07d" % i, "bin": b"x" * 4000}})

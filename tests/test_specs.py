@@ -3,9 +3,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from data.specs import ShardSpecError, expand_shards
-from data.storage import _with_protocol, filesystem, list_dir
-from data.write import write_shard
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.specs import ShardSpecError, expand_shards
+from rs_pseudolabel.data.storage import _with_protocol, filesystem, list_dir
 
 
 @pytest.fixture()

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data.specs import expand_shards
-from pipeline.filter import FilterArgs
-from pipeline.filter import run as filter_run
-from pipeline.label import LabelArgs
-from pipeline.label import run as label
-from pipeline.stats import SPEC_KEYS, collect
-from teachers import create_model, export_run
+from bench.fixtures import SPEC_KEYS
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.pipeline.filter import FilterArgs
+from rs_pseudolabel.pipeline.filter import run as filter_run
+from rs_pseudolabel.pipeline.label import LabelArgs
+from rs_pseudolabel.pipeline.label import run as label
+from rs_pseudolabel.pipeline.stats import collect
+from rs_pseudolabel.teachers import create_model, export_run
 
 
 def _direct_count(folder: Path) -> tuple[int, Counter, int]:
@@ -68,7 +69,7 @@ def test_pseudo_label_and_training_shards_json_and_plot(digits_dir: Path, tmp_pa
         [
             sys.executable,
             "-m",
-            "pipeline",
+            "rs_pseudolabel.pipeline",
             "stats",
             str(tmp_path / "train"),
             "--json",
@@ -111,7 +112,9 @@ def test_an_unfinished_stage_and_an_empty_corpus_are_said_in_words(
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps(manifest | {"state": "running"}))  # killed
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "stats", str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", "stats", str(out)],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
@@ -121,7 +124,9 @@ def test_an_unfinished_stage_and_an_empty_corpus_are_said_in_words(
     with tarfile.open(empty / "part-000000.tar", "w"):
         pass
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "stats", str(empty)], capture_output=True, text=True
+        [sys.executable, "-m", "rs_pseudolabel.pipeline", "stats", str(empty)],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "0 (no samples)" in result.stdout and "None" not in result.stdout, result.stdout

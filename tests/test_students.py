@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import configs
-from data.errors import Drop, UsageError
-from data.records import PSEUDO_EXT, PseudoLabel, encode_pseudo, shard_header
-from students.config import (
+from rs_pseudolabel import configs
+from rs_pseudolabel.data.device import Normalizer
+from rs_pseudolabel.data.errors import Drop, UsageError
+from rs_pseudolabel.data.records import PSEUDO_EXT, PseudoLabel, encode_pseudo, shard_header
+from rs_pseudolabel.students.config import (
     RECIPE_KEYS,
     Recipe,
     TrainArgs,
@@ -29,14 +30,13 @@ from students.config import (
     resolve,
     resolve_recipe,
 )
-from students.data import LabeledDecoder, PseudoDecoder, soft_target
-from students.ema import ModelEma, decay_at
-from students.losses import sharpen, soft_cross_entropy, student_loss
-from students.presets import TrainPreset
-from students.randaugment import randaugment_ops
-from students.train import lr_schedule, peak_lr, warmup_cosine
-from teachers import create_model, get_config
-from teachers.inference import Normalizer
+from rs_pseudolabel.students.data import LabeledDecoder, PseudoDecoder, soft_target
+from rs_pseudolabel.students.ema import ModelEma, decay_at
+from rs_pseudolabel.students.losses import sharpen, soft_cross_entropy, student_loss
+from rs_pseudolabel.students.presets import TrainPreset
+from rs_pseudolabel.students.randaugment import randaugment_ops
+from rs_pseudolabel.students.train import lr_schedule, peak_lr, warmup_cosine
+from rs_pseudolabel.teachers import create_model, get_config
 from tests.conftest import image_bytes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -392,7 +392,7 @@ def test_decoders_turn_bad_samples_into_reasons():
 def test_hard_pseudo_labels_are_smoothed_as_labeled_ones_and_soft_ones_are_not():
     import torch.nn.functional as F
 
-    from students.losses import soft_cross_entropy
+    from rs_pseudolabel.students.losses import soft_cross_entropy
 
     png = image_bytes()
     pseudo = PseudoDecoder(_identity, num_classes=10, smoothing=0.1)
@@ -407,7 +407,7 @@ def test_hard_pseudo_labels_are_smoothed_as_labeled_ones_and_soft_ones_are_not()
 
 
 def test_a_stream_of_nothing_but_unusable_samples_is_an_error():
-    from students.data import Failed, Loader, batches
+    from rs_pseudolabel.students.data import Failed, Loader, batches
 
     good = (torch.zeros(1), 1)
     drops = [Drop("s.tar", f"k{i}", "no_class") for i in range(3)]
@@ -423,8 +423,9 @@ def test_a_stream_of_nothing_but_unusable_samples_is_an_error():
 
 
 def _step(micro_batch: int, batch: tuple) -> tuple[list[torch.Tensor], torch.Tensor]:
-    from students.config import Recipe
-    from students.train import split_batch, train_step
+    from rs_pseudolabel.students.config import Recipe
+    from rs_pseudolabel.students.train import train_step
+    from tests.batches import split_batch
 
     torch.manual_seed(0)
     model = create_model("rs-mini", num_classes=10, drop_rate=0.0, drop_path_rate=0.0).eval()
@@ -439,7 +440,7 @@ def _step(micro_batch: int, batch: tuple) -> tuple[list[torch.Tensor], torch.Ten
 def test_micro_batches_give_the_update_of_the_whole_batch():
     """Eval-mode batch norm (its statistics are the running ones, the same for every split),
     no dropout: the only difference left is the split, so the updates must agree."""
-    from students.train import micro_splits
+    from rs_pseudolabel.students.train import micro_splits
 
     gen = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 10, (16,), generator=gen)
@@ -471,7 +472,7 @@ def test_micro_batches_give_the_update_of_the_whole_batch():
 
 def _four_class_shards(tmp_path: Path) -> list[str]:
     """Four shards of 12 small PNGs each, every image of shard k of class k."""
-    from data.write import write_shard
+    from bench.fixtures import write_shard
 
     urls = []
     for k in range(4):
@@ -486,7 +487,7 @@ def test_the_loader_cuts_each_step_in_micro_batches_that_its_workers_share(tmp_p
     """Two loader workers, each step of 8 labeled images in micro-batches of 3, 2 and 3: the
     loader's batches come in those sizes, as uint8, and in turn from the two workers (each
     reads its own half of the shards, told apart here by the class of each shard)."""
-    from students.data import LabeledDecoder, train_loader
+    from rs_pseudolabel.students.data import LabeledDecoder, train_loader
 
     urls = _four_class_shards(tmp_path)
     loader = train_loader(
@@ -525,7 +526,7 @@ def test_training_loaders_keep_their_workers_and_each_epoch_its_data(tmp_path: P
     """A training loader started once serves epoch after epoch from the same two worker
     processes, and its epochs 1 and 2 (augmentation included) are those of a loader started
     at epoch 1, as a resumed run starts it."""
-    from students.data import train_loader
+    from rs_pseudolabel.students.data import train_loader
 
     urls = _four_class_shards(tmp_path)
     decode = _WithPid(LabeledDecoder(TrainPreset(16, randaugment_magnitude=15), 4))
@@ -553,7 +554,7 @@ def test_training_loaders_keep_their_workers_and_each_epoch_its_data(tmp_path: P
 def test_the_trainers_python_api_is_checked_as_its_command_line_is(tmp_path: Path):
     """train(labeled=[...]) was a raw AttributeError, and --resume with --overwrite cleared
     the run it was asked to continue: both are one line naming the option."""
-    from students.train import train
+    from rs_pseudolabel.students.train import train
 
     assert TrainArgs(labeled=tmp_path, out=tmp_path / "o", overrides="lr=1").labeled == str(
         tmp_path

@@ -11,9 +11,9 @@ import yaml
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_data_config
 
-from data.decode import decode_image
-from data.read import iter_samples
-from data.records import PSEUDO_EXT, decode_pseudo
+from rs_pseudolabel.data.decode import decode_image
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import PSEUDO_EXT, decode_pseudo
 from tests.conftest import DIGITS_RECIPE, message_lines, run_cli
 from tests.test_label_device import _web_shard
 
@@ -139,7 +139,7 @@ def test_a_timm_name_timm_does_not_know_is_one_line(teacher: str, said: str, tmp
 
 
 def test_a_timm_model_built_for_its_training_size_loads_at_that_size(tmp_path: Path):
-    from teachers import create_model, export_run, load_teacher
+    from rs_pseudolabel.teachers import create_model, export_run, load_teacher
 
     torch.manual_seed(0)
     model = create_model("timm:test_vit", CLASSES, image_size=32).eval()
@@ -154,10 +154,10 @@ def test_a_timm_model_built_for_its_training_size_loads_at_that_size(tmp_path: P
 def test_a_timm_rows_micro_batch_is_measured_as_the_resnet_rs_rows_were():
     """The measurement that gave the table's ResNet-RS figures (bench/bench_micro.py) gives
     them again, and a timm row's recipe gets its own from it."""
-    from students.config import resolve_recipe
-    from teachers import create_model
-    from teachers.micro import measured_micro_batch
-    from teachers.registry import MICRO
+    from rs_pseudolabel.students.config import resolve_recipe
+    from rs_pseudolabel.teachers import create_model
+    from rs_pseudolabel.teachers.micro import measured_micro_batch
+    from rs_pseudolabel.teachers.registry import MICRO
 
     assert measured_micro_batch(create_model("rs-50"), 160) == MICRO["rs-50"]
     recipe = resolve_recipe(None, (), model="timm:test_resnet")

@@ -20,12 +20,18 @@ import yaml
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
-from data.digits import write_digits
-from data.read import iter_samples
-from data.records import PSEUDO_EXT, PseudoLabel, content_hash, encode_pseudo, shard_header
-from data.specs import expand_shards
-from data.write import write_shard
-from teachers import create_model
+from bench.fixtures import write_shard
+from rs_pseudolabel.data.digits import write_digits
+from rs_pseudolabel.data.read import iter_samples
+from rs_pseudolabel.data.records import (
+    PSEUDO_EXT,
+    PseudoLabel,
+    content_hash,
+    encode_pseudo,
+    shard_header,
+)
+from rs_pseudolabel.data.specs import expand_shards
+from rs_pseudolabel.teachers import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "digits.yaml")
@@ -35,7 +41,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "-m",
-        "pipeline",
+        "rs_pseudolabel.pipeline",
         "train-student",
         "--model",
         "rs-mini",
@@ -83,7 +89,7 @@ def _pipeline_eval(run: Path, data: Path) -> dict:
         [
             sys.executable,
             "-m",
-            "pipeline",
+            "rs_pseudolabel.pipeline",
             "eval",
             "--checkpoint",
             str(run),
@@ -207,7 +213,7 @@ def _pseudo_shards(unlabeled: Path, out: Path, per_shard: int = 400) -> None:
 
 
 def test_pseudo_labeled_shards_train_in_the_same_step(tmp_path: Path):
-    from students.train import train
+    from rs_pseudolabel.students.train import train
 
     data = tmp_path / "digits"
     write_digits(str(data), labeled=200, seed=0)
@@ -235,7 +241,7 @@ def test_pseudo_labeled_shards_train_in_the_same_step(tmp_path: Path):
 def test_micro_batches_keep_the_step_count_and_schedule_and_are_recorded(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ):
-    from students.train import train
+    from rs_pseudolabel.students.train import train
 
     data = tmp_path / "digits"
     write_digits(str(data), labeled=200, seed=0)
@@ -279,7 +285,7 @@ def _url_and_key(sample: dict) -> tuple[str, str] | None:
 
 
 def test_ranks_read_disjoint_shards(tmp_path: Path):
-    from students.data import node_shards, train_loader
+    from rs_pseudolabel.students.data import node_shards, train_loader
 
     write_digits(str(tmp_path), labeled=1000, seed=0, shard_size=100)
     urls = expand_shards(str(tmp_path / "labeled"))
@@ -323,9 +329,10 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from students import distributed, seeding
-    from students.config import TrainArgs, resolve_recipe
-    from students.train import (
+    from rs_pseudolabel.data.device import DeviceFeed, Normalizer
+    from rs_pseudolabel.students import distributed, seeding
+    from rs_pseudolabel.students.config import TrainArgs, resolve_recipe
+    from rs_pseudolabel.students.train import (
         build_loaders,
         build_model,
         mixed_parts,
@@ -333,8 +340,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
         read_inputs,
         train_one_epoch,
     )
-    from teachers import get_config
-    from teachers.inference import DeviceFeed, Normalizer
+    from rs_pseudolabel.teachers import get_config
 
     torch.set_num_threads(1)
     os.environ |= {
@@ -391,9 +397,9 @@ def _micro_batch_update(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from students.config import resolve_recipe
-    from students.train import micro_splits, param_groups, train_step
-    from teachers.inference import Normalizer
+    from rs_pseudolabel.data.device import Normalizer
+    from rs_pseudolabel.students.config import resolve_recipe
+    from rs_pseudolabel.students.train import micro_splits, param_groups, train_step
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -462,7 +468,7 @@ def test_ddp_ranks_keep_identical_weights(digits1000: Path, tmp_path: Path):
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(demo_run: Path, digits1000: Path):
-    from students.train import train
+    from rs_pseudolabel.students.train import train
 
     with pytest.raises(ValueError, match="already holds a run: pass --resume"):
         train(model="rs-mini", labeled=str(digits1000 / "labeled"), out=str(demo_run), config=DEMO)
@@ -471,8 +477,8 @@ def test_an_existing_run_is_not_overwritten_without_resume(demo_run: Path, digit
 def test_a_checkpoint_from_before_the_averaged_model_ema_is_refused_in_one_line(
     digits1000: Path, tmp_path: Path
 ):
-    from students.train import train
-    from teachers import create_model
+    from rs_pseudolabel.students.train import train
+    from rs_pseudolabel.teachers import create_model
 
     state = create_model("rs-mini", 10).state_dict()
     run = tmp_path / "run"
@@ -485,7 +491,7 @@ def test_a_checkpoint_from_before_the_averaged_model_ema_is_refused_in_one_line(
 
 
 def test_shards_without_images_are_refused_before_training(digits1000: Path, tmp_path: Path):
-    from students.train import train
+    from rs_pseudolabel.students.train import train
 
     write_shard(str(tmp_path / "empty" / "e-000000.tar"), [{"__key__": "a", "cls": b"1"}])
     args = dict(model="rs-mini", out=str(tmp_path / "run"), config=DEMO)
@@ -496,7 +502,7 @@ def test_shards_without_images_are_refused_before_training(digits1000: Path, tmp
 
 
 def test_unknown_set_key_is_a_value_error_naming_it(digits1000: Path, tmp_path: Path):
-    from students.train import train
+    from rs_pseudolabel.students.train import train
 
     with pytest.raises(ValueError, match="'learning_rate'"):
         train(
@@ -523,19 +529,19 @@ def test_unknown_set_key_is_a_value_error_naming_it(digits1000: Path, tmp_path: 
 def test_cli_reports_bad_input_in_one_line_with_status_2(
     digits1000: Path, tmp_path: Path, capsys, extra: list[str], expected: str
 ):
-    from students.train import cli
+    from rs_pseudolabel.pipeline.cli import main
 
     argv = ["--labeled", str(digits1000 / "labeled"), "--out", str(tmp_path / "run"), *extra]
-    assert cli(argv) == 2
+    assert main(["train-student", *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], lines
 
 
 def test_missing_shards_name_the_argument(tmp_path: Path, capsys):
-    from students.train import cli
+    from rs_pseudolabel.pipeline.cli import main
 
     argv = ["--model", "rs-mini", "--labeled", str(tmp_path / "none"), "--out", str(tmp_path)]
-    assert cli(argv) == 2
+    assert main(["train-student", *argv]) == 2
     assert "labeled shards: shard not found" in capsys.readouterr().err
 
 
@@ -603,14 +609,14 @@ def test_a_compiled_run_trains_and_resumes_uncompiled_with_the_same_names(tmp_pa
 
 _FAIL_ON_RANK_0 = """
 import os, sys
-import students.train
-from pipeline.cli import main
-real = students.train.train_step
+from rs_pseudolabel.pipeline.cli import main
+from rs_pseudolabel.students import train
+real = train.train_step
 def train_step(*args, **kwargs):
     if os.environ["RANK"] == "0":
         raise RuntimeError("an unexpected failure on rank 0")
     return real(*args, **kwargs)
-students.train.train_step = train_step
+train.train_step = train_step
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -638,12 +644,14 @@ def test_an_unexpected_error_on_one_rank_ends_the_torchrun_job_with_it(tmp_path:
     assert "RuntimeError: an unexpected failure on rank 0" in result.stderr
 
 
-_STEP_PEAK = """
+_STEP_PEAK = f"""
 import resource, sys, torch
-from students.config import Recipe
-from students.train import split_batch, train_step
-from teachers import create_model
-from teachers.inference import Normalizer
+sys.path.insert(0, {str(ROOT)!r})
+from rs_pseudolabel.students.config import Recipe
+from rs_pseudolabel.students.train import train_step
+from tests.batches import split_batch
+from rs_pseudolabel.teachers import create_model
+from rs_pseudolabel.data.device import Normalizer
 torch.manual_seed(0)
 model = create_model("rs-50", num_classes=100).train()
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

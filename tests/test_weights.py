@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from teachers import WeightsError, create_model, export_run, load_teacher, read_weights
+from rs_pseudolabel.teachers import (
+    WeightsError,
+    create_model,
+    export_run,
+    load_teacher,
+    read_weights,
+)
 from tests.conftest import message_lines, run_cli
 
 
