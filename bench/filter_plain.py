@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rs_pseudolabel.data.records import content_hash, decode_pseudo, encode_pseudo  # noqa: E402
 from rs_pseudolabel.pipeline.confidence import BINS, conf_bin  # noqa: E402
-from rs_pseudolabel.pipeline.options import FilterArgs  # noqa: E402
 from rs_pseudolabel.pipeline.strategies import Threshold  # noqa: E402
 
 BUFFER = 64
@@ -58,13 +57,7 @@ def main() -> None:
         for _, label in sidecar_records(path):
             hist.setdefault(label.top1, np.zeros(BINS, np.int64))[conf_bin(label.confidence)] += 1
     rules = Threshold(
-        FilterArgs(
-            input=args.input,
-            output=args.output,
-            threshold=args.threshold,
-            per_class=args.per_class,
-            max_copies=args.max_copies,
-        )
+        threshold=args.threshold, per_class=args.per_class, max_copies=args.max_copies, hard=False
     ).rules(hist)
 
     Path(args.output).mkdir(parents=True, exist_ok=True)

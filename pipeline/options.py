@@ -264,7 +264,8 @@ class FilterArgs(JobArgs):
 # What chooses and balances the images: what --keep-selection replaces, and what each
 # strategy reads of it.
 _SELECTING = ("threshold", "per_class", "max_copies", "top_p")
-_USED_BY = {"threshold": ("threshold", "per_class", "max_copies"), "topk": ("per_class", "top_p")}
+# (a strategy reads the options its fields name)
+_USED_BY = {name: tuple(f.name for f in fields(kind)) for name, kind in STRATEGIES.items()}
 
 
 # --- what derives from the fields --------------------------------------------------------

@@ -14,16 +14,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 
 from rs_pseudolabel.data.records import PseudoLabel
 from rs_pseudolabel.pipeline.confidence import BINS, Histograms, bin_floor, conf_bin
-
-if TYPE_CHECKING:
-    from rs_pseudolabel.pipeline.options import FilterArgs
 
 
 def unit_draw(key: str, salt: str = "") -> float:
@@ -94,12 +91,12 @@ def soft(label: PseudoLabel) -> PseudoLabel:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Strategy:
-    """A filter's way of choosing, built from its arguments; small enough to pickle into
-    the job graph."""
+    """A filter's way of choosing. Its fields are the filter options it reads, by their
+    names (what it is built from, and which options another strategy refuses); small enough
+    to pickle into the job graph."""
 
-    args: FilterArgs
     name: ClassVar[str]
 
     def ranked(self, label: PseudoLabel) -> list[tuple[int, float]]:
@@ -125,8 +122,8 @@ class Strategy:
         raise NotImplementedError
 
     def training_label(self, label: PseudoLabel, cls: int) -> PseudoLabel:
-        """What a training sample kept under `cls` carries: the soft label, or one-hot."""
-        return one_hot(label, cls) if self.args.hard else soft(label)
+        """What a training sample kept under `cls` carries: the soft label."""
+        return soft(label)
 
     def capped(self, hist: Histograms, rules: Rules) -> list[int]:
         """Classes the copy cap kept below --per-class."""
@@ -137,11 +134,16 @@ class Strategy:
         return "no pseudo-label has a class to be ranked under: relabel with a larger --topk"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Threshold(Strategy):
     """Noisy Student: a confidence threshold per class, then each class balanced to
     --per-class (cut, or copied up to --max-copies times)."""
 
     name = "threshold"
+    threshold: float
+    per_class: int
+    max_copies: float
+    hard: bool
 
     def ranked(self, label: PseudoLabel) -> list[tuple[int, float]]:
         return [(label.top1, label.confidence)]
@@ -154,8 +156,8 @@ class Threshold(Strategy):
         """t_c is --threshold or a 0.01 step above it, the highest that leaves at least
         --per-class images; a class with fewer keeps all above --threshold, each image at
         most --max-copies times."""
-        per_class = self.args.per_class
-        start = math.ceil(self.args.threshold * BINS - 1e-9)
+        per_class = self.per_class
+        start = math.ceil(self.threshold * BINS - 1e-9)
         if start >= BINS:
             return {}
         steps = [start] + [b for b in range(0, BINS, BINS // 100) if b > start]
@@ -166,7 +168,7 @@ class Threshold(Strategy):
                 continue
             enough = [b for b in steps if above[b] >= per_class]
             min_bin = enough[-1] if enough else start
-            rate = min(per_class / int(above[min_bin]), self.args.max_copies)
+            rate = min(per_class / int(above[min_bin]), self.max_copies)
             rules[cls] = ClassRule(min_bin=min_bin, rate=rate)
         return rules
 
@@ -180,8 +182,11 @@ class Threshold(Strategy):
     def kept_class(self, label: PseudoLabel, previous: int) -> int:
         return label.top1
 
+    def training_label(self, label: PseudoLabel, cls: int) -> PseudoLabel:
+        return one_hot(label, cls) if self.hard else soft(label)
+
     def capped(self, hist: Histograms, rules: Rules) -> list[int]:
-        per_class = self.args.per_class
+        per_class = self.per_class
         return [
             cls
             for cls, rule in rules.items()
@@ -194,19 +199,22 @@ class Threshold(Strategy):
             return "the labels hold no pseudo-label at all: label a corpus that has images"
         shown = ", ".join(f"class {c} {v:.3f}" for c, v in list(best.items())[:10])
         return (
-            f"--threshold {self.args.threshold} keeps no pseudo-label: the highest confidence "
+            f"--threshold {self.threshold} keeps no pseudo-label: the highest confidence "
             f"per class is {shown}{' ...' if len(best) > 10 else ''}; lower --threshold"
         )
 
 
+@dataclass(frozen=True, kw_only=True)
 class TopK(Strategy):
     """Yalniz et al.: each image ranked under its --top-p classes, the --per-class most
     confident of each class kept, with one-hot labels."""
 
     name = "topk"
+    per_class: int
+    top_p: int
 
     def ranked(self, label: PseudoLabel) -> list[tuple[int, float]]:
-        top_p = self.args.top_p
+        top_p = self.top_p
         return [
             (int(c), float(p))
             for c, p in zip(label.indices[:top_p], label.probs[:top_p], strict=True)
@@ -214,11 +222,11 @@ class TopK(Strategy):
 
     @property
     def ranks_top1(self) -> bool:
-        return self.args.top_p == 1
+        return self.top_p == 1
 
     def rules(self, hist: Histograms) -> dict[int, ClassRule]:
         """The K most confident per class, ties at the cut broken by the key."""
-        per_class = self.args.per_class
+        per_class = self.per_class
         rules = {}
         for cls, counts in hist.items():
             if counts.sum() == 0:
@@ -251,5 +259,8 @@ class TopK(Strategy):
 STRATEGIES: dict[str, type[Strategy]] = {kind.name: kind for kind in (Threshold, TopK)}
 
 
-def strategy_of(args: FilterArgs) -> Strategy:
-    return STRATEGIES[args.strategy](args)
+def strategy_of(options: object) -> Strategy:
+    """The strategy `options.strategy` names, given the options it reads (an object with
+    them as attributes: the filter's arguments)."""
+    kind = STRATEGIES[options.strategy]
+    return kind(**{f.name: getattr(options, f.name) for f in fields(kind)})
