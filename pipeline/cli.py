@@ -20,9 +20,20 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from rs_pseudolabel.data.errors import USER_ERRORS, PeerFailed, UsageError, WorkerBug, in_words
+from rs_pseudolabel.data.options import add_flags, flag_values
 from rs_pseudolabel.data.progress import say
-from rs_pseudolabel.pipeline.options import FilterArgs, LabelArgs, add_flags, from_flags
-from rs_pseudolabel.students.config import DEVICES, add_arguments, flag_values
+from rs_pseudolabel.pipeline.options import (
+    DemoArgs,
+    DigitsArgs,
+    EvalArgs,
+    FilterArgs,
+    IngestArgs,
+    LabelArgs,
+    ModelsArgs,
+    StatsArgs,
+    add_stage_flags,
+)
+from rs_pseudolabel.students.config import add_arguments, train_flag_values
 
 EXIT_USAGE = 2  # a mistake the user can fix
 EXIT_BUG = 1  # a bug in this project
@@ -35,89 +46,65 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+def _given(cls: type, args: argparse.Namespace):
+    """The command's options (a dataclass of pipeline/options.py) from its flags."""
+    return cls(**flag_values(cls, args))
 
 
 def _cmd_data_digits(args: argparse.Namespace) -> None:
     from rs_pseudolabel.pipeline.data_commands import run_digits
 
+    a = _given(DigitsArgs, args)
     run_digits(
-        args.out,
-        labeled=args.labeled,
-        seed=args.seed,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
+        a.out, labeled=a.labeled, seed=a.seed, shard_size=a.shard_size, overwrite=a.overwrite
     )
 
 
 def _cmd_data_ingest(args: argparse.Namespace) -> None:
     from rs_pseudolabel.pipeline.data_commands import run_ingest
 
-    run_ingest(
-        args.src, args.out, shard_size=args.shard_size, prefix=args.prefix, overwrite=args.overwrite
-    )
+    a = _given(IngestArgs, args)
+    run_ingest(a.src, a.out, shard_size=a.shard_size, prefix=a.prefix, overwrite=a.overwrite)
 
 
 def _cmd_label(args: argparse.Namespace) -> None:
     from rs_pseudolabel.pipeline.label import run, summary
 
-    print(summary(run(from_flags(LabelArgs, args), args.beam_args)))
+    print(summary(run(_given(LabelArgs, args), args.beam_args)))
 
 
 def _cmd_filter(args: argparse.Namespace) -> None:
     from rs_pseudolabel.pipeline.filter import run, summary
 
-    print(summary(run(from_flags(FilterArgs, args), args.beam_args)))
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
-    return value
+    print(summary(run(_given(FilterArgs, args), args.beam_args)))
 
 
 def _cmd_stats(args: argparse.Namespace) -> None:
     from rs_pseudolabel.pipeline.source_roots import source_roots
     from rs_pseudolabel.pipeline.stats import run
 
-    _output_files(args, {"json": None, "plot": ".png", "samples": ".png"})
-    if args.source_root and not args.samples:
+    a = _given(StatsArgs, args)
+    _output_files(a, {"json": None, "plot": ".png", "samples": ".png"})
+    if a.source_root and not a.samples:
         raise UsageError("--source-root says where --samples finds images: pass --samples too")
-    source_roots(args.source_root)  # a typo is said before the statistics are made
-    beam_args = args.beam_args + ([f"--runner={args.runner}"] if args.runner else [])
-    run(
-        args.shards,
-        json_path=args.json,
-        plot_path=args.plot,
-        beam_args=beam_args,
-        sample=args.sample,
-        scan=args.scan,
-    )
-    if args.samples:
+    source_roots(a.source_root)  # a typo is said before the statistics are made
+    beam_args = args.beam_args + ([f"--runner={a.runner}"] if a.runner else [])
+    run(a.shards, json_path=a.json, plot_path=a.plot, beam_args=beam_args, sample=a.sample,
+        scan=a.scan)  # fmt: skip
+    if a.samples:
         from rs_pseudolabel.pipeline.samples_sheet import write_samples
 
-        drawn = write_samples(args.shards, args.samples, source_roots=args.source_root)
-        print(f"{drawn} sample images in {args.samples}")
+        drawn = write_samples(a.shards, a.samples, source_roots=list(a.source_root))
+        print(f"{drawn} sample images in {a.samples}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from rs_pseudolabel.students.train import train
 
-    train(**flag_values(args))
+    train(**train_flag_values(args))
 
 
-def _output_files(args: argparse.Namespace, flags: dict[str, str | None]) -> None:
+def _output_files(args: object, flags: dict[str, str | None]) -> None:
     """The files a command will write, checked before its work (an evaluation, a scan) and
     not after: a folder in a file's place, or a PNG under another suffix, is one line."""
     from rs_pseudolabel.data.storage import is_dir
@@ -136,14 +123,13 @@ def _output_files(args: argparse.Namespace, flags: dict[str, str | None]) -> Non
 def _cmd_eval(args: argparse.Namespace) -> None:
     from rs_pseudolabel.students.eval import evaluate_run
 
-    _output_files(args, {"json": None})
-    scores = evaluate_run(
-        args.checkpoint, args.data, batch_size=args.batch_size, device=args.device
-    )
-    if args.json:
+    a = _given(EvalArgs, args)
+    _output_files(a, {"json": None})
+    scores = evaluate_run(a.checkpoint, a.data, batch_size=a.batch_size, device=a.device)
+    if a.json:
         from rs_pseudolabel.data.storage import write_json
 
-        write_json(args.json, scores)
+        write_json(a.json, scores)
     print(
         f"top-1 {100 * scores['top1']:.2f}%  top-5 {100 * scores['top5']:.2f}%  "
         f"on {scores['samples']} samples ({scores['dropped']} unusable) at "
@@ -154,24 +140,18 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from rs_pseudolabel.pipeline.demo import run, table
 
-    print(table(run(args.out, seed=args.seed, rounds=args.rounds, recipe_path=args.config)))
+    a = _given(DemoArgs, args)
+    print(table(run(a.out, seed=a.seed, rounds=a.rounds, recipe_path=a.config)))
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
     from rs_pseudolabel.teachers import format_table, models_table
     from rs_pseudolabel.teachers.table import TIMM_NOTE
 
-    print(format_table(models_table(args.name or None)))
-    if not args.name:
+    names = list(_given(ModelsArgs, args).name)
+    print(format_table(models_table(names or None)))
+    if not names:
         print(f"\n{TIMM_NOTE}")
-
-
-def _add_overwrite(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="clear an output folder made with other settings instead of refusing it",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,21 +181,12 @@ def _add_data_commands(commands: Commands) -> None:
     digits = data_commands.add_parser(
         "digits", help="write scikit-learn's handwritten digits as labeled/unlabeled/val shards"
     )
-    digits.add_argument("--out", required=True, help="output folder")
-    digits.add_argument("--labeled", type=_positive, default=200, help="labeled images (200)")
-    digits.add_argument("--seed", type=int, default=0, help="split seed (0)")
-    digits.add_argument("--shard-size", type=_positive, default=256, help="samples per shard")
-    _add_overwrite(digits)
+    add_flags(digits, DigitsArgs)
     digits.set_defaults(func=_cmd_data_digits)
-
     ingest = data_commands.add_parser(
         "ingest", help="re-shard an ImageFolder, a folder of images, or existing shards"
     )
-    ingest.add_argument("src", help="folder, shard, glob or brace pattern (local or fsspec URL)")
-    ingest.add_argument("--out", required=True, help="output folder")
-    ingest.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard")
-    ingest.add_argument("--prefix", default="part", help="shard name prefix (part)")
-    _add_overwrite(ingest)
+    add_flags(ingest, IngestArgs)
     ingest.set_defaults(func=_cmd_data_ingest)
 
 
@@ -226,7 +197,7 @@ def _add_beam_stages(commands: Commands) -> None:
         help="label unlabeled shards with a teacher (Beam job)",
         epilog="Any other option (--temp_location, --project, ...) goes to the Beam runner.",
     )
-    add_flags(label, LabelArgs)
+    add_stage_flags(label, LabelArgs)
     label.set_defaults(func=_cmd_label, beam=True)
 
     filt = commands.add_parser(
@@ -234,7 +205,7 @@ def _add_beam_stages(commands: Commands) -> None:
         help="filter, deduplicate and class-balance pseudo-labels into training shards (Beam job)",
         epilog="Any other option (--temp_location, --project, ...) goes to the Beam runner.",
     )
-    add_flags(filt, FilterArgs)
+    add_stage_flags(filt, FilterArgs)
     filt.set_defaults(func=_cmd_filter, beam=True)
 
 
@@ -251,25 +222,13 @@ def _add_training(commands: Commands) -> None:
     evaluate = commands.add_parser(
         "eval", help="top-1 / top-5 of a run directory on labeled shards"
     )
-    evaluate.add_argument("--checkpoint", required=True, help="run directory (or model name)")
-    evaluate.add_argument("--data", required=True, help="labeled shards: dir, glob or braces")
-    evaluate.add_argument("--json", help="write top1, top5, samples as JSON here")
-    evaluate.add_argument("--batch-size", type=_positive, default=256)
-    evaluate.add_argument("--device", choices=DEVICES, default="auto")
+    add_flags(evaluate, EvalArgs)
     evaluate.set_defaults(func=_cmd_eval)
 
 
 def _add_demo(commands: Commands) -> None:
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded digits")
-    demo.add_argument("--out", default="demo-out", help="output folder (demo-out)")
-    demo.add_argument("--seed", type=int, default=0, help="data split and training seed (0)")
-    demo.add_argument(
-        "--rounds",
-        type=_positive,
-        default=1,
-        help="student-teacher rounds (1); round 2 on: configs/demo.yaml's later_rounds",
-    )
-    demo.add_argument("--config", help="demo recipe: a path, or a bundled one by name (demo)")
+    add_flags(demo, DemoArgs)
     demo.set_defaults(func=_cmd_demo)
 
 
@@ -279,35 +238,7 @@ def _add_stats(commands: Commands) -> None:
         help="shard statistics: a table, --json, a --plot PNG and --samples images",
         epilog="Any other option (--temp_location, --project, ...) goes to the Beam runner.",
     )
-    stats.add_argument("shards", help="shards: dir, glob or braces (local or fsspec URL)")
-    stats.add_argument("--json", help="write the statistics as JSON here")
-    stats.add_argument("--plot", help="write histograms as a PNG here")
-    stats.add_argument(
-        "--samples",
-        metavar="FILE.png",
-        help="write a PNG of images per class and confidence band (kept and dropped ones "
-        "for filter output) here",
-    )
-    stats.add_argument(
-        "--source-root",
-        action="append",
-        default=[],
-        metavar="OLD=NEW",
-        help="for --samples of label or filter output: the shards labeled under folder OLD are "
-        "now under NEW (as for pipeline filter); repeat for several folders",
-    )
-    stats.add_argument(
-        "--scan",
-        action="store_true",
-        help="read every shard even where the stage's manifest already has the answer",
-    )
-    stats.add_argument(
-        "--sample",
-        type=_fraction,
-        metavar="FRACTION",
-        help="scan only this share of the shards (seeded), for a quick look",
-    )
-    stats.add_argument("--runner", help="Beam runner for a scan (DirectRunner, workers = cores)")
+    add_flags(stats, StatsArgs)
     stats.set_defaults(func=_cmd_stats, beam=True)
 
 
@@ -315,7 +246,7 @@ def _add_models(commands: Commands) -> None:
     models = commands.add_parser(
         "models", help="the model table (ResNet-RS rows; timm:NAME for any timm model)"
     )
-    models.add_argument("name", nargs="*", help="only these models")
+    add_flags(models, ModelsArgs)
     models.set_defaults(func=_cmd_models)
 
 

@@ -1,7 +1,7 @@
 """The options of `pipeline label` and `pipeline filter`: two frozen dataclasses, one field per
-option, from which the command's flags, the range check (the same on the command line and
-through the Python API), the stage's fingerprint, the `args` of its manifest and the label
-workers' spec all derive. Adding an option is one field here and its use.
+option (data/options.py: its flag and its check), from which the stage's fingerprint, the
+`args` of its manifest and the label workers' spec also derive. Adding an option is one
+field here and its use.
 
 No torch and no Beam here: `pipeline --help` builds its flags from this module alone.
 """
@@ -9,15 +9,14 @@ No torch and no Beam here: `pipeline --help` builds its flags from this module a
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 from rs_pseudolabel.data.decode import DECODERS
 from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.options import DEVICES, POSITIONAL, add_flags, check_all, flag, option
 from rs_pseudolabel.data.records import FORMAT_VERSION, MAX_TOPK
 from rs_pseudolabel.pipeline.strategies import STRATEGIES
-from rs_pseudolabel.students.config import DEVICES, field_types, scalar_of
 
 # Images per forward pass by the device's kind when --batch-size is not given: an H100 is
 # launch-bound at 32, a CPU gains nothing past it.
@@ -26,35 +25,7 @@ TTA = ("none", "flip")
 RECORD_FORMAT = "record_format"  # the fingerprint's key for data.records.FORMAT_VERSION
 
 
-def option(
-    help: str,
-    default: object = MISSING,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    below: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    fingerprint: bool | str = False,
-    worker: bool = False,
-    metavar: str | None = None,
-) -> Field:
-    """One option. `low`/`high`/`below`: its range; `fingerprint`: whether the output depends
-    on it (a string renames its key there); `worker`: part of what a label worker sets up once
-    and shares (the teacher, its device and decoding). A tuple-typed option is a repeatable
-    flag; a bool one a switch."""
-    return field(
-        default=default,
-        metadata={
-            "help": help,
-            "low": low,
-            "high": high,
-            "below": below,
-            "choices": choices,
-            "fingerprint": fingerprint,
-            "worker": worker,
-            "metavar": metavar,
-        },
-    )
+OVERWRITE = "clear an output folder made with other settings instead of refusing it"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,17 +39,10 @@ class JobArgs:
         None,
         metavar="FILE",
     )
-    overwrite: bool = option(
-        "clear an output folder made with other settings instead of refusing it", False
-    )
+    overwrite: bool = option(OVERWRITE, False)
 
     def __post_init__(self) -> None:
-        for spec in fields(self):
-            value = _as_declared(type(self), spec, getattr(self, spec.name))
-            object.__setattr__(self, spec.name, value)
-            problem = _problem(type(self), spec, value)
-            if problem is not None:
-                raise UsageError(problem)
+        check_all(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,6 +232,111 @@ _SELECTING = ("threshold", "per_class", "max_copies", "top_p")
 _USED_BY = {name: tuple(f.name for f in fields(kind)) for name, kind in STRATEGIES.items()}
 
 
+# --- the other commands: the same declarations, no fingerprint of their own -------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DigitsArgs:
+    """`pipeline data digits`."""
+
+    out: str = option("output folder")
+    labeled: int = option("labeled images", 200, low=1)
+    seed: int = option("split seed", 0, low=0)
+    shard_size: int = option("samples per shard", 256, low=1)
+    overwrite: bool = option(OVERWRITE, False)
+
+    def __post_init__(self) -> None:
+        check_all(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestArgs:
+    """`pipeline data ingest`."""
+
+    src: str = option("folder, shard, glob or brace pattern (local or fsspec URL)", flag=POSITIONAL)
+    out: str = option("output folder")
+    shard_size: int = option("samples per shard", 1000, low=1)
+    prefix: str = option("shard name prefix", "part")
+    overwrite: bool = option(OVERWRITE, False)
+
+    def __post_init__(self) -> None:
+        check_all(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalArgs:
+    """`pipeline eval`."""
+
+    checkpoint: str = option("run directory (or model name)")
+    data: str = option("labeled shards: dir, glob or braces")
+    json: str | None = option("write top1, top5, samples as JSON here", None)
+    batch_size: int = option("images per batch", 256, low=1)
+    device: str = option("where the model runs", "auto", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        check_all(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoArgs:
+    """`pipeline demo`."""
+
+    out: str = option("output folder", "demo-out")
+    seed: int = option("data split and training seed", 0, low=0)
+    rounds: int = option(
+        "student-teacher rounds; round 2 on: configs/demo.yaml's later_rounds", 1, low=1
+    )
+    config: str | None = option("demo recipe: a path, or a bundled one by name (demo)", None)
+
+    def __post_init__(self) -> None:
+        check_all(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsArgs:
+    """`pipeline stats`."""
+
+    shards: str = option("shards: dir, glob or braces (local or fsspec URL)", flag=POSITIONAL)
+    json: str | None = option("write the statistics as JSON here", None)
+    plot: str | None = option("write histograms as a PNG here", None)
+    samples: str | None = option(
+        "write a PNG of images per class and confidence band (kept and dropped ones for "
+        "filter output) here",
+        None,
+        metavar="FILE.png",
+    )
+    source_root: tuple[str, ...] = option(
+        "for --samples of label or filter output: the shards labeled under folder OLD are now "
+        "under NEW (as for pipeline filter); repeat for several folders",
+        (),
+        metavar="OLD=NEW",
+    )
+    scan: bool = option(
+        "read every shard even where the stage's manifest already has the answer", False
+    )
+    sample: float | None = option(
+        "scan only this share of the shards (seeded), for a quick look",
+        None,
+        low=0,
+        high=1,
+        metavar="FRACTION",
+    )
+    runner: str | None = option("Beam runner for a scan (DirectRunner, workers = cores)", None)
+
+    def __post_init__(self) -> None:
+        check_all(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelsArgs:
+    """`pipeline models`."""
+
+    name: tuple[str, ...] = option("only these models", (), flag=POSITIONAL)
+
+    def __post_init__(self) -> None:
+        check_all(self)
+
+
 # --- what derives from the fields --------------------------------------------------------
 
 
@@ -277,122 +346,10 @@ def default(cls: type, name: str) -> object:
     return cls.__dataclass_fields__[name].default
 
 
-def flag(spec: Field) -> str:
-    return "--" + spec.name.replace("_", "-")
-
-
-def _as_declared(cls: type, spec: Field, value: object) -> object:
-    """What the Python API may pass for an option as the field holds it: a path
-    (`pathlib.Path`) as its string, and for a repeatable option one value or a list as a
-    tuple. Anything else is left for `_problem` to refuse."""
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if _repeated(cls, spec):
-        if isinstance(value, str):
-            return (value,)
-        if isinstance(value, list | tuple):
-            return tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
-    return value
-
-
-def _problem(cls: type, spec: Field, value: object) -> str | None:
-    """What is wrong with `value` for this option, in one line naming its flag; or None."""
-    kind = field_types(cls)[spec.name]
-    if value is None:
-        return None if type(None) in getattr(kind, "__args__", ()) else f"{flag(spec)} is required"
-    if _repeated(cls, spec):
-        wrong = (
-            [v for v in value if not isinstance(v, str)] if isinstance(value, tuple) else [value]
-        )
-        return f"{flag(spec)} takes strings, got {wrong[0]!r}" if wrong else None
-    scalar = scalar_of(kind)
-    if scalar is bool and not isinstance(value, bool):
-        return f"{flag(spec)} must be True or False, got {value!r}"
-    meta = spec.metadata
-    if meta["choices"] is not None and value not in meta["choices"]:
-        return f"{flag(spec)} must be one of {', '.join(meta['choices'])}, got {value!r}"
-    if scalar is str and not isinstance(value, str):
-        return f"{flag(spec)} must be a string or a path, got {value!r}"
-    if scalar not in (int, float):
-        return None
-    low, high, below = meta["low"], meta["high"], meta["below"]
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    whole = number and (scalar is float or float(value).is_integer())
-    inside = (
-        whole
-        and (low is None or value >= low)
-        and (high is None or value <= high)
-        and (below is None or value < below)
-    )
-    if inside:
-        return None
-    word = "a whole number" if scalar is int else "a number"
-    if high is not None:
-        span = f" between {low:g} and {high:g}"
-    elif below is not None:
-        span = f" in [{low:g}, {below:g})"
-    else:
-        span = f" of at least {low:g}" if low is not None else ""
-    return f"{flag(spec)} must be {word}{span}, got {value!r}"
-
-
-def _parser(cls: type, spec: Field):
-    """argparse's `type` for a valued option: the text parsed, then the field's own check."""
-    scalar = scalar_of(field_types(cls)[spec.name])
-
-    def parse(text: str) -> object:
-        try:
-            value = scalar(text)
-        except ValueError:
-            message = f"{flag(spec)} expects {scalar.__name__}, got {text!r}"
-            raise argparse.ArgumentTypeError(message) from None
-        problem = _problem(cls, spec, value)
-        if problem is not None:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    parse.__name__ = scalar.__name__  # what argparse names in "invalid ... value"
-    return parse
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of `cls` (LabelArgs or FilterArgs), in field order, job flags last."""
-    for spec in sorted(fields(cls), key=lambda f: f.name in _JOB):
-        meta, kind = spec.metadata, field_types(cls)[spec.name]
-        options: dict[str, object] = {"dest": spec.name, "help": meta["help"]}
-        if meta["metavar"]:
-            options["metavar"] = meta["metavar"]
-        if spec.default is MISSING:
-            options["required"] = True
-        if kind is bool:
-            options["action"] = "store_true"
-        elif _repeated(cls, spec):
-            options |= {"action": "append", "default": None}
-        else:
-            options |= {"type": _parser(cls, spec), "default": spec.default}
-            if meta["choices"]:
-                options["choices"] = meta["choices"]
-            if spec.default not in (MISSING, None):
-                options["help"] += (
-                    f" (default: {spec.default:g})"
-                    if isinstance(spec.default, float)
-                    else f" (default: {spec.default})"
-                )
-        parser.add_argument(flag(spec), **options)
-
-
-def from_flags(cls: type, namespace: argparse.Namespace):
-    """The dataclass `add_flags` gave the flags of (a repeatable flag never given: its
-    default, the empty tuple)."""
-    values = {f.name: getattr(namespace, f.name) for f in fields(cls)}
-    for spec in fields(cls):
-        if _repeated(cls, spec):
-            values[spec.name] = tuple(values[spec.name] or ())
-    return cls(**values)
-
-
-def _repeated(cls: type, spec: Field) -> bool:
-    return getattr(field_types(cls)[spec.name], "__origin__", None) is tuple
+def add_stage_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """The flags of a stage (LabelArgs or FilterArgs): its own in field order, then the
+    job's."""
+    add_flags(parser, cls, sorted(fields(cls), key=lambda f: f.name in _JOB))
 
 
 def _frozen(value: object) -> object:

@@ -15,19 +15,22 @@ No torch here: `pipeline --help` builds its flags from this module alone.
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
-from functools import cache
+from collections.abc import Iterable, Mapping
+from dataclasses import Field, asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import get_type_hints
 
 import yaml
 
 from rs_pseudolabel import configs
 from rs_pseudolabel.data.errors import UsageError
-
-DEVICES = ("auto", "cpu", "cuda")  # --device of every command; "auto" is resolved where it runs
+from rs_pseudolabel.data.options import (
+    DEVICES,
+    add_flags,
+    check_all,
+    checked,
+    flag_values,
+    option,
+)
 
 
 def _check_crop_scale(value: object) -> tuple[float, float]:
@@ -37,42 +40,17 @@ def _check_crop_scale(value: object) -> tuple[float, float]:
         and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
         and 0 < value[0] <= value[1] <= 1
     ):
-        raise UsageError(f"config key 'crop_scale' must be [low, high] in (0, 1], got {value!r}")
+        raise UsageError(f"must be [low, high] in (0, 1], got {value!r}")
     return (float(value[0]), float(value[1]))
 
 
 TRAIN_CROPS = ("random", "center")
 
 
-def _check_train_crop(value: object) -> str:
-    if value not in TRAIN_CROPS:
-        raise UsageError(f"config key 'train_crop' must be random or center, got {value!r}")
-    return str(value)
-
-
-def _key(
-    default: object,
-    help: str,
-    *,
-    low: float | None = None,
-    below: float | None = None,
-    table: str | None = None,
-    flag: bool = False,
-    check: Callable[[object], object] | None = None,
-) -> Field:
-    """A recipe key. `low`/`below`: its range; `table`: the model-table attribute a null
-    takes; `flag`: also a command-line flag; `check`: a validator for what types can't say."""
-    return field(
-        default=default,
-        metadata={
-            "help": help,
-            "low": low,
-            "below": below,
-            "table": table,
-            "flag": flag,
-            "check": check,
-        },
-    )
+def _key(default: object, help: str, *, flag: bool = False, **declared: object) -> Field:
+    """A recipe key: an option (data/options.py) with its default first, and no flag unless
+    it says so."""
+    return option(help, default, flag=flag, **declared)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +104,7 @@ class Recipe:
         "random",
         "random: RandomResizedCrop over crop_scale; center: the eval transform at image_size, "
         "unaugmented (Noisy Student's fine-tune; needs flip false and randaugment_ops 0)",
-        check=_check_train_crop,
+        choices=TRAIN_CROPS,
     )
     freeze_through: str = _key(
         "none",
@@ -167,89 +145,47 @@ class Recipe:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-def _arg(help: str, default: object = MISSING, **argparse_options: object) -> Field:
-    """An input of the run: a command-line flag (and a keyword of `train()`), never a
-    recipe key. `argparse_options` go to `add_argument`, `flag=` renames the flag."""
-    return field(default=default, metadata={"help": help, "argparse": argparse_options})
-
-
 @dataclass(frozen=True, kw_only=True)
 class TrainArgs:
     """What one run reads and writes, and where its recipe comes from."""
 
-    labeled: str = _arg("labeled shards: dir, glob or braces")
-    out: str = _arg("run directory (the next round's teacher)")
-    pseudo: str | None = _arg("pseudo-labeled training shards from `pipeline filter`", None)
-    val: str | None = _arg("labeled validation shards, evaluated every epoch", None)
-    config: str | None = _arg(
+    labeled: str = option("labeled shards: dir, glob or braces")
+    out: str = option("run directory (the next round's teacher)")
+    pseudo: str | None = option("pseudo-labeled training shards from `pipeline filter`", None)
+    val: str | None = option("labeled validation shards, evaluated every epoch", None)
+    config: str | None = option(
         f"YAML recipe: a path, or a bundled one by name ({', '.join(configs.names())})", None
     )
-    overrides: tuple[str, ...] = _arg(
+    overrides: tuple[str, ...] = option(
         "override a recipe key (repeatable), e.g. --set lr=0.2 --set flip=false",
         (),
         flag="--set",
-        action="append",
         metavar="KEY=VALUE",
     )
-    resume: bool = _arg(
+    resume: bool = option(
         "continue the run in --out from its last checkpoint (same recipe; epochs may grow, "
         "compile, micro_batch, eval_batch_size and workers change)",
         False,
     )
-    overwrite: bool = _arg("clear --out and start afresh, whatever run it holds", False)
-    init: str | None = _arg(
+    overwrite: bool = option("clear --out and start afresh, whatever run it holds", False)
+    init: str | None = option(
         "start from these weights: a run directory, or a weights file for --model (a "
         "classifier of another class count is replaced)",
         None,
     )
-    device: str = _arg("device to train on", "auto", choices=DEVICES)
+    device: str = option("device to train on", "auto", choices=DEVICES)
 
     def __post_init__(self) -> None:
-        """The Python API checked as the command line is: a Path is taken as its path, a
-        value of another type is refused in one line naming the option, and so are
-        --resume and --overwrite together (one continues the run the other clears)."""
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            kind = scalar_of(field_types(TrainArgs)[spec.name])
-            if isinstance(value, os.PathLike) and kind is str:
-                value = os.fspath(value)
-            elif spec.name == "overrides":  # one KEY=VALUE, or several
-                value = (value,) if isinstance(value, str) else value
-                value = tuple(value) if isinstance(value, list | tuple) else value
-            object.__setattr__(self, spec.name, value)
-            ok = value is None or (
-                isinstance(value, tuple) and all(isinstance(v, str) for v in value)
-                if spec.name == "overrides"
-                else isinstance(value, kind)
-            )
-            if spec.name in ("labeled", "out") and value is None:
-                ok = False
-            if not ok:
-                word = _KIND_WORDS[tuple if spec.name == "overrides" else kind]
-                raise UsageError(f"{spec.name} must be {word}, got {value!r}")
-        if self.device not in DEVICES:
-            raise UsageError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        """The Python API checked as the command line is (data/options.py), and --resume
+        with --overwrite refused (one continues the run the other clears)."""
+        check_all(self)
         if self.resume and self.overwrite:
             raise UsageError(
                 "--resume continues the run in --out and --overwrite clears it: pass one"
             )
 
 
-_KIND_WORDS = {str: "a path or text", bool: "true or false", tuple: "KEY=VALUE texts"}
-
-
 RECIPE_KEYS = tuple(f.name for f in fields(Recipe))
-
-
-@cache
-def field_types(cls: type) -> dict[str, object]:
-    return get_type_hints(cls)
-
-
-def scalar_of(kind: object) -> type:
-    """int for `int` and `int | None`, and so on."""
-    options = [t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)]
-    return options[0]
 
 
 # --- recipe files, --set and checks ------------------------------------------------------
@@ -321,34 +257,8 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, object]:
 
 
 def _checked(spec: Field, value: object) -> object:
-    """A recipe value of the field's type and range, or a ValueError naming the key."""
-    kind = field_types(Recipe)[spec.name]
-    if value is None:
-        if type(None) in getattr(kind, "__args__", ()):
-            return None
-        raise UsageError(f"config key {spec.name!r} cannot be null")
-    if spec.metadata["check"] is not None:
-        return spec.metadata["check"](value)
-    scalar = scalar_of(kind)
-    if scalar is bool:
-        if not isinstance(value, bool):
-            raise UsageError(f"config key {spec.name!r} must be true or false, got {value!r}")
-        return value
-    if scalar is str:
-        if not isinstance(value, str):
-            raise UsageError(f"config key {spec.name!r} must be a string, got {value!r}")
-        return value
-    low, below = spec.metadata["low"], spec.metadata["below"]
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if scalar is int:
-        ok = ok and float(value).is_integer()
-    if not ok or (low is not None and value < low):
-        word = "a whole number" if scalar is int else "a number"
-        at_least = f" of at least {low}" if low is not None else ""
-        raise UsageError(f"config key {spec.name!r} must be {word}{at_least}, got {value!r}")
-    if below is not None and value >= below:
-        raise UsageError(f"config key {spec.name!r} must be below {below}, got {value}")
-    return scalar(value)
+    """A recipe value as its field holds it, or one line naming the key."""
+    return checked(Recipe, spec, value, name=f"config key {spec.name!r}")
 
 
 def resolve_recipe(
@@ -431,44 +341,18 @@ def resolve(options: Mapping[str, object]) -> tuple[TrainArgs, Recipe]:
 # --- the command line --------------------------------------------------------------------
 
 
-def _flag(spec: Field, override: str | None = None) -> str:
-    return override or "--" + spec.name.replace("_", "-")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `pipeline train-student`: every field of
-    TrainArgs, and the recipe keys marked `flag`."""
-    run = parser.add_argument_group("run")
-    for spec in fields(TrainArgs):
-        options = dict(spec.metadata["argparse"])
-        name = _flag(spec, options.pop("flag", None))
-        if spec.default is MISSING:
-            options["required"] = True
-        elif field_types(TrainArgs)[spec.name] is bool:
-            options["action"] = "store_true"
-        else:
-            options["default"] = (
-                list(spec.default) if isinstance(spec.default, tuple) else spec.default
-            )
-        run.add_argument(name, dest=spec.name, help=spec.metadata["help"], **options)
+    """The flags of `pipeline train-student`: every field of TrainArgs, and the recipe keys
+    marked `flag` (not given: None, so the recipe file's value stands)."""
+    add_flags(parser.add_argument_group("run"), TrainArgs, defaults_shown=False)
     recipe = parser.add_argument_group(
         "recipe",
         "Flags win over --set, --set over the --config file, the file over the defaults "
         f"(the ResNet-RS ImageNet recipe). Keys: {', '.join(RECIPE_KEYS)}.",
     )
-    for spec in fields(Recipe):
-        if spec.metadata["flag"]:
-            default = "the recipe's" if spec.default is None else spec.default
-            recipe.add_argument(
-                _flag(spec),
-                dest=spec.name,
-                type=scalar_of(field_types(Recipe)[spec.name]),
-                help=f"{spec.metadata['help']} (default: {default})",
-            )
+    add_flags(recipe, Recipe, unset_default=True)
 
 
-def flag_values(args: argparse.Namespace) -> dict[str, object]:
+def train_flag_values(args: argparse.Namespace) -> dict[str, object]:
     """The values of the flags `add_arguments` defined, as keywords for `train()`."""
-    names = [f.name for f in fields(TrainArgs)]
-    names += [f.name for f in fields(Recipe) if f.metadata["flag"]]
-    return {name: getattr(args, name) for name in names}
+    return flag_values(TrainArgs, args) | flag_values(Recipe, args)

@@ -1,6 +1,7 @@
-"""Every option of `pipeline label` and `pipeline filter` is declared once, as a field of its
-dataclass: the flags, their defaults and range checks, the fingerprint's keys and the
-manifest's `args` all come from it. (The manifests of real runs are checked in
+"""Every option of every command is declared once, as a field of its dataclass
+(data/options.py): the flags, their defaults and range checks, and for label and filter the
+fingerprint's keys and the manifest's `args`, for train-student the recipe's YAML and --set
+keys and the run's config.yaml, all come from it. (The manifests of real runs are checked in
 test_filter.py, which has them.)"""
 
 import argparse
@@ -10,9 +11,23 @@ from dataclasses import MISSING, fields
 import pytest
 
 from rs_pseudolabel.data.errors import UsageError
+from rs_pseudolabel.data.options import flag, flag_values
 from rs_pseudolabel.pipeline.cli import build_parser, main
-from rs_pseudolabel.pipeline.options import FilterArgs, LabelArgs, fingerprint, flag, from_flags
+from rs_pseudolabel.pipeline.options import (
+    DemoArgs,
+    DigitsArgs,
+    EvalArgs,
+    FilterArgs,
+    IngestArgs,
+    LabelArgs,
+    ModelsArgs,
+    StatsArgs,
+    fingerprint,
+    fingerprint_keys,
+    manifest_args,
+)
 from rs_pseudolabel.pipeline.strategies import STRATEGIES
+from rs_pseudolabel.students.config import RECIPE_KEYS, Recipe, TrainArgs, parse_overrides
 from tests.conftest import message_lines, run_cli
 
 REQUIRED = {
@@ -23,8 +38,68 @@ COMMAND = {LabelArgs: "label", FilterArgs: "filter"}
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return sub.choices[command]
+    parser = build_parser()
+    for word in command.split():
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = sub.choices[word]
+    return parser
+
+
+# Each command and the dataclasses its flags come from
+DECLARED = {
+    "data digits": (DigitsArgs,),
+    "data ingest": (IngestArgs,),
+    "label": (LabelArgs,),
+    "filter": (FilterArgs,),
+    "train-student": (TrainArgs, Recipe),
+    "eval": (EvalArgs,),
+    "demo": (DemoArgs,),
+    "stats": (StatsArgs,),
+    "models": (ModelsArgs,),
+}
+
+
+def _leaves(parser: argparse.ArgumentParser, path: str = "") -> list[str]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [path.strip()]
+    return [leaf for n, p in subs[0].choices.items() for leaf in _leaves(p, f"{path} {n}")]
+
+
+def test_every_flag_of_every_command_is_a_declared_field():
+    """No flag is written by hand: each command's flags and positional arguments are the
+    fields of its dataclasses (a recipe key only where it is marked as a flag), with the
+    field's name as where the value lands."""
+    assert sorted(_leaves(build_parser())) == sorted(DECLARED)
+    for command, classes in DECLARED.items():
+        parser = _parser(command)
+        given = {
+            (a.option_strings[0] if a.option_strings else a.dest, a.dest)
+            for a in parser._actions
+            if a.dest not in ("help", "debug")
+        }
+        declared = {
+            (flag(f) if f.metadata["flag"] != "" else f.name, f.name)
+            for cls in classes
+            for f in fields(cls)
+            if f.metadata["flag"] is not False
+        }
+        assert given == declared, command
+
+
+def test_the_recipe_keys_and_the_stage_records_derive_from_the_fields():
+    """YAML and --set keys are the recipe's fields and config.yaml holds each once; a stage's
+    fingerprint keys and manifest `args` are its fields."""
+    assert RECIPE_KEYS == tuple(f.name for f in fields(Recipe))
+    assert set(parse_overrides([f"{key}=null" for key in RECIPE_KEYS])) == set(RECIPE_KEYS)
+    assert list(Recipe(model="rs-mini").to_dict()) == list(RECIPE_KEYS)
+    for cls in (LabelArgs, FilterArgs):
+        values = dict(zip(REQUIRED[cls][::2], REQUIRED[cls][1::2], strict=True))
+        args = cls(**{k[2:]: v for k, v in values.items()})
+        assert set(manifest_args(args, [])) == {f.name for f in fields(cls)} | {"beam_args"}
+        keys = fingerprint_keys(cls)
+        assert set(keys) <= {f.name for f in fields(cls)}
+        assert set(fingerprint(args)) == set(keys.values()) | {"record_format"}
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -47,7 +122,7 @@ def test_the_flags_are_the_fields_with_their_defaults(cls: type):
     args = build_parser().parse_args([COMMAND[cls], *REQUIRED[cls]])
     values = dict(zip(REQUIRED[cls][::2], REQUIRED[cls][1::2], strict=True))
     api = cls(**{k[2:]: v for k, v in values.items()})
-    assert from_flags(cls, args) == api
+    assert cls(**flag_values(cls, args)) == api
 
 
 def test_strategy_choices_are_the_strategy_classes():
@@ -127,12 +202,12 @@ def test_the_python_api_checks_types_as_the_command_line_does(tmp_path):
     )
     assert LabelArgs(teacher=tmp_path, input="i", output="o").teacher == (str(tmp_path),)
     refused = [
-        (FilterArgs, {"hard": "false"}, "--hard must be True or False, got 'false'"),
+        (FilterArgs, {"hard": "false"}, "--hard must be true or false, got 'false'"),
         (FilterArgs, {"per_class": "40"}, "--per-class must be a whole number of at least 1"),
         (FilterArgs, {"strategy": 3}, "--strategy must be one of threshold, topk, got 3"),
         (FilterArgs, {"source_root": [1]}, "--source-root takes strings, got 1"),
         (FilterArgs, {"dedup_against": 3}, "--dedup-against must be a string or a path, got 3"),
-        (LabelArgs, {"embed": 1}, "--embed must be True or False, got 1"),
+        (LabelArgs, {"embed": 1}, "--embed must be true or false, got 1"),
     ]
     for cls, wrong, message in refused:
         values = dict(zip(REQUIRED[cls][::2], REQUIRED[cls][1::2], strict=True))
