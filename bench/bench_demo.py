@@ -95,18 +95,15 @@ def _quiet_round1(work: Path, config: str | None) -> float:
     out = work / "quiet-seed0"
     if out.exists():
         shutil.rmtree(out)
-    command = [
-        sys.executable,
-        "-m",
-        "rs_pseudolabel.pipeline",
-        "demo",
-        "--out",
-        str(out),
-        "--seed",
-        "0",
-    ]
-    timed(command + (["--config", config] if config else []))
+    timed(_demo(out, 0, 1, config))
     return _seconds_to_round(json.loads((out / "report.json").read_text()), 1)
+
+
+def _demo(out: Path, seed: int, rounds: int, config: str | None) -> list[str]:
+    """`pipeline demo` of one seed, as `make demo` runs it."""
+    command = [sys.executable, "-m", "rs_pseudolabel.pipeline", "demo", "--out", str(out)]
+    command += ["--seed", str(seed), "--rounds", str(rounds)]
+    return command + (["--config", config] if config else [])
 
 
 def _done(work: Path, seed: int) -> bool:
@@ -119,20 +116,7 @@ def _one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict:
     out, rounds = work / f"seed{seed}", args.rounds
     if _done(work, seed):
         return json.loads((out / "bench.json").read_text())
-    config = ["--config", args.config] if args.config else []
-    wall = timed(
-        [
-            sys.executable,
-            "-m",
-            "rs_pseudolabel.pipeline",
-            "demo",
-            "--out",
-            str(out),
-            "--seed",
-            str(seed),
-        ]
-        + ["--rounds", str(rounds), *config]
-    )[0]
+    wall = timed(_demo(out, seed, rounds, args.config))[0]
     report = json.loads((out / "report.json").read_text())
     report["wall_s"] = wall
     report["selection_right"] = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import MISSING, Field, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import cache
 from typing import get_type_hints
 
@@ -165,6 +165,15 @@ def check_all(obj: object) -> None:
     for spec in fields(obj):
         value = checked(type(obj), spec, getattr(obj, spec.name))
         object.__setattr__(obj, spec.name, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What every command's options derive from: checked as they are made, so the Python
+    API is checked as the command line is."""
+
+    def __post_init__(self) -> None:
+        check_all(self)
 
 
 def _parse(cls: type, spec: Field) -> Callable[[str], object]:

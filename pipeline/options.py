@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 from rs_pseudolabel.data.decode import DECODERS
 from rs_pseudolabel.data.errors import UsageError
-from rs_pseudolabel.data.options import DEVICES, POSITIONAL, add_flags, check_all, flag, option
+from rs_pseudolabel.data.options import DEVICES, POSITIONAL, Options, add_flags, flag, option
 from rs_pseudolabel.data.records import FORMAT_VERSION, MAX_TOPK
 from rs_pseudolabel.pipeline.strategies import STRATEGIES
 
@@ -29,7 +29,7 @@ OVERWRITE = "clear an output folder made with other settings instead of refusing
 
 
 @dataclass(frozen=True, kw_only=True)
-class JobArgs:
+class JobArgs(Options):
     """What every Beam stage takes besides its own options; none of it changes the output."""
 
     runner: str | None = option("Beam runner (DirectRunner, workers = cores)", None)
@@ -40,9 +40,6 @@ class JobArgs:
         metavar="FILE",
     )
     overwrite: bool = option(OVERWRITE, False)
-
-    def __post_init__(self) -> None:
-        check_all(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,7 +233,7 @@ _USED_BY = {name: tuple(f.name for f in fields(kind)) for name, kind in STRATEGI
 
 
 @dataclass(frozen=True, kw_only=True)
-class DigitsArgs:
+class DigitsArgs(Options):
     """`pipeline data digits`."""
 
     out: str = option("output folder")
@@ -245,12 +242,9 @@ class DigitsArgs:
     shard_size: int = option("samples per shard", 256, low=1)
     overwrite: bool = option(OVERWRITE, False)
 
-    def __post_init__(self) -> None:
-        check_all(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class IngestArgs:
+class IngestArgs(Options):
     """`pipeline data ingest`."""
 
     src: str = option("folder, shard, glob or brace pattern (local or fsspec URL)", flag=POSITIONAL)
@@ -259,12 +253,9 @@ class IngestArgs:
     prefix: str = option("shard name prefix", "part")
     overwrite: bool = option(OVERWRITE, False)
 
-    def __post_init__(self) -> None:
-        check_all(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class EvalArgs:
+class EvalArgs(Options):
     """`pipeline eval`."""
 
     checkpoint: str = option("run directory (or model name)")
@@ -273,12 +264,9 @@ class EvalArgs:
     batch_size: int = option("images per batch", 256, low=1)
     device: str = option("where the model runs", "auto", choices=DEVICES)
 
-    def __post_init__(self) -> None:
-        check_all(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class DemoArgs:
+class DemoArgs(Options):
     """`pipeline demo`."""
 
     out: str = option("output folder", "demo-out")
@@ -288,12 +276,9 @@ class DemoArgs:
     )
     config: str | None = option("demo recipe: a path, or a bundled one by name (demo)", None)
 
-    def __post_init__(self) -> None:
-        check_all(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class StatsArgs:
+class StatsArgs(Options):
     """`pipeline stats`."""
 
     shards: str = option("shards: dir, glob or braces (local or fsspec URL)", flag=POSITIONAL)
@@ -323,18 +308,12 @@ class StatsArgs:
     )
     runner: str | None = option("Beam runner for a scan (DirectRunner, workers = cores)", None)
 
-    def __post_init__(self) -> None:
-        check_all(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class ModelsArgs:
+class ModelsArgs(Options):
     """`pipeline models`."""
 
     name: tuple[str, ...] = option("only these models", (), flag=POSITIONAL)
-
-    def __post_init__(self) -> None:
-        check_all(self)
 
 
 # --- what derives from the fields --------------------------------------------------------

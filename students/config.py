@@ -25,8 +25,8 @@ from rs_pseudolabel import configs
 from rs_pseudolabel.data.errors import UsageError
 from rs_pseudolabel.data.options import (
     DEVICES,
+    Options,
     add_flags,
-    check_all,
     checked,
     flag_values,
     option,
@@ -146,7 +146,7 @@ class Recipe:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainArgs:
+class TrainArgs(Options):
     """What one run reads and writes, and where its recipe comes from."""
 
     labeled: str = option("labeled shards: dir, glob or braces")
@@ -178,7 +178,7 @@ class TrainArgs:
     def __post_init__(self) -> None:
         """The Python API checked as the command line is (data/options.py), and --resume
         with --overwrite refused (one continues the run the other clears)."""
-        check_all(self)
+        super().__post_init__()
         if self.resume and self.overwrite:
             raise UsageError(
                 "--resume continues the run in --out and --overwrite clears it: pass one"
