@@ -181,3 +181,11 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
     server = start_s3(tmp_path_factory.mktemp("s3"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def digits1000(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits with 1,000 labeled, for the trainer's tests (a module's own copy)."""
+    out = tmp_path_factory.mktemp("digits1000")
+    write_digits(str(out), labeled=1000, seed=0)
+    return out
