@@ -101,7 +101,11 @@ def write_labeled_corpus(
         {
             "stage": "label",
             "state": "done",
-            "fingerprint": {"stage": "label", "input": str(root / "src"), "embed": False},
+            "fingerprint": {
+                "stage": "label",
+                "input": {"spec": str(root / "src"), "files": shards},
+                "embed": False,
+            },
             "shards": shards,
             "teacher": "bench@0",
             "args": {"teacher": "bench"},

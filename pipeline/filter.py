@@ -112,8 +112,11 @@ def _label_folder(args: FilterArgs) -> tuple[dict, list[str]]:
 def _check_roots(roots: Roots, label_manifest: dict) -> None:
     """Each --source-root OLD must name where the labeled shards were read: one that names
     no source would be ignored, and the chunks would fail or keep nothing."""
-    spec = (label_manifest.get("fingerprint", {}).get("input") or {}).get("spec")
-    if not spec:
+    recorded = (label_manifest.get("fingerprint") or {}).get("input")
+    # The label stage records {spec, files, digest}; a manifest written otherwise (by hand, a
+    # tool of the user's) may hold the spec alone, or nothing this check can use.
+    spec = recorded.get("spec") if isinstance(recorded, dict) else recorded
+    if not isinstance(spec, str) or not spec:
         return
     fixed = spec[: min((spec.find(c) for c in "*?[{" if c in spec), default=len(spec))]
     fixed = fixed.rstrip("/") if not is_pattern(spec) else fixed.rsplit("/", 1)[0]

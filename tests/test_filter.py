@@ -407,6 +407,26 @@ def test_moved_sources_fail_in_one_line_then_filter_from_their_new_place(
     assert manifest["samples_in"] == 1300 and "missing_source" not in manifest["drops"]
 
 
+@pytest.mark.parametrize("recorded", ["spec", 3], ids=["spec-alone", "junk"])
+def test_a_label_manifest_that_records_its_input_otherwise_is_filtered_the_same(
+    labels: Path, tmp_path: Path, recorded: object
+):
+    """A manifest written by something other than the label stage (a user's tool, the
+    filter benchmark) may record the input as its spec alone, or as nothing usable: the
+    check of --source-root against it is skipped, not an internal error."""
+    copy = tmp_path / "labels"
+    shutil.copytree(labels, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    spec = manifest["fingerprint"]["input"]["spec"]
+    manifest["fingerprint"]["input"] = spec if recorded == "spec" else recorded
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    base = ["filter", "--threshold", "0.1", "--per-class", "50"]
+    run_cli(*base, "--input", str(labels), "--output", str(tmp_path / "a"), check=True)
+    root = ["--source-root", f"{spec}={spec}"]
+    run_cli(*base, "--input", str(copy), "--output", str(tmp_path / "b"), *root, check=True)
+    assert assert_same_shards(tmp_path / "a", tmp_path / "b")
+
+
 def test_classes_that_keep_no_image_are_named(labels: Path, tmp_path: Path):
     """classes.json names a class no pseudo-label has as its top-1 (here an eleventh one):
     the filter's summary and manifest say so, rather than the student's accuracy later."""
