@@ -92,6 +92,15 @@ def run_pipeline(
     return result
 
 
+def dry_run_summary(job: dict, built: str, inputs: str) -> str:
+    """The line a stage prints for a dry run (`describe_job`'s description of it)."""
+    return (
+        f"Dry run: {job['runner']} built the {built} over {job['input_shards']} {inputs} "
+        f"(steps {', '.join(job.get('steps', []))}; worker image "
+        f"{job['sdk_container_image']}) and submitted nothing; no output was written."
+    )
+
+
 def describe_job(result: PipelineResult, options: PipelineOptions) -> dict:
     """What a runner was given: the steps, the worker image(s), the service options and
     experiments; from the Dataflow job itself when the runner built one."""

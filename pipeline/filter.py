@@ -39,6 +39,7 @@ from rs_pseudolabel.data.storage import (
 from rs_pseudolabel.pipeline.beam_options import (
     beam_options,
     describe_job,
+    dry_run_summary,
     is_dry_run,
     run_pipeline,
 )
@@ -500,12 +501,7 @@ def _dry_run(args: FilterArgs, options, sidecars: list[str], teacher: str) -> di
 
 def summary(manifest: dict) -> str:
     if "dry_run" in manifest:
-        job = manifest["dry_run"]
-        return (
-            f"Dry run: {job['runner']} built the filter jobs over {job['input_shards']} sidecars "
-            f"(steps {', '.join(job.get('steps', []))}; worker image "
-            f"{job['sdk_container_image']}) and submitted nothing; no output was written."
-        )
+        return dry_run_summary(manifest["dry_run"], "filter jobs", "sidecars")
     if manifest.get("already_done"):
         return (
             f"Nothing to do: {manifest['args']['output']} already holds this filter's output "

@@ -33,6 +33,7 @@ from rs_pseudolabel.data.storage import absolute, exists, join, open_read, paren
 from rs_pseudolabel.pipeline.beam_options import (
     beam_options,
     describe_job,
+    dry_run_summary,
     is_direct,
     is_dry_run,
     run_pipeline,
@@ -369,12 +370,7 @@ def _dry_run(args: LabelArgs, result, options, shards: int) -> dict:
 
 def summary(manifest: dict) -> str:
     if "dry_run" in manifest:
-        job = manifest["dry_run"]
-        return (
-            f"Dry run: {job['runner']} built the label job over {job['input_shards']} shards "
-            f"(steps {', '.join(job.get('steps', []))}; worker image "
-            f"{job['sdk_container_image']}) and submitted nothing; no output was written."
-        )
+        return dry_run_summary(manifest["dry_run"], "label job", "shards")
     drops = ", ".join(f"{n} {reason}" for reason, n in manifest["drops"].items()) or "none"
     faults = ", ".join(f"{n} {r}" for r, n in manifest["shard_faults"].items())
     if manifest.get("already_done"):
