@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `pipeline` command and `python -m pipeline`."""
+    """The `pipeline` command and `python -m rs_pseudolabel.pipeline`."""
     code = main()
     if code in STOPPED:
         _leave_now(code)

@@ -35,7 +35,7 @@ class _CreatesFile:
 
 
 def _pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` from `cwd`, so a payload using a relative path lands there."""
+    """`python -m rs_pseudolabel.pipeline ARGS` from `cwd`, so a payload using a relative path lands there."""
     return subprocess.run(
         [sys.executable, "-m", "rs_pseudolabel.pipeline", *args],
         capture_output=True,
