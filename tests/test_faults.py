@@ -1,7 +1,8 @@
 """Faults from outside: a full disk or an output that cannot be a folder, hostile files carried
 through label -> filter -> train, and SIGKILL at a random moment. Every stage runs for real, as
-a user runs it (`python -m rs_pseudolabel.pipeline ...` in its own process); the faults are real too: a file
-size limit makes writes fail with EFBIG, and an output below a regular file with ENOTDIR."""
+a user runs it (`python -m rs_pseudolabel.pipeline ...` in its own process); the faults are
+real too: a file size limit makes writes fail with EFBIG, and an output below a regular file
+with ENOTDIR."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ QUICK_TRAINING = ["--epochs", "1", "--batch-size", "16"] + [
 
 
 def _pipeline(*args: str, max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
-    """`python -m rs_pseudolabel.pipeline ARGS`; with `max_file_bytes`, any write past that size fails with
-    EFBIG (SIGXFSZ ignored), which is how a full disk looks to the writer."""
+    """`python -m rs_pseudolabel.pipeline ARGS`; with `max_file_bytes`, any write past that
+    size fails with EFBIG (SIGXFSZ ignored), which is how a full disk looks to the writer."""
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

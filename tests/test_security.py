@@ -35,7 +35,8 @@ class _CreatesFile:
 
 
 def _pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m rs_pseudolabel.pipeline ARGS` from `cwd`, so a payload using a relative path lands there."""
+    """`python -m rs_pseudolabel.pipeline ARGS` from `cwd`, so a payload using a relative path
+    lands there."""
     return subprocess.run(
         [sys.executable, "-m", "rs_pseudolabel.pipeline", *args],
         capture_output=True,
