@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 from rs_pseudolabel.data.errors import USER_ERRORS, PeerFailed, UsageError, WorkerBug, in_words
 from rs_pseudolabel.data.options import add_flags, flag_values
@@ -325,11 +326,40 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class _MainThreadOnly(io.TextIOBase):
+    """stderr once a command is being stopped: the main thread's writes (its own line) go
+    through, the runner's threads' are dropped (Beam's SDK worker prints the traceback of a
+    bundle the stop cut off straight to stderr, not through logging)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return self.stream.encoding
+
+
 def _quiet() -> None:
-    """A command being stopped says so in its own line: what the runner's threads log or
-    raise as the stop cuts them off is expected, and not shown."""
+    """A command being stopped says so in its own line: what the runner's threads log,
+    print or raise as the stop cuts them off is expected, and not shown."""
     logging.disable(logging.CRITICAL)
     threading.excepthook = lambda args: None
+    if not isinstance(sys.stderr, _MainThreadOnly):
+        sys.stderr = _MainThreadOnly(sys.stderr)
 
 
 def _leave_now(code: int) -> None:

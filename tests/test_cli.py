@@ -198,3 +198,27 @@ def test_files_a_command_writes_are_checked_before_its_work(digits_dir: Path, tm
         f.write(b"x")
     assert raised.value.filename == str(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_a_stopped_command_lets_only_its_own_thread_write_to_stderr(monkeypatch, capfd):
+    """Once a stop is being handled, the runner's threads may print what the stop cut off
+    (Beam's SDK worker prints a bundle's traceback straight to stderr, 1 group SIGTERM of a
+    CI run in 2); only the main thread's line reaches stderr."""
+    import logging
+    import threading
+
+    from rs_pseudolabel.pipeline import cli
+
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    try:
+        cli._quiet()
+        cli._quiet()  # said twice (the signal, then the exit): wrapped once
+        assert not isinstance(sys.stderr.stream, cli._MainThreadOnly)
+        runner = threading.Thread(target=lambda: print("Traceback: a cut bundle", file=sys.stderr))
+        runner.start()
+        runner.join()
+        print("pipeline label: stopped by SIGTERM", file=sys.stderr)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert capfd.readouterr().err == "pipeline label: stopped by SIGTERM\n"
