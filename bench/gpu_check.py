@@ -80,6 +80,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class DevicePeak:
+    """The device memory's peak over a stretch of work, MiB: counted afresh by `start`, read
+    by `mib`; None on the CPU, whose allocator keeps no peak."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def mib(self) -> float | None:
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if self.cuda else None
+
+
 def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -431,9 +447,8 @@ def synthetic_step_rate(
         train_step(model, optimizer, parts, splits, recipe, normal)
         ema.update_parameters(model)
     _sync(device)
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    peak = DevicePeak(device)
+    peak.start()
     tick = time.perf_counter()
     for _ in range(steps):
         train_step(model, optimizer, parts, splits, recipe, normal)
@@ -442,8 +457,7 @@ def synthetic_step_rate(
     seconds = time.perf_counter() - tick
     return {
         "img_s": images_per_s(micro * steps, seconds),
-        # the device memory's peak over the timed steps, MiB; none counted on the CPU
-        "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None,
+        "peak_mib": peak.mib(),  # over the timed steps
         "host_syncs_per_step": host_syncs(
             lambda: (train_step(model, optimizer, parts, splits, recipe, normal),
                      ema.update_parameters(model)),
