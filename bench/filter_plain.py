@@ -57,7 +57,11 @@ def main() -> None:
         for _, label in sidecar_records(path):
             hist.setdefault(label.top1, np.zeros(BINS, np.int64))[conf_bin(label.confidence)] += 1
     rules = Threshold(
-        threshold=args.threshold, per_class=args.per_class, max_copies=args.max_copies, hard=False
+        threshold=args.threshold,
+        per_class=args.per_class,
+        max_copies=args.max_copies,
+        hard=False,
+        balance="top",
     ).rules(hist)
 
     Path(args.output).mkdir(parents=True, exist_ok=True)

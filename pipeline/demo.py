@@ -25,6 +25,7 @@ from rs_pseudolabel.pipeline.filter import FilterArgs
 from rs_pseudolabel.pipeline.filter import run as filter_run
 from rs_pseudolabel.pipeline.label import LabelArgs
 from rs_pseudolabel.pipeline.label import run as label_run
+from rs_pseudolabel.pipeline.options import SELECTING
 from rs_pseudolabel.students.config import load_yaml
 from rs_pseudolabel.students.eval import evaluate_run
 from rs_pseudolabel.students.run_dir import has_checkpoint
@@ -32,9 +33,6 @@ from rs_pseudolabel.students.train import train
 
 DEFAULT_RECIPE = "demo"  # configs/demo.yaml, bundled with the package
 
-
-# Filter settings a kept selection replaces (`pipeline filter --keep-selection` refuses them).
-KEPT_AS_IS = ("threshold", "per_class", "max_copies")
 SEEDS_PER_ROUND = 1000  # trainer seed of round r: the demo's seed + r x this
 
 
@@ -159,7 +157,7 @@ def _round(
     timed(f"round {r} label", label_run, label_args, [])
     keep = filter_part.pop("keep_selection", False) and first_selection
     if keep:  # round 1's images and copies as they are: nothing chooses or balances
-        filter_part = {k: v for k, v in filter_part.items() if k not in KEPT_AS_IS}
+        filter_part = {k: v for k, v in filter_part.items() if k not in SELECTING}  # refused
     filter_args = FilterArgs(input=labels, output=training, keep_selection=keep or None,
                              **filter_part)  # fmt: skip
     filtered = timed(f"round {r} filter", filter_run, filter_args, [])

@@ -16,7 +16,7 @@ from rs_pseudolabel.data.decode import DECODERS
 from rs_pseudolabel.data.errors import UsageError
 from rs_pseudolabel.data.options import DEVICES, POSITIONAL, Options, add_flags, flag, option
 from rs_pseudolabel.data.records import FORMAT_VERSION, MAX_TOPK
-from rs_pseudolabel.pipeline.strategies import STRATEGIES
+from rs_pseudolabel.pipeline.strategies import BALANCES, STRATEGIES
 
 # Images per forward pass by the device's kind when --batch-size is not given: an H100 is
 # launch-bound at 32, a CPU gains nothing past it.
@@ -162,6 +162,14 @@ class FilterArgs(JobArgs):
         low=1,
         fingerprint=True,
     )
+    balance: str = option(
+        "how a class with more than --per-class images above --threshold is cut: top, its "
+        "most confident (Noisy Student); sample, a draw fixed by each image's key, so that "
+        "less confident images stay in too",
+        "top",
+        choices=BALANCES,
+        fingerprint=True,
+    )
     hard: bool = option("one-hot labels instead of soft ones", False, fingerprint=True)
     dedup_against: str | None = option(
         "evaluation shards whose copies are dropped", None, fingerprint=True
@@ -200,11 +208,9 @@ class FilterArgs(JobArgs):
         # An option the job would not apply is refused, never ignored (and never recorded in
         # the manifest as if it had been applied).
         if self.keep_selection is not None:  # the selection is kept as it was
-            self._refuse_unused(
-                _SELECTING, "--keep-selection keeps that output's images and copies"
-            )
+            self._refuse_unused(SELECTING, "--keep-selection keeps that output's images and copies")
         else:
-            unused = tuple(n for n in _SELECTING if n not in _USED_BY[self.strategy])
+            unused = tuple(n for n in SELECTING if n not in _USED_BY[self.strategy])
             self._refuse_unused(unused, f"--strategy {self.strategy} does not use them")
         if self.dedup_against is None:
             self._refuse_unused(("dedup_threshold", "dedup_fpr"), "no --dedup-against is given")
@@ -224,7 +230,7 @@ class FilterArgs(JobArgs):
 
 # What chooses and balances the images: what --keep-selection replaces, and what each
 # strategy reads of it.
-_SELECTING = ("threshold", "per_class", "max_copies", "top_p")
+SELECTING = ("threshold", "per_class", "max_copies", "balance", "top_p")
 # (a strategy reads the options its fields name)
 _USED_BY = {name: tuple(f.name for f in fields(kind)) for name, kind in STRATEGIES.items()}
 

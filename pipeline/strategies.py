@@ -4,7 +4,8 @@ histograms, the decision on one pseudo-label, and the label its training samples
 The filter picks one by `--strategy` and asks it, never the strategy's name.
 
 Noisy Student (Xie et al. 2020): per class, the highest threshold t_c >= threshold at which
-at least N images remain; kept images get r_c = N / count_c expected copies. Yalniz et al.
+at least N images remain; kept images get r_c = N / count_c expected copies (or, balanced by
+`sample`, t_c stays at the threshold and a class's N are drawn from all above it). Yalniz et al.
 (2019): each image is ranked under its top-P classes and the K most confident per class
 are kept.
 """
@@ -21,6 +22,10 @@ import numpy as np
 
 from rs_pseudolabel.data.records import PseudoLabel
 from rs_pseudolabel.pipeline.confidence import BINS, Histograms, bin_floor, conf_bin
+
+# How a class with more than its quota above the threshold is cut: its most confident, or a
+# draw from all above the threshold
+BALANCES = ("top", "sample")
 
 
 def unit_draw(key: str, salt: str = "") -> float:
@@ -144,6 +149,7 @@ class Threshold(Strategy):
     per_class: int
     max_copies: float
     hard: bool
+    balance: str
 
     def ranked(self, label: PseudoLabel) -> list[tuple[int, float]]:
         return [(label.top1, label.confidence)]
@@ -154,13 +160,16 @@ class Threshold(Strategy):
 
     def rules(self, hist: Histograms) -> dict[int, ClassRule]:
         """t_c is --threshold or a 0.01 step above it, the highest that leaves at least
-        --per-class images; a class with fewer keeps all above --threshold, each image at
-        most --max-copies times."""
+        --per-class images (with --balance sample, --threshold itself: a class's share is
+        drawn from all above it); a class with fewer keeps all above --threshold, each image
+        at most --max-copies times."""
         per_class = self.per_class
         start = math.ceil(self.threshold * BINS - 1e-9)
         if start >= BINS:
             return {}
         steps = [start] + [b for b in range(0, BINS, BINS // 100) if b > start]
+        if self.balance == "sample":
+            steps = [start]
         rules = {}
         for cls, counts in hist.items():
             above = _above(counts)

@@ -115,6 +115,30 @@ def test_default_threshold_drops_and_counts_what_is_under_it(labels: Path, tmp_p
     assert manifest["images_kept"] + manifest["dropped"] == 1300
 
 
+def test_balance_sample_draws_a_class_quota_from_all_above_the_threshold(
+    labels: Path, tmp_path: Path
+):
+    """`--balance top` raises a class's threshold until --per-class remain; `sample` keeps
+    the threshold and draws the quota from every image above it, less confident ones too."""
+    top = _filter(labels, tmp_path / "top", threshold=0.3, per_class=40)
+    sample = _filter(labels, tmp_path / "sample", threshold=0.3, per_class=40, balance="sample")
+    assert set(sample["class_thresholds"].values()) == {0.3}
+    raised = {c: t for c, t in top["class_thresholds"].items() if t > 0.3}
+    assert len(raised) >= 5, top["class_thresholds"]
+    kept: dict[str, list[float]] = {}
+    for s in _training_samples(tmp_path / "sample"):
+        label = decode_pseudo(s["__key__"], s["pl"])
+        kept.setdefault(str(label.top1), []).append(label.confidence)
+    assert all(abs(len(kept[c]) - 40) <= 4 * math.sqrt(40) for c in kept), kept
+    assert all(min(confs) >= 0.3 for confs in kept.values())
+    # Where top raised the threshold, the draw keeps images below the raised one
+    assert all(min(kept[c]) < t for c, t in raised.items()), (raised, kept)
+    again = _filter(labels, tmp_path / "again", threshold=0.3, per_class=40, balance="sample")
+    assert again["class_counts"] == sample["class_counts"]
+    with pytest.raises(UsageError, match="--balance would be ignored"):
+        FilterArgs(input="l", output="o", strategy="topk", balance="sample")
+
+
 def test_topk_strategy_keeps_k_per_class_with_hard_labels(labels: Path, tmp_path: Path):
     _filter(labels, tmp_path, strategy="topk", top_p=2, per_class=50)
     samples = _training_samples(tmp_path)
