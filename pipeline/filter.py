@@ -298,7 +298,14 @@ def run(args: FilterArgs, beam_args: list[str]) -> dict:
     # second thread adds no speed, only a second chunk's memory (bench_filter.py).
     options = beam_options(args.runner, beam_args, local_workers=1)
     inputs = _resolve_inputs(args)
-    out = _stage_output(args, inputs)
+    out = StageOutput(  # the claim: what later steps write under, and what defines it
+        args.output,
+        "filter",
+        _fingerprint(args, inputs),
+        inputs=[args.input, *sorted({parent(e.url) for e in inputs.dedup_entries})],
+        overwrite=args.overwrite,
+        defaults=fingerprint_defaults(type(args)),
+    )
     if is_dry_run(options):
         return _dry_run(args, options, inputs.sidecars, inputs.teacher)
     done = out.open()
@@ -341,8 +348,8 @@ def _resolve_inputs(args: FilterArgs) -> FilterInputs:
     return FilterInputs(roots, label_manifest, sidecars, dedup_entries, previous, previous_shards)
 
 
-def _stage_output(args: FilterArgs, inputs: FilterInputs) -> StageOutput:
-    """The output folder, fingerprinted by the options and by what each input is."""
+def _fingerprint(args: FilterArgs, inputs: FilterInputs) -> dict[str, object]:
+    """What defines the output: the options, and what each input is."""
     dedup = (
         inputs_record(absolute(args.dedup_against), inputs.dedup_entries)
         if args.dedup_against
@@ -353,14 +360,7 @@ def _stage_output(args: FilterArgs, inputs: FilterInputs) -> StageOutput:
         "fingerprint": inputs.previous["fingerprint"],
     }
     label = {"folder": absolute(args.input), "fingerprint": inputs.label_manifest["fingerprint"]}
-    return StageOutput(
-        args.output,
-        "filter",
-        fingerprint(args, input=label, dedup_against=dedup, keep_selection=kept),
-        inputs=[args.input, *sorted({parent(e.url) for e in inputs.dedup_entries})],
-        overwrite=args.overwrite,
-        defaults=fingerprint_defaults(type(args)),
-    )
+    return fingerprint(args, input=label, dedup_against=dedup, keep_selection=kept)
 
 
 def _dedup_index(
