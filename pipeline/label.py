@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -232,17 +232,22 @@ def _unmatched(predicted: frozenset[str], output: str, names: list[str]) -> dict
 
 
 def run(args: LabelArgs, beam_args: list[str]) -> dict:
-    """The label job, as its steps: what labels (teachers or imported predictions), the
-    shards, the output claimed, the shards not yet labeled labeled, the manifest."""
+    """The label job, as its steps: what labels (teachers or imported predictions) and over
+    which shards, the output claimed, the shards not yet labeled labeled, the manifest."""
     options = beam_options(args.runner, beam_args)
     made = _by_predictions(args) if args.from_predictions else _by_teachers(args)
     entries = shard_entries(args.input)
     shards = [e.url for e in entries]
-    names = sidecar_names(shards)
-    build = partial(_job, made.args, made.teacher_id, _threads_per_worker(options))
+    job = LabelJob(
+        made,
+        list(zip(shards, sidecar_names(shards), strict=True)),
+        options,
+        partial(_job, made.args, made.teacher_id, _threads_per_worker(options)),
+        args.decode_processes,
+        manifest_args(args, beam_args),
+    )
     if is_dry_run(options):
-        every = WorkList(made.args.output, "label", list(zip(shards, names, strict=True)))
-        return _dry_run(args, run_pipeline(options, build(every)), options, len(shards))
+        return _dry_run(job, args.describe_job)
     out = StageOutput(
         args.output,
         "label",
@@ -257,9 +262,9 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
     if done is not None:
         return {**done, "already_done": True}
     with output_lost(out.out_dir):  # a storage lost mid-job: one line naming the folder
-        todo = _label_shards(args, out, options, list(zip(shards, names, strict=True)), build)
+        todo = _label_shards(job, out)
         with ErrorLog(out.out_dir) as log:
-            merged = merge_reports(out.out_dir, names, log, {n for _, n in todo.shards})
+            merged = merge_reports(out.out_dir, job.names, log, {n for _, n in todo.shards})
     if not merged.samples_in and merged.shard_faults:  # not an empty corpus: a lost one
         faults = ", ".join(f"{n} {r}" for r, n in sorted(merged.shard_faults.items()))
         out.abandon()  # nothing of it is worth keeping: the rerun starts afresh
@@ -267,7 +272,7 @@ def run(args: LabelArgs, beam_args: list[str]) -> dict:
             f"no sample of {args.input} could be read: its shards are damaged ({faults}): "
             "restore them and rerun"
         )
-    return _finish(args, beam_args, out, made, merged, names, todo)
+    return _finish(job, out, merged, todo)
 
 
 def _job(resolved: LabelArgs, teacher_id: str, threads: int, work: WorkList):
@@ -280,6 +285,25 @@ def _job(resolved: LabelArgs, teacher_id: str, threads: int, work: WorkList):
     )
 
 
+@dataclass(frozen=True)
+class LabelJob:
+    """One label run as the launcher resolves it, before anything is written: what labels,
+    the (shard, sidecar name) pairs, the runner's options, the Beam job over a work list,
+    and the manifest's record of the arguments. The steps after the claim read this, never
+    the command's arguments."""
+
+    made: MadeBy
+    every: list[tuple[str, str]]
+    options: object
+    build: Callable[[WorkList], Callable]
+    decode_processes: int | None
+    manifest_args: dict
+
+    @property
+    def names(self) -> list[str]:
+        return [n for _, n in self.every]
+
+
 @dataclass
 class Todo:
     """The (shard, sidecar name) pairs this run labeled, and the seconds it took."""
@@ -288,18 +312,16 @@ class Todo:
     seconds: float
 
 
-def _label_shards(
-    args: LabelArgs, out: StageOutput, options, every: list[tuple[str, str]], build
-) -> Todo:
+def _label_shards(job: LabelJob, out: StageOutput) -> Todo:
     """The shards whose sidecars are not yet written, labeled as one job."""
     output = out.out_dir
     clear_failures(output)
     finished = done_outputs(output)
-    todo = [(u, n) for u, n in every if n not in finished]
+    todo = [(u, n) for u, n in job.every if n not in finished]
     started = time.monotonic()
     if todo:
-        if workers_in_process(options):
-            warm_pool(default_processes(args.decode_processes))
+        if workers_in_process(job.options):
+            warm_pool(default_processes(job.decode_processes))
         before = len(reported(output))
         with given_back(out):
             with (
@@ -308,23 +330,15 @@ def _label_shards(
                     output, len(todo), "label", done_before=before, rates=True
                 ) as progress,
             ):
-                run_pipeline(options, build(work))
+                run_pipeline(job.options, job.build(work))
                 progress.raise_lost()
             raise_failures(output)
     return Todo(todo, time.monotonic() - started)
 
 
-def _finish(
-    args: LabelArgs,
-    beam_args: list[str],
-    out: StageOutput,
-    made: MadeBy,
-    merged,
-    names: list[str],
-    todo: Todo,
-) -> dict:
+def _finish(job: LabelJob, out: StageOutput, merged, todo: Todo) -> dict:
     """classes.json, the class confidence histograms, and the manifest written last."""
-    output = out.out_dir
+    output, made = out.out_dir, job.made
     if made.class_names is not None:
         write_class_names(output, made.class_names)
     counted = sparse_from_json(merged.stats.pop("class_confidences", {}))
@@ -333,10 +347,10 @@ def _finish(
     return finish_stage(
         out,
         merged,
-        manifest_args(args, beam_args),
+        job.manifest_args,
         teacher=made.teacher_id,
         shards=merged.shards,
-        shards_done_before=len(names) - fresh,
+        shards_done_before=len(job.every) - fresh,
         seconds=round(seconds, 2),
         images_per_second=round(merged.fresh_samples_out / max(seconds, 1e-9), 2) if fresh else 0.0,
         time_split={k: round(v, 3) for k, v in merged.time_split.items()},
@@ -344,7 +358,7 @@ def _finish(
         **(
             {}
             if made.predicted is None
-            else {"predictions": _unmatched(made.predicted, output, names)}
+            else {"predictions": _unmatched(made.predicted, output, job.names)}
         ),
     )
 
@@ -361,10 +375,18 @@ def _class_names(described: list[tuple[str, list[str] | None]]) -> list[str] | N
     return named[0][1] if named else None
 
 
-def _dry_run(args: LabelArgs, result, options, shards: int) -> dict:
-    description = {**describe_job(result, options), "stage": "label", "input_shards": shards}
-    if args.describe_job:
-        write_json(args.describe_job, description)
+def _dry_run(job: LabelJob, describe_to: str | None) -> dict:
+    """The job Beam would run over every shard, built and described, nothing labeled."""
+    result = run_pipeline(
+        job.options, job.build(WorkList(job.made.args.output, "label", job.every))
+    )
+    description = {
+        **describe_job(result, job.options),
+        "stage": "label",
+        "input_shards": len(job.every),
+    }
+    if describe_to:
+        write_json(describe_to, description)
     return {"dry_run": description}
 
 
