@@ -378,6 +378,19 @@ class Inputs:
         return [e.url for e in self.found[split]]
 
 
+@dataclass(frozen=True)
+class Run:
+    """One training run as its steps read it, resolved once before them: the command's
+    arguments, the recipe with what the data decided, the processes, the checked inputs
+    and the model's row of the registry."""
+
+    args: TrainArgs
+    recipe: Recipe
+    env: distributed.Distributed
+    inputs: Inputs
+    table: ModelRow
+
+
 @dataclass
 class Plan:
     """How the run's steps are cut: per epoch, in all, and each into micro-batches."""
@@ -412,7 +425,8 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
         num_classes=_class_count(recipe, inputs.class_names, args.labeled),
         epoch_samples=inputs.epoch_samples,
     )
-    fingerprint = run_fingerprint(args, recipe, inputs, env, table.name)
+    run = Run(args, recipe, env, inputs, table)
+    fingerprint = run_fingerprint(run)
     folders = sorted({parent(e.url) for entries in inputs.found.values() for e in entries})
     finished = distributed.on_main(
         env, lambda: run_dir.claim_run(args.out, fingerprint, folders, args.resume, args.overwrite)
@@ -422,12 +436,12 @@ def main(args: TrainArgs, recipe: Recipe, env: distributed.Distributed) -> dict:
             print(f"{args.out} already holds this run, finished: nothing to do")
         log = run_dir.read_log(args.out)
         return log[-1] if log else {}
-    plan = plan_steps(recipe, env, inputs)
-    built = build_model(args, recipe, env, table.name)
-    start_epoch, log = resume(args, recipe, env, built, table.name)
+    plan = plan_steps(run)
+    built = build_model(run)
+    start_epoch, log = resume(run, built)
     if env.is_main:
         run_dir.write_config(args.out, recipe.to_dict())
-    log = train_epochs(args, recipe, env, inputs, plan, built, table, start_epoch, log)
+    log = train_epochs(run, plan, built, start_epoch, log)
     if env.is_main:
         export_run(
             args.out,
@@ -484,13 +498,12 @@ def read_inputs(args: TrainArgs, recipe: Recipe) -> Inputs:
     return Inputs(found, names, samples)
 
 
-def run_fingerprint(
-    args: TrainArgs, recipe: Recipe, inputs: Inputs, env: distributed.Distributed, model: str
-) -> dict:
+def run_fingerprint(run: Run) -> dict:
     """What the run is: its recipe, its inputs, and where its weights start."""
+    args, inputs = run.args, run.inputs
     specs = {"labeled": args.labeled, "pseudo": args.pseudo, "val": args.val}
     fingerprint = {
-        "recipe": recipe.to_dict(),
+        "recipe": run.recipe.to_dict(),
         "inputs": {
             name: inputs_record(absolute(spec), inputs.found[name])
             for name, spec in specs.items()
@@ -498,12 +511,14 @@ def run_fingerprint(
         },
     }
     if args.init:
-        fingerprint["init"] = distributed.on_main(env, lambda: _init_id(args.init, model))
+        model = run.table.name
+        fingerprint["init"] = distributed.on_main(run.env, lambda: _init_id(args.init, model))
     return fingerprint
 
 
-def plan_steps(recipe: Recipe, env: distributed.Distributed, inputs: Inputs) -> Plan:
+def plan_steps(run: Run) -> Plan:
     """The steps of an epoch and of the run, and each step's micro-batches, said once."""
+    recipe, env, inputs = run.recipe, run.env, run.inputs
     steps_per_epoch = max(1, inputs.epoch_samples // recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     if env.is_main and inputs.epoch_samples < recipe.batch_size:
@@ -533,11 +548,10 @@ def plan_steps(recipe: Recipe, env: distributed.Distributed, inputs: Inputs) -> 
     return Plan(steps_per_epoch, total_steps, batch, pseudo_batch, splits)
 
 
-def build_model(
-    args: TrainArgs, recipe: Recipe, env: distributed.Distributed, model_name: str
-) -> Model:
+def build_model(run: Run) -> Model:
     """The model with Noisy Student's model noise (dropout, stochastic depth), started from
     --init if given, its frozen layers, its EMA, and SGD with momentum at the peak LR."""
+    args, recipe, env, model_name = run.args, run.recipe, run.env, run.table.name
     seed_everything(recipe.seed)
     model = create_model(
         model_name,
@@ -572,11 +586,10 @@ def build_model(
     return Model(model, ema, frozen, optimizer)
 
 
-def resume(
-    args: TrainArgs, recipe: Recipe, env: distributed.Distributed, built: Model, model: str
-) -> tuple[int, list[dict]]:
+def resume(run: Run, built: Model) -> tuple[int, list[dict]]:
     """With --resume, the checkpoint's model, EMA and optimizer, and the log up to it:
     (epochs done, their records); else (0, [])."""
+    args, recipe, model = run.args, run.recipe, run.table.name
     checkpoint = run_dir.load_checkpoint(args.out) if args.resume else None
     if checkpoint is None:
         return 0, []
@@ -596,24 +609,17 @@ def resume(
     built.optimizer.load_state_dict(checkpoint["optimizer"])
     start_epoch = checkpoint["epoch"]
     log = [r for r in run_dir.read_log(args.out) if r["epoch"] <= start_epoch]
-    if env.is_main:
+    if run.env.is_main:
         print(f"resuming {args.out} after epoch {start_epoch} of {recipe.epochs}")
     return start_epoch, log
 
 
 def train_epochs(
-    args: TrainArgs,
-    recipe: Recipe,
-    env: distributed.Distributed,
-    inputs: Inputs,
-    plan: Plan,
-    built: Model,
-    table: ModelRow,
-    start_epoch: int,
-    log: list[dict],
+    run: Run, plan: Plan, built: Model, start_epoch: int, log: list[dict]
 ) -> list[dict]:
     """The epochs from `start_epoch` on, each evaluated on the validation shards (if any),
     logged and checkpointed; returns the run's log."""
+    args, recipe, env, table = run.args, run.recipe, run.env, run.table
     # Schedule: linear warm-up, then cosine to zero at the last step of this run's epochs,
     # which are the last of `schedule_epochs` when the recipe says so.
     tail = max(recipe.schedule_epochs - recipe.epochs, 0)
@@ -629,9 +635,9 @@ def train_epochs(
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
         )
     normal, feed = Normalizer(table.mean, table.std, env.device), DeviceFeed(env.device)
-    labeled, pseudo = build_loaders(recipe, env, inputs, plan, table, feed, start_epoch)
-    info = run_info(table.name, recipe.num_classes, inputs.class_names, recipe.eval_size)
-    val_loader = _val_loader(recipe, env, inputs, info)
+    labeled, pseudo = build_loaders(run, plan, feed, start_epoch)
+    info = run_info(table.name, recipe.num_classes, run.inputs.class_names, recipe.eval_size)
+    val_loader = _val_loader(run, info)
     with progress_bar(
         total=plan.total_steps,
         initial=start_epoch * plan.steps_per_epoch,
@@ -673,16 +679,11 @@ def train_epochs(
 
 
 def build_loaders(
-    recipe: Recipe,
-    env: distributed.Distributed,
-    inputs: Inputs,
-    plan: Plan,
-    table: ModelRow,
-    feed: DeviceFeed,
-    start_epoch: int,
+    run: Run, plan: Plan, feed: DeviceFeed, start_epoch: int
 ) -> tuple[Iterator, Iterator | None]:
     """The labeled and pseudo-labeled streams, started once for the run: each epoch is one
     more pass over each, cut at the plan's micro-batch sizes."""
+    recipe, env, inputs = run.recipe, run.env, run.inputs
     stream = partial(
         train_loader,
         rank=env.rank,
@@ -692,7 +693,7 @@ def build_loaders(
         shuffle_buffer=recipe.shuffle_buffer,
         pin_memory=feed.pin_memory,
     )
-    preset = train_preset(table, recipe)
+    preset = train_preset(run.table, recipe)
     labeled = stream(
         inputs.urls("labeled"),
         LabeledDecoder(preset, recipe.num_classes),
@@ -712,9 +713,8 @@ def build_loaders(
     return labeled, pseudo
 
 
-def _val_loader(
-    recipe: Recipe, env: distributed.Distributed, inputs: Inputs, info: TeacherInfo
-) -> Iterable | None:
+def _val_loader(run: Run, info: TeacherInfo) -> Iterable | None:
+    recipe, env, inputs = run.recipe, run.env, run.inputs
     if not inputs.found["val"]:
         return None
     return eval_loader(

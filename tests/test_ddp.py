@@ -94,6 +94,7 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     from rs_pseudolabel.students import distributed, seeding
     from rs_pseudolabel.students.config import TrainArgs, resolve_recipe
     from rs_pseudolabel.students.train import (
+        Run,
         build_loaders,
         build_model,
         mixed_parts,
@@ -118,11 +119,12 @@ def _ddp_steps(rank: int, world: int, port: int, labeled: str, out: str) -> None
     recipe = resolve_recipe(DIGITS_RECIPE, quick)
     inputs = read_inputs(args, recipe)
     recipe = replace(recipe, num_classes=10, epoch_samples=inputs.epoch_samples)
-    plan = plan_steps(recipe, env, inputs)  # 16 labeled images a step on each rank
-    built = build_model(args, recipe, env, "rs-mini")
-    initial_fc = built.model.fc.weight.detach().clone()
     table, feed = get_config("rs-mini"), DeviceFeed(env.device)
-    loader, _ = build_loaders(recipe, env, inputs, plan, table, feed, start_epoch=0)
+    run = Run(args, recipe, env, inputs, table)
+    plan = plan_steps(run)  # 16 labeled images a step on each rank
+    built = build_model(run)
+    initial_fc = built.model.fc.weight.detach().clone()
+    loader, _ = build_loaders(run, plan, feed, start_epoch=0)
     ddp = DistributedDataParallel(built.model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(built.optimizer, lambda step: 1.0)
     seeding.seed_everything(0, 0, rank)  # each rank its own dropout and augmentation
