@@ -157,7 +157,9 @@ def _round(
     timed(f"round {r} label", label_run, label_args, [])
     keep = filter_part.pop("keep_selection", False) and first_selection
     if keep:  # round 1's images and copies as they are: nothing chooses or balances
-        filter_part = {k: v for k, v in filter_part.items() if k not in SELECTING}  # refused
+        # the options that chose round 1's selection: it embodies them, and the filter
+        # refuses them beside it
+        filter_part = {k: v for k, v in filter_part.items() if k not in SELECTING}
     filter_args = FilterArgs(input=labels, output=training, keep_selection=keep or None,
                              **filter_part)  # fmt: skip
     filtered = timed(f"round {r} filter", filter_run, filter_args, [])

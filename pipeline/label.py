@@ -20,6 +20,7 @@ from functools import partial
 
 import apache_beam as beam
 import torch
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
 from rs_pseudolabel.data.classes import write_class_names
@@ -289,12 +290,12 @@ def _job(resolved: LabelArgs, teacher_id: str, threads: int, work: WorkList):
 class LabelJob:
     """One label run as the launcher resolves it, before anything is written: what labels,
     the (shard, sidecar name) pairs, the runner's options, the Beam job over a work list,
-    and the manifest's record of the arguments. The steps after the claim read this, never
-    the command's arguments."""
+    and the manifest's record of the arguments. The steps after the claim read this rather
+    than the command's arguments."""
 
     made: MadeBy
     every: list[tuple[str, str]]
-    options: object
+    options: PipelineOptions
     build: Callable[[WorkList], Callable]
     decode_processes: int | None
     manifest_args: dict

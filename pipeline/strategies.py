@@ -151,6 +151,10 @@ class Threshold(Strategy):
     hard: bool
     balance: str
 
+    def __post_init__(self) -> None:
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+
     def ranked(self, label: PseudoLabel) -> list[tuple[int, float]]:
         return [(label.top1, label.confidence)]
 
@@ -167,9 +171,8 @@ class Threshold(Strategy):
         start = math.ceil(self.threshold * BINS - 1e-9)
         if start >= BINS:
             return {}
-        steps = [start] + [b for b in range(0, BINS, BINS // 100) if b > start]
-        if self.balance == "sample":
-            steps = [start]
+        raised = [b for b in range(0, BINS, BINS // 100) if b > start]
+        steps = [start] + (raised if self.balance == "top" else [])
         rules = {}
         for cls, counts in hist.items():
             above = _above(counts)

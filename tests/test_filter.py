@@ -133,8 +133,13 @@ def test_balance_sample_draws_a_class_quota_from_all_above_the_threshold(
     assert all(min(confs) >= 0.3 for confs in kept.values())
     # Where top raised the threshold, the draw keeps images below the raised one
     assert all(min(kept[c]) < t for c, t in raised.items()), (raised, kept)
-    again = _filter(labels, tmp_path / "again", threshold=0.3, per_class=40, balance="sample")
-    assert again["class_counts"] == sample["class_counts"]
+    again = run_cli("filter", "--input", str(labels), "--output", str(tmp_path / "again"),
+                    "--threshold", "0.3", "--per-class", "40", "--balance", "sample",
+                    "--shard-size", "128")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert manifest["class_counts"] == sample["class_counts"]
+    assert manifest["fingerprint"]["balance"] == "sample"
     with pytest.raises(UsageError, match="--balance would be ignored"):
         FilterArgs(input="l", output="o", strategy="topk", balance="sample")
 

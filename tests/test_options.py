@@ -175,12 +175,15 @@ def test_an_option_the_filter_would_not_apply_is_refused_in_one_line():
         ({"dedup_threshold": 0.9}, "--dedup-threshold would be ignored (no --dedup-against is"),
         ({"dedup_fpr": 0.3}, "--dedup-fpr would be ignored (no --dedup-against is given)"),
         ({"keep_selection": "t", "top_p": 2}, "--top-p would be ignored (--keep-selection keeps"),
+        ({"strategy": "topk", "balance": "sample"}, "--balance would be ignored (--strategy topk"),
+        ({"keep_selection": "t", "balance": "sample"}, "--balance would be ignored (--keep-sel"),
     ]
     for wrong, message in cases:
         with pytest.raises(UsageError) as raised:
             FilterArgs(input="i", output="o", **wrong)
         assert str(raised.value).startswith(message), raised.value
     FilterArgs(input="i", output="o", strategy="topk", per_class=5, top_p=3)
+    FilterArgs(input="i", output="o", per_class=5, balance="sample")
     FilterArgs(input="i", output="o", dedup_against="v", dedup_threshold=0.9, dedup_fpr=0.01)
     result = run_cli("filter", "--input", "i", "--output", "o", "--strategy", "topk",
                      "--threshold", "0.99")  # fmt: skip
