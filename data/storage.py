@@ -183,7 +183,9 @@ def _entries(original: str, infos: list[dict]) -> list[Entry]:
 
 def list_dir(url: str) -> list[Entry]:
     """The files directly in a folder (not below it), sorted by name; [] when there is no
-    such folder. One listing: on an object store a request per thousand names."""
+    such folder. One listing: on an object store a request per thousand names. A local
+    writer's temporary file (NAME.tmp-...) is no file yet and is left out, as an unfinished
+    upload is no object."""
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
         return _local_entries(url, path)
@@ -203,7 +205,7 @@ def _local_entries(url: str, path: str) -> list[Entry]:
             entries = [
                 Entry(prefix + item.name, item.stat().st_size)
                 for item in found
-                if item.is_file(follow_symlinks=False)
+                if item.is_file(follow_symlinks=False) and TEMP_MARK not in item.name
             ]
     except (FileNotFoundError, NotADirectoryError):
         return []

@@ -5,7 +5,8 @@ import pytest
 
 from bench.fixtures import write_shard
 from rs_pseudolabel.data.specs import ShardSpecError, expand_shards
-from rs_pseudolabel.data.storage import _with_protocol, filesystem, list_dir
+from rs_pseudolabel.data.storage import AtomicFile, _with_protocol, filesystem, list_dir, write_json
+from rs_pseudolabel.pipeline.reports import REPORTS, ReportProgress, report_url, reported
 
 
 @pytest.fixture()
@@ -81,3 +82,24 @@ def test_a_local_listing_holds_what_fsspec_lists(shard_dir: Path):
         assert len(expected) == 5
     assert list_dir(str(shard_dir / "missing")) == []
     assert list_dir(str(shard_dir / "notes.txt")) == []
+
+
+def test_a_file_still_being_written_is_not_listed_and_the_progress_poll_reads_past_it(
+    tmp_path: Path,
+):
+    """A worker's report appears under its name only when written whole; meanwhile its
+    temporary file sits beside the others. A listing that named it made the progress bar
+    count it done and read half a JSON file (its poll thread died on it in a CI run)."""
+    out = str(tmp_path)
+    write_json(report_url(out, "part-000000.tar"), {"samples_out": 5, "seconds": 1.0})
+    writing = AtomicFile(report_url(out, "part-000001.tar"))
+    writing.write(b'{"samples_out": ')
+    assert [p.name for p in (tmp_path / REPORTS).iterdir() if ".tmp-" in p.name]
+    assert [e.name for e in list_dir(f"{out}/{REPORTS}")] == ["part-000000.tar.json"]
+    assert reported(out) == {"part-000000.tar"}
+    progress = ReportProgress(out, 2, "label", done_before=0, rates=True)
+    progress._update()
+    assert progress.bar.n == 1
+    progress.bar.close()
+    writing.commit()
+    assert reported(out) == {"part-000000.tar", "part-000001.tar"}
