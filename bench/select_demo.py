@@ -29,7 +29,6 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import yaml
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -37,10 +36,8 @@ from sklearn.model_selection import train_test_split
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.record import append, timed  # noqa: E402
-from rs_pseudolabel.data.digits import CLASS_NAMES, VAL_SIZE, digit_png, split_digits  # noqa: E402
-from rs_pseudolabel.data.records import labeled_sample  # noqa: E402
-from rs_pseudolabel.data.storage import join, write_json  # noqa: E402
-from rs_pseudolabel.data.write import ShardSequence  # noqa: E402
+from rs_pseudolabel.data.digits import VAL_SIZE, split_digits, write_split  # noqa: E402
+from rs_pseudolabel.data.storage import join  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_SEEDS = range(100, 115)  # bench/bench_demo.py's: nothing is chosen on them
@@ -60,18 +57,10 @@ def carve_world(out: str, seed: int, labeled: int) -> dict[str, int]:
     corpus, train = train_test_split(
         pool, test_size=labeled, stratify=digits.target[pool], random_state=seed
     )
-    counts = {}
-    for split, indices in (("labeled", train), ("unlabeled", corpus), ("val", scored)):
-        directory = join(out, split)
-        with ShardSequence(directory, split, 100) as shards:
-            for i in np.sort(indices):
-                cls = None if split == "unlabeled" else int(digits.target[i])
-                shards.write(
-                    labeled_sample(f"digit{i:04d}", "png", digit_png(digits.images[i]), cls)
-                )
-        write_json(join(directory, "classes.json"), CLASS_NAMES)
-        counts[split] = len(indices)
-    return counts
+    return {
+        split: write_split(join(out, split), split, indices, split != "unlabeled", 100)
+        for split, indices in (("labeled", train), ("unlabeled", corpus), ("val", scored))
+    }
 
 
 def _set(recipe: dict, dotted: str, value: object) -> None:

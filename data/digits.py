@@ -53,17 +53,21 @@ def split_digits(labeled: int, seed: int) -> dict[str, np.ndarray]:
 
 def write_digits(out_dir: str, labeled: int = 200, seed: int = 0, shard_size: int = 256) -> dict:
     """Write OUT/labeled, OUT/unlabeled and OUT/val shards; returns samples per split."""
+    return {
+        split: write_split(join(out_dir, split), split, indices, split != "unlabeled", shard_size)
+        for split, indices in split_digits(labeled, seed).items()
+    }
+
+
+def write_split(
+    directory: str, name: str, indices: np.ndarray, with_classes: bool, shard_size: int
+) -> int:
+    """The digits at `indices` as shards NAME-*.tar in `directory` with classes.json (each
+    sample's class only `with_classes`: an unlabeled split hides it); returns their count."""
     digits = load_digits()
-    counts = {}
-    for split, indices in split_digits(labeled, seed).items():
-        directory = join(out_dir, split)
-        keep_label = split != "unlabeled"
-        with ShardSequence(directory, split, shard_size) as shards:
-            for i in indices:
-                cls = int(digits.target[i]) if keep_label else None
-                shards.write(
-                    labeled_sample(f"digit{i:04d}", "png", digit_png(digits.images[i]), cls)
-                )
-        write_class_names(directory, CLASS_NAMES)
-        counts[split] = len(indices)
-    return counts
+    with ShardSequence(directory, name, shard_size) as shards:
+        for i in np.sort(indices):
+            cls = int(digits.target[i]) if with_classes else None
+            shards.write(labeled_sample(f"digit{i:04d}", "png", digit_png(digits.images[i]), cls))
+    write_class_names(directory, CLASS_NAMES)
+    return len(indices)

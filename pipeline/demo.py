@@ -103,7 +103,7 @@ def run(
           recipe["recipe"], trainer_seed(seed, 0))  # fmt: skip
     rounds_report, first_selection = [], None
     for r in range(1, rounds + 1):
-        done = _round(r, recipe, out, seed, teacher, splits, first_selection, timed)
+        done = run_round(r, recipe, out, seed, teacher, splits, first_selection, timed)
         rounds_report.append(done)
         first_selection = first_selection or join(out, f"round{r}-train")
         teacher = join(out, f"round{r}-student")
@@ -137,7 +137,7 @@ class Timings(dict):
         return result
 
 
-def _round(
+def run_round(
     r: int,
     recipe: dict,
     out: str,
