@@ -46,6 +46,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_stats.py
 	$(BIN)/python bench/bench_dedup.py
 	rm -rf bench-out && $(BIN)/python bench/bench_demo.py --rounds 2 --keep bench-out/demo
+	$(BIN)/python bench/bench_demo_folds.py --folds 5
 	$(BIN)/python bench/bench_topk.py --demo bench-out/demo/seed100
 	$(BIN)/python bench/cost.py
 

@@ -49,12 +49,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS))
+    report_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--jobs", type=int, default=2, help="seeds run at a time (2)")
-    parser.add_argument("--keep", help="keep each seed's demo folder under this directory")
     parser.add_argument("--no-controls", dest="controls", action="store_false")
-    parser.add_argument("--config", help="demo recipe (default: the bundled configs/demo.yaml)")
     args = parser.parse_args()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-demo-"))
     half = [s for s in args.seeds if (work / f"seed{s}").exists() and not _done(work, s)]
@@ -87,6 +84,15 @@ def main() -> None:
         "demo",
         figures,
     )
+
+
+def report_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every report over the seeds takes: which seeds, how many at a time,
+    where to keep their folders, and the recipe."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS))
+    parser.add_argument("--jobs", type=int, default=2, help="seeds run at a time (2)")
+    parser.add_argument("--keep", help="keep each seed's folder under this directory")
+    parser.add_argument("--config", help="demo recipe (default: the bundled configs/demo.yaml)")
 
 
 def _quiet_round1(work: Path, config: str | None) -> float:

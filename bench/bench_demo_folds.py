@@ -30,7 +30,12 @@ from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_demo import difference_row, interval, selection_truth  # noqa: E402
+from bench.bench_demo import (  # noqa: E402
+    difference_row,
+    interval,
+    report_arguments,
+    selection_truth,
+)
 from bench.record import ROOT, append, timed  # noqa: E402
 from bench.select_demo import REPORT_SEEDS  # noqa: E402
 from rs_pseudolabel.data.digits import split_digits, write_split  # noqa: E402
@@ -106,11 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(REPORT_SEEDS))
+    report_arguments(parser)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--jobs", type=int, default=2, help="seeds run at a time (2)")
-    parser.add_argument("--keep", help="keep each seed's folder under this directory")
-    parser.add_argument("--config", help="demo recipe (default: the bundled configs/demo.yaml)")
     args = parser.parse_args()
     if args.folds < 2:
         parser.error(f"--folds must be 2 or more, got {args.folds}")

@@ -21,3 +21,24 @@ def test_the_demo_report_gives_a_paired_t_interval_over_the_seeds():
         difference_row("d", [1.0, 2.0, 3.0])
         == "| d | 3 | **+2.00** | -0.48 to +4.48 | +1.0 | +1.0, +2.0, +3.0 |"
     )
+
+
+def test_the_fold_report_scores_every_digit_but_the_demos_labeled_ones_once():
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from bench.bench_demo_folds import fold_splits, pooled
+    from rs_pseudolabel.data.digits import split_digits
+
+    targets = load_digits().target
+    train, held = fold_splits(100, 50, 5)
+    assert np.array_equal(train, split_digits(50, 100)["labeled"])  # the demo's teacher's
+    scored = np.concatenate(held)
+    assert len(scored) == len(set(scored)) == len(targets) - 50
+    assert not set(scored) & set(train)
+    assert {len(fold) for fold in held} <= {349, 350}
+    per_class = np.array([np.bincount(targets[fold], minlength=10) for fold in held])
+    assert (per_class.max(axis=0) - per_class.min(axis=0)).max() <= 1  # stratified
+    # pooled over the folds' digits, not a mean of the folds' shares
+    record = {"folds": [{"t": {"top1": 0.5, "samples": 100}}, {"t": {"top1": 1.0, "samples": 300}}]}
+    assert pooled(record, "t") == 87.5
